@@ -1,0 +1,163 @@
+"""SlimConfig: every knob of a SLIM layer, validated, with a JSON round trip.
+
+Field names and defaults are part of the public contract (saved adapters store them):
+see ../shared/SLIM_SPEC.md. Choices the paper leaves open are marked (R) there and are
+fields here so a user can switch them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Tuple
+
+DISTANCE_REDUCES = ("max", "mean", "rms")
+BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+
+__all__ = ["SlimConfig", "DISTANCE_REDUCES", "BACKENDS"]
+
+
+@dataclass
+class SlimConfig:
+    """Configuration of a SLIM (Soft LoRA and Identity Mixture) layer.
+
+    Experts: ``num_lora_experts`` LoRA experts of rank ``rank`` and ``num_identity_experts``
+    identity experts (which add nothing), mixed per token by a top-``top_k`` softmax router.
+    ``alpha / rank`` scales the LoRA delta (``alpha / sqrt(rank)`` with ``use_rslora``).
+
+    Weight yielding: ``num_clusters`` sliding clusters of the training inputs give each token
+    an out-of-domain distance d; identity logits get ``yield_strength * d``. ``num_clusters=0``
+    or ``yield_strength=0`` turns yielding off. ``distance_reduce`` picks how the per-channel
+    normalised distances are reduced (max | mean | rms); ``cluster_momentum`` is the EMA rate,
+    ``cluster_eps`` the variance floor.
+
+    Dynamic merging: ``merge_drop`` is the overall drop ratio p of the LoRA delta, realised as
+    random output rows of B and input columns of A, each dropped at ``1 - sqrt(1 - p)``;
+    ``merge_rescale`` rescales by ``1/(1-p)``; ``merge_at_eval`` keeps a fixed seeded mask in
+    eval mode (default: no mask in eval).
+
+    Losses: ``l1_coef`` (L1 on the experts), ``balance_coef`` (Switch-style load balance).
+    ``target_modules``: projection names swapped by :func:`slim_kernels.apply_slim`.
+    ``backend``: auto | triton | cuda | cpp | torch.
+    """
+
+    num_lora_experts: int = 8
+    num_identity_experts: int = 2
+    rank: int = 16
+    alpha: float = 32.0
+    use_rslora: bool = False
+    top_k: int = 2
+    lora_dropout: float = 0.0
+    num_clusters: int = 4
+    yield_strength: float = 1.0
+    distance_reduce: str = "rms"
+    cluster_momentum: float = 0.01
+    cluster_eps: float = 1e-5
+    merge_drop: float = 0.0
+    merge_rescale: bool = False
+    merge_at_eval: bool = False
+    l1_coef: float = 0.0
+    balance_coef: float = 0.0
+    target_modules: Tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    )
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, name: str, expected: str) -> None:
+            if not cond:
+                raise ValueError(
+                    f"SlimConfig.{name}={getattr(self, name)!r} is invalid: expected {expected}"
+                )
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("num_lora_experts", "num_identity_experts", "rank", "top_k", "num_clusters"):
+            need(is_int(getattr(self, name)), name, "an int")
+        for name in ("alpha", "lora_dropout", "yield_strength", "cluster_momentum", "cluster_eps",
+                     "merge_drop", "l1_coef", "balance_coef"):
+            need(is_num(getattr(self, name)), name, "a finite number")
+        for name in ("use_rslora", "merge_rescale", "merge_at_eval"):
+            need(isinstance(getattr(self, name), bool), name, "a bool")
+
+        need(self.num_lora_experts >= 1, "num_lora_experts", "an int >= 1")
+        need(self.num_identity_experts >= 0, "num_identity_experts", "an int >= 0")
+        need(self.rank >= 1, "rank", "an int >= 1")
+        need(self.alpha > 0, "alpha", "a number > 0")
+        num_experts = self.num_lora_experts + self.num_identity_experts
+        need(1 <= self.top_k <= num_experts, "top_k",
+             f"an int in [1, num_lora_experts + num_identity_experts] = [1, {num_experts}]")
+        need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "a number in [0, 1)")
+        need(self.num_clusters >= 0, "num_clusters", "an int >= 0")
+        need(self.yield_strength >= 0, "yield_strength", "a number >= 0")
+        need(self.distance_reduce in DISTANCE_REDUCES, "distance_reduce",
+             f"one of {', '.join(DISTANCE_REDUCES)}")
+        need(0.0 < self.cluster_momentum <= 1.0, "cluster_momentum", "a number in (0, 1]")
+        need(self.cluster_eps > 0, "cluster_eps", "a number > 0")
+        need(0.0 <= self.merge_drop < 1.0, "merge_drop", "a number in [0, 1)")
+        need(self.l1_coef >= 0, "l1_coef", "a number >= 0")
+        need(self.balance_coef >= 0, "balance_coef", "a number >= 0")
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        if isinstance(self.target_modules, list):
+            self.target_modules = tuple(self.target_modules)
+        need(isinstance(self.target_modules, tuple) and len(self.target_modules) > 0
+             and all(isinstance(t, str) and t for t in self.target_modules),
+             "target_modules", "a non-empty tuple of module names (str)")
+        need(self.backend in BACKENDS, "backend", f"one of {', '.join(BACKENDS)}")
+
+    # -- derived quantities -------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return self.num_lora_experts + self.num_identity_experts
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / r (or alpha / sqrt(r) with use_rslora)."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def yielding_enabled(self) -> bool:
+        return self.num_clusters > 0 and self.yield_strength > 0 and self.num_identity_experts > 0
+
+    @property
+    def clustering_enabled(self) -> bool:
+        """Clusters are tracked whenever they exist (even if lam=0, for routing_stats)."""
+        return self.num_clusters > 0
+
+    # -- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "SlimConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"SlimConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
+        d = dict(d)
+        if "target_modules" in d and isinstance(d["target_modules"], list):
+            d["target_modules"] = tuple(d["target_modules"])
+        return cls(**d)
+
+    def to_json(self, path: str | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> "SlimConfig":
+        text = text_or_path
+        if not text_or_path.lstrip().startswith("{"):
+            with open(text_or_path, "r", encoding="utf-8") as f:
+                text = f.read()
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,109 @@
+"""The one dispatch point: which backend runs a SLIM op call.
+
+Backends: ``triton`` (fused kernels, CUDA), ``cuda`` (csrc CUDA route kernels + cuBLAS),
+``cpp`` (csrc CPU kernels), ``torch`` (stacked PyTorch, any device). Each backend module
+exposes ``NAME``, ``unavailable_reason()``, ``unsupported_reason(x)``, ``forward(...)`` and
+``backward(...)`` with the signatures of :mod:`slim_kernels.ops.torch_backend`.
+
+``auto`` picks, for CUDA tensors: triton, else cuda, else torch; for CPU tensors: cpp, else
+torch. Falling back to ``torch`` under ``auto`` warns once (results are the same op, only
+slower). An explicit backend that cannot run raises, saying why and how to fix it.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+from typing import Dict, List, Optional
+
+from torch import Tensor
+
+_MODULES = {
+    "triton": "slim_kernels.triton_kernels.backend",
+    "cuda": "slim_kernels.ops.cuda_backend",
+    "cpp": "slim_kernels.ops.cpp_backend",
+    "torch": "slim_kernels.ops.torch_backend",
+}
+_HOW_TO_FIX = {
+    "triton": "install triton (pip install triton) and run on a CUDA device",
+    "cuda": "build the CUDA extension on a CUDA torch: SLIM_KERNELS_BUILD_CUDA=1 "
+            "pip install --no-build-isolation -e .",
+    "cpp": "build the C++ extension: pip install --no-build-isolation -e .",
+    "torch": "",
+}
+_cache: Dict[str, object] = {}
+_warned: set = set()
+
+
+def _load(name: str):
+    """The backend module, or a string saying why it cannot be loaded."""
+    if name not in _cache:
+        try:
+            mod = importlib.import_module(_MODULES[name])
+            reason = mod.unavailable_reason()
+            _cache[name] = reason if reason else mod
+        except Exception as e:  # ImportError, missing extension, broken install
+            _cache[name] = f"{type(e).__name__}: {e}"
+    return _cache[name]
+
+
+def backend_module(name: str) -> ModuleType:
+    mod = _load(name)
+    if isinstance(mod, str):
+        raise RuntimeError(f"slim_kernels backend {name!r} is not available: {mod}")
+    return mod
+
+
+def available_backends() -> List[str]:
+    """Backends that can run in this process (on some device), in order of preference."""
+    return [n for n in ("triton", "cuda", "cpp", "torch") if not isinstance(_load(n), str)]
+
+
+def resolve_backend(requested: str, x: Tensor) -> str:
+    """The backend that will run a call on ``x`` when ``requested`` was asked for."""
+    if requested not in ("auto",) + tuple(_MODULES):
+        raise ValueError(
+            f"backend={requested!r} is invalid: expected one of auto, triton, cuda, cpp, torch"
+        )
+    if requested != "auto":
+        mod = _load(requested)
+        if isinstance(mod, str):
+            raise RuntimeError(
+                f"backend={requested!r} was requested but cannot run: {mod}. "
+                f"To use it: {_HOW_TO_FIX[requested]}."
+            )
+        why = mod.unsupported_reason(x)
+        if why:
+            raise RuntimeError(f"backend={requested!r} cannot run this input: {why}")
+        return requested
+
+    prefs = ("triton", "cuda") if x.device.type == "cuda" else ("cpp",)
+    if x.device.type not in ("cuda", "cpu"):
+        prefs = ()
+    reasons = []
+    for name in prefs:
+        mod = _load(name)
+        if isinstance(mod, str):
+            reasons.append(f"{name}: {mod}")
+            continue
+        why = mod.unsupported_reason(x)
+        if why is None:
+            return name
+        reasons.append(f"{name}: {why}")
+    key = (x.device.type, tuple(reasons))
+    if reasons and key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            "slim_kernels: no fused backend for this call ("
+            + "; ".join(reasons)
+            + "); using the 'torch' backend (same results, slower).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "torch"
+
+
+def reset_cache() -> None:
+    """Forget loaded backends and warnings (for tests)."""
+    _cache.clear()
+    _warned.clear()

@@ -1,0 +1,181 @@
+"""The op boundary: one torch custom op for the SLIM forward and one for its backward,
+registered with autograd and with fake (meta) implementations so that
+``torch.compile(fullgraph=True)`` traces a SLIM layer without graph breaks.
+
+Every backend runs behind these two ops; the ``backend`` argument (resolved by
+:mod:`slim_kernels.ops.dispatch` before the call) says which.
+
+Forward outputs: ``y`` (T, N) in x's dtype; ``gates`` (T, E), differentiable (the load
+balance loss uses them); ``topk_idx`` (T, k) int64; ``distance`` (T,) and ``assign`` (T,)
+int64 (constants); ``h`` (T, E_L·r), the LoRA-A activations saved for backward. gates,
+distance and h are fp32, or fp64 when x is fp64 ("acc" dtype below).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .dispatch import backend_module, resolve_backend
+
+__all__ = ["slim_linear_op"]
+
+
+@torch.library.custom_op("slim_kernels::slim_fwd", mutates_args=())
+def _slim_fwd(
+    x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+    lora_A: Tensor, lora_B: Tensor, router: Tensor,
+    centers: Optional[Tensor], inv_std: Optional[Tensor],
+    num_lora_experts: int, top_k: int, scaling: float, yield_strength: float,
+    distance_reduce: str, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    mod = backend_module(backend)
+    return tuple(mod.forward(
+        x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
+        num_lora_experts, top_k, scaling, yield_strength, distance_reduce,
+    ))
+
+
+@_slim_fwd.register_fake
+def _(x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
+      num_lora_experts, top_k, scaling, yield_strength, distance_reduce, backend):
+    T = x.shape[0]
+    N = weight.shape[0]
+    E = router.shape[0]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (
+        x.new_empty((T, N)),
+        x.new_empty((T, E), dtype=acc),
+        x.new_empty((T, top_k), dtype=torch.long),
+        x.new_empty((T,), dtype=acc),
+        x.new_empty((T,), dtype=torch.long),
+        x.new_empty((T, lora_A.shape[0]), dtype=acc),
+    )
+
+
+@torch.library.custom_op("slim_kernels::slim_bwd", mutates_args=())
+def _slim_bwd(
+    dy: Tensor, dgates: Optional[Tensor], x: Tensor, x_lora: Optional[Tensor],
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, router: Tensor,
+    gates: Tensor, h: Tensor, num_lora_experts: int, scaling: float, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    mod = backend_module(backend)
+    dx, dx_lora, dA, dB, dR = mod.backward(
+        dy, dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,
+        num_lora_experts, scaling,
+    )
+    if dx_lora is None:
+        dx_lora = x.new_empty((0,))
+    return dx, dx_lora, dA, dB, dR
+
+
+@_slim_bwd.register_fake
+def _(dy, dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,
+      num_lora_experts, scaling, backend):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(x_lora) if x_lora is not None else x.new_empty((0,)),
+        torch.empty_like(lora_A),
+        torch.empty_like(lora_B),
+        torch.empty_like(router),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    (x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
+     num_lora_experts, top_k, scaling, yield_strength, distance_reduce, backend) = inputs
+    _, gates, _, _, _, h = output
+    ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, router, gates, h)
+    ctx.num_lora_experts = num_lora_experts
+    ctx.scaling = scaling
+    ctx.backend = backend
+    ctx.has_x_lora = x_lora is not None
+
+
+def _backward(ctx, dy, dgates, _didx, _dd, _dassign, _dh):
+    x, x_lora, weight, lora_A, lora_B, router, gates, h = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    dx, dx_lora, dA, dB, dR = _slim_bwd(
+        dy.contiguous(), dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,
+        ctx.num_lora_experts, ctx.scaling, ctx.backend,
+    )
+    return (dx, dx_lora if ctx.has_x_lora else None, None, None, dA, dB, dR,
+            None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("slim_kernels::slim_fwd", _backward, setup_context=_setup_context)
+
+
+def _check(name: str, t: Optional[Tensor], x: Tensor, shape: Tuple[int, ...], dtype=None) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    want = x.dtype if dtype is None else dtype
+    if t.dtype != want:
+        raise TypeError(f"{name} has dtype {t.dtype}, expected {want} (the dtype of x)"
+                        if dtype is None else f"{name} has dtype {t.dtype}, expected {want}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
+
+
+def slim_linear_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+    router: Tensor, *, num_lora_experts: int, top_k: int, scaling: float,
+    yield_strength: float = 0.0, distance_reduce: str = "rms",
+    centers: Optional[Tensor] = None, inv_std: Optional[Tensor] = None,
+    x_lora: Optional[Tensor] = None, backend: str = "auto",
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The SLIM op on 2-D inputs, in the stacked layout of spec section 6.
+
+    Args: x (T, K); weight (N, K) frozen; bias (N,) or None, frozen; lora_A = A_all
+    (E_L·r, K); lora_B = B_all (N, E_L·r); router (E, K); centers/inv_std (C, K) fp32 or None
+    (no yielding); x_lora (T, K): x after LoRA dropout, or None.
+    Returns (y, gates, topk_idx, distance, assign).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (T, K), got shape {tuple(x.shape)}")
+    T, K = x.shape
+    N = weight.shape[0]
+    E = router.shape[0]
+    if num_lora_experts < 1 or lora_A.shape[0] % num_lora_experts:
+        raise ValueError(f"lora_A rows ({lora_A.shape[0]}) must be num_lora_experts "
+                         f"({num_lora_experts}) x rank")
+    R = lora_A.shape[0]
+    _check("weight", weight, x, (N, K))
+    _check("bias", bias, x, (N,))
+    _check("lora_A", lora_A, x, (R, K))
+    _check("lora_B", lora_B, x, (N, R))
+    _check("router", router, x, (E, K))
+    _check("x_lora", x_lora, x, (T, K))
+    if E < num_lora_experts:
+        raise ValueError(f"router has {E} rows, fewer than num_lora_experts={num_lora_experts}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k={top_k} must be in [1, {E}] (the number of experts)")
+    if (centers is None) != (inv_std is None):
+        raise ValueError("centers and inv_std must be given together (or both None)")
+    if centers is not None:
+        C = centers.shape[0]
+        _check("centers", centers, x, (C, K), dtype=torch.float32)
+        _check("inv_std", inv_std, x, (C, K), dtype=torch.float32)
+        if C == 0:
+            centers = inv_std = None
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        raise ValueError("SLIM keeps the base weight and bias frozen: call "
+                         "weight.requires_grad_(False) (and bias) before training")
+    name = resolve_backend(backend, x)
+    y, gates, idx, d, assign, _h = _slim_fwd(
+        x.contiguous(), None if x_lora is None else x_lora.contiguous(), weight, bias,
+        lora_A.contiguous(), lora_B.contiguous(), router.contiguous(), centers, inv_std,
+        int(num_lora_experts), int(top_k), float(scaling), float(yield_strength),
+        str(distance_reduce), name,
+    )
+    return y, gates, idx, d, assign

@@ -1,0 +1,116 @@
+"""Backend ``torch``: the stacked (kernel-cut) SLIM op in plain PyTorch, with the backward
+written out by hand. It is the fallback on any device and the template every other backend
+follows: same arguments, same outputs, same saved tensors (see :mod:`slim_kernels.ops.op`).
+
+Forward (spec section 6), with A_all (E_L·r, K), B_all (N, E_L·r):
+    h  = x_lora A_allᵀ                       (T, E_L·r)
+    z  = x Rᵀ (+ lam·d on identity experts)   (T, E)
+    g  = softmax over top-k(z)                (T, E), zero off the top-k
+    hg = s · g ⊙ h   (each r-chunk e scaled by g_e)
+    y  = x Wᵀ + b + hg B_allᵀ                 (accumulated into the same output)
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..reference import cluster_distance, topk_softmax
+
+NAME = "torch"
+
+
+def unavailable_reason() -> Optional[str]:
+    return None
+
+
+def unsupported_reason(x: Tensor) -> Optional[str]:
+    return None
+
+
+def route(
+    x: Tensor, x_lora: Optional[Tensor], lora_A: Tensor, router: Tensor,
+    centers: Optional[Tensor], inv_std: Optional[Tensor],
+    num_lora_experts: int, top_k: int, yield_strength: float, distance_reduce: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """h (fp32), gates (fp32), top-k indices, distance (fp32), assign."""
+    T = x.shape[0]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa = x if x_lora is None else x_lora
+    h = (xa @ lora_A.t()).to(acc)
+    z = (x @ router.t()).to(acc)
+    if centers is not None:
+        d, assign = cluster_distance(x, centers, inv_std, distance_reduce)
+        if yield_strength != 0.0 and router.shape[0] > num_lora_experts:
+            z[:, num_lora_experts:] += yield_strength * d[:, None]
+    else:
+        d = torch.zeros(T, dtype=acc, device=x.device)
+        assign = torch.full((T,), -1, dtype=torch.long, device=x.device)
+    gates, idx = topk_softmax(z, top_k)
+    return h, gates, idx, d, assign
+
+
+def _expand_gates(gates: Tensor, num_lora_experts: int, rank: int) -> Tensor:
+    return gates[:, :num_lora_experts].repeat_interleave(rank, dim=1)
+
+
+def forward(
+    x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+    lora_A: Tensor, lora_B: Tensor, router: Tensor,
+    centers: Optional[Tensor], inv_std: Optional[Tensor],
+    num_lora_experts: int, top_k: int, scaling: float, yield_strength: float,
+    distance_reduce: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    rank = lora_A.shape[0] // num_lora_experts
+    h, gates, idx, d, assign = route(
+        x, x_lora, lora_A, router, centers, inv_std,
+        num_lora_experts, top_k, yield_strength, distance_reduce,
+    )
+    hg = (scaling * _expand_gates(gates, num_lora_experts, rank) * h).to(x.dtype)
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    y.addmm_(hg, lora_B.t())
+    return y, gates, idx, d, assign, h
+
+
+def backward(
+    dy: Tensor, dgates: Optional[Tensor], x: Tensor, x_lora: Optional[Tensor],
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, router: Tensor,
+    gates: Tensor, h: Tensor, num_lora_experts: int, scaling: float,
+) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
+    """Chain rule (g: gates, s: scaling, all per token):
+
+    dhg = dy B_all                      dB_all = dyᵀ hg
+    dg_e = s Σ_{j in chunk e} dhg_j h_j  (+ dgates_e, the gates' own upstream grad)
+    dz_i = g_i (dg_i − Σ_j g_j dg_j)     (softmax over the kept experts; 0 off the top-k)
+    dh = s g ⊙ dhg                      dA_all = dhᵀ x_lora      dR = dzᵀ x
+    dx = dy W + dz R + dh A_all          (dh A_all goes to x_lora when dropout split it)
+    """
+    dt = x.dtype
+    T = x.shape[0]
+    E_L = num_lora_experts
+    rank = lora_A.shape[0] // E_L
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    g = gates.to(acc)
+    gexp = _expand_gates(g, E_L, rank)
+    hg = (scaling * gexp * h.to(acc)).to(dt)
+    dhg = (dy @ lora_B).to(acc)
+    dB = dy.t() @ hg
+    dg = torch.zeros_like(g)
+    dg[:, :E_L] = scaling * (dhg * h.to(acc)).view(T, E_L, rank).sum(-1)
+    if dgates is not None:
+        dg = dg + dgates.to(acc)
+    dz = g * (dg - (g * dg).sum(-1, keepdim=True))
+    dh = (scaling * gexp * dhg).to(dt)
+    xa = x if x_lora is None else x_lora
+    dA = dh.t() @ xa
+    dzc = dz.to(dt)
+    dR = dzc.t() @ x
+    dx = dy @ weight
+    dx.addmm_(dzc, router)
+    if x_lora is None:
+        dx.addmm_(dh, lora_A)
+        dx_lora = None
+    else:
+        dx_lora = dh @ lora_A
+    return dx, dx_lora, dA, dB, dR
