@@ -1,0 +1,44 @@
+"""``slim-kernels`` command line: info | example (demo and bench arrive with their issues)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    import slim_kernels as sk
+
+    print(f"slim_kernels {sk.__version__}, torch {torch.__version__}")
+    print(f"backends available here: {', '.join(sk.available_backends())}")
+    print(f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    return 0
+
+
+def _cmd_example(args: argparse.Namespace) -> int:
+    from .quickstart import main as quickstart
+
+    quickstart(steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slim-kernels", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("info", help="versions and the backends that can run here")
+    s.set_defaults(func=_cmd_info)
+    s = sub.add_parser("example", help="train one SLIM layer for a few steps and show its routing")
+    s.add_argument("--steps", type=int, default=30)
+    s.set_defaults(func=_cmd_example)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

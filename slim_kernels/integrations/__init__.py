@@ -1,0 +1,1 @@
+"""Integrations: Hugging Face model swap, save/load, distributed sync."""

@@ -1,0 +1,51 @@
+"""Data-parallel synchronisation of the SLIM cluster statistics (spec section 2).
+
+Every rank must hold identical clusters: counts, sums and sums of squares are all-reduced
+before each EMA update (as SyncBatchNorm does), and the initial centres are taken from rank
+0's first batch and broadcast. Outside torch.distributed (or with one rank) these are no-ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+_GROUP = None  # None: the default (WORLD) group
+
+
+def set_cluster_sync_group(group) -> None:
+    """Use ``group`` instead of the default process group for the cluster sync."""
+    global _GROUP
+    _GROUP = group
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(_GROUP) > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size(_GROUP) if _active() else 1
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (identity on one process)."""
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_GROUP)
+    return t
+
+
+def broadcast_(t: torch.Tensor, src_rank: int = 0) -> torch.Tensor:
+    """In-place broadcast from the group's rank ``src_rank`` (identity on one process)."""
+    if _active():
+        src = dist.get_global_rank(_GROUP, src_rank) if _GROUP is not None else src_rank
+        dist.broadcast(t, src=src, group=_GROUP)
+    return t
+
+
+def rank() -> int:
+    return dist.get_rank(_GROUP) if _active() else 0
+
+
+def group() -> Optional[object]:
+    return _GROUP

@@ -1,0 +1,402 @@
+"""SlimLinear: a frozen ``nn.Linear`` plus a SLIM mixture of LoRA and identity experts.
+
+The layer owns what is *state*: the LoRA factors, the router, the sliding clusters, the
+dynamic-merging masks and the auxiliary losses. The maths runs in one op
+(:func:`slim_kernels.ops.slim_linear_op`), whose backend the layer does not know.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import SlimConfig
+from .integrations import distributed as _dist
+from .ops import slim_linear_op
+from .reference import cluster_batch_stats, merge_masks
+
+__all__ = ["SlimLinear", "aux_loss", "routing_stats", "token_mask", "slim_modules"]
+
+# A mask of the real (non-padding) tokens of the current forward, set by the integrations
+# (see :func:`token_mask`); padding tokens then do not move the clusters.
+_TOKEN_MASK: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar(
+    "slim_token_mask", default=None
+)
+# Seed of the fixed eval-mode merge mask (merge_at_eval=True).
+EVAL_MASK_SEED = 0x5115
+
+
+@contextlib.contextmanager
+def token_mask(mask: Optional[Tensor]) -> Iterator[None]:
+    """Within this context, SLIM layers update their clusters only from tokens where
+    ``mask`` is true. ``mask`` has the leading shape of the layer inputs (e.g. the
+    attention mask (batch, seq)); a layer whose input has another token count ignores it."""
+    tok = _TOKEN_MASK.set(None if mask is None else mask.detach())
+    try:
+        yield
+    finally:
+        _TOKEN_MASK.reset(tok)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass, i.e. when gradient checkpointing re-runs a
+    forward: the cluster update must not run a second time then."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class SlimLinear(nn.Module):
+    """``y = x Wᵀ + b + s · Σ_{i<E_L} g_i(x) B'_i A'_i x`` with identity experts in the router.
+
+    Build it with :meth:`from_linear` (keeps the linear's ``weight`` and ``bias`` tensors,
+    frozen) or directly as ``SlimLinear(in_features, out_features, bias, config)``.
+
+    Parameters: ``lora_A`` (E_L, r, K), ``lora_B`` (E_L, N, r) (zero init), ``router`` (E, K).
+    Buffers: ``cluster_centers`` (C, K), ``cluster_vars`` (C, K) (fp32), ``cluster_initialized``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        config: Optional[SlimConfig] = None,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(base.weight, base.bias, config)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: Optional[SlimConfig] = None) -> "SlimLinear":
+        """Wrap ``linear``: its ``weight``/``bias`` Parameters are reused (same tensors) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(
+                f"SlimLinear.from_linear expects an nn.Linear, got {type(linear).__name__}"
+            )
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(linear.weight, linear.bias, config)
+        return self
+
+    def _setup(self, weight: nn.Parameter, bias: Optional[nn.Parameter], config) -> None:
+        if config is None:
+            config = SlimConfig()
+        if not isinstance(config, SlimConfig):
+            raise TypeError(f"config must be a SlimConfig, got {type(config).__name__}")
+        self.config = config
+        self.out_features, self.in_features = weight.shape
+        weight.requires_grad_(False)
+        if bias is not None:
+            bias.requires_grad_(False)
+        self.weight = weight
+        self.bias = bias
+        c = config
+        K, N, r = self.in_features, self.out_features, c.rank
+        kw = dict(device=weight.device, dtype=weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(c.num_lora_experts, r, K, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(c.num_lora_experts, N, r, **kw))
+        self.router = nn.Parameter(torch.empty(c.num_experts, K, **kw))
+        fkw = dict(device=weight.device, dtype=torch.float32)
+        self.register_buffer("cluster_centers", torch.zeros(c.num_clusters, K, **fkw))
+        self.register_buffer("cluster_vars", torch.ones(c.num_clusters, K, **fkw))
+        self.register_buffer(
+            "cluster_initialized", torch.zeros((), dtype=torch.bool, device=weight.device)
+        )
+        self._register_load_state_dict_pre_hook(self._forget_cached_flag)
+        self.reset_slim_parameters()
+
+    # -- parameters ---------------------------------------------------------------------
+    def reset_slim_parameters(self) -> None:
+        """A like PEFT's LoRA (kaiming-uniform, a=sqrt(5)), B = 0, router ~ N(0, 0.02);
+        clusters uninitialised."""
+        self._init_cached: Optional[bool] = False
+        self._snapshot: Optional[Tuple[Tensor, Tensor, bool]] = None
+        self._eval_masks: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
+        self._last_aux: Optional[Tensor] = None
+        self._stats: Optional[Tensor] = None  # [tokens, identity mass, identity top-1, d sum, d n]
+        if self.lora_A.device.type == "meta":
+            return
+        with torch.no_grad():
+            E_L, r, K = self.lora_A.shape
+            nn.init.kaiming_uniform_(self.lora_A.view(E_L * r, K), a=math.sqrt(5))
+            self.lora_B.zero_()
+            nn.init.normal_(self.router, mean=0.0, std=0.02)
+            self.cluster_centers.zero_()
+            self.cluster_vars.fill_(1.0)
+            self.cluster_initialized.fill_(False)
+
+    def _forget_cached_flag(self, *args, **kwargs) -> None:
+        self._init_cached = None
+        self._snapshot = None
+
+    def _clusters_ready(self) -> bool:
+        if getattr(self, "_init_cached", None) is None:
+            self._init_cached = bool(self.cluster_initialized)
+        return self._init_cached
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, lora_experts={c.num_lora_experts}, "
+            f"identity_experts={c.num_identity_experts}, rank={c.rank}, top_k={c.top_k}, "
+            f"clusters={c.num_clusters}, backend={c.backend!r}"
+        )
+
+    # -- dynamic merging ----------------------------------------------------------------
+    def _masked_factors(self) -> Tuple[Tensor, Tensor]:
+        c = self.config
+        A, B = self.lora_A, self.lora_B
+        if c.merge_drop <= 0.0 or not (self.training or c.merge_at_eval):
+            return A, B
+        E_L, N, K = c.num_lora_experts, self.out_features, self.in_features
+        if self.training:
+            rows, cols = merge_masks(E_L, N, K, c.merge_drop, device=A.device)
+        else:
+            dev = A.device
+            if dev not in self._eval_masks:
+                gen = torch.Generator().manual_seed(EVAL_MASK_SEED)
+                rows, cols = merge_masks(E_L, N, K, c.merge_drop, generator=gen)
+                self._eval_masks[dev] = (rows.to(dev), cols.to(dev))
+            rows, cols = self._eval_masks[dev]
+        A = A * cols.to(A.dtype)[:, None, :]
+        B = B * rows.to(B.dtype)[:, :, None]
+        if c.merge_rescale:
+            B = B / (1.0 - c.merge_drop)
+        return A, B
+
+    # -- forward ------------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"SlimLinear input x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"SlimLinear input x must be floating point, got dtype {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"SlimLinear input x has shape {tuple(x.shape)}: its last dim must be "
+                f"in_features={self.in_features}"
+            )
+        if x.device != self.weight.device and self.weight.device.type != "meta":
+            raise ValueError(
+                f"SlimLinear input x is on {x.device} but the layer's weight is on "
+                f"{self.weight.device}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        c = self.config
+        W, b = self.weight, self.bias
+        A, B = self._masked_factors()
+        R = self.router
+        dev_type = x.device.type
+        if torch.is_autocast_enabled(dev_type):
+            dt = torch.get_autocast_dtype(dev_type)
+        else:
+            dt = W.dtype
+            if x.dtype != dt:
+                raise TypeError(
+                    f"SlimLinear input x has dtype {x.dtype} but the layer's weight is {dt}; "
+                    f"cast x (or the model) so they match, or run under torch.autocast"
+                )
+        x_c = x.to(dt)
+        W, b, A, B, R = (None if t is None else t.to(dt) for t in (W, b, A, B, R))
+
+        lead = x.shape[:-1]
+        K, N = self.in_features, self.out_features
+        E_L, r = c.num_lora_experts, c.rank
+        x2 = x_c.reshape(-1, K)
+        T = x2.shape[0]
+        recompute = _in_backward()
+        updating = self.training and c.num_clusters > 0 and not recompute
+
+        centers = inv_std = None
+        if c.num_clusters > 0:
+            if recompute and self._snapshot is not None:
+                cen, var, ready = self._snapshot
+            else:
+                ready = self._clusters_ready()
+                cen, var = self.cluster_centers, self.cluster_vars
+                if updating:  # what this forward saw, for a checkpointed re-run
+                    cen, var = cen.clone(), var.clone()
+                    self._snapshot = (cen, var, ready)
+            if ready:
+                centers, inv_std = cen, (var + c.cluster_eps).rsqrt()
+
+        x_lora = None
+        if self.training and c.lora_dropout > 0:
+            x_lora = F.dropout(x2, p=c.lora_dropout, training=True)
+
+        y, gates, idx, dist, assign = slim_linear_op(
+            x2, W, b,
+            A.reshape(E_L * r, K), B.permute(1, 0, 2).reshape(N, E_L * r), R,
+            num_lora_experts=E_L, top_k=c.top_k, scaling=c.scaling,
+            yield_strength=c.yield_strength if c.num_identity_experts > 0 else 0.0,
+            distance_reduce=c.distance_reduce, centers=centers, inv_std=inv_std,
+            x_lora=x_lora, backend=c.backend,
+        )
+
+        if not recompute:
+            mask = self._current_token_mask(T, x.device)
+            if updating:
+                self._update_clusters(x2, assign, mask, centers is not None)
+            self._record(gates, idx, dist, mask, centers is not None)
+        return y.reshape(*lead, N)
+
+    def _current_token_mask(self, T: int, device) -> Optional[Tensor]:
+        m = _TOKEN_MASK.get()
+        if m is None or m.numel() != T:
+            return None
+        return m.reshape(-1).to(device=device, dtype=torch.bool)
+
+    # -- sliding clustering ---------------------------------------------------------------
+    @torch.no_grad()
+    def _update_clusters(self, x2: Tensor, assign: Tensor, mask: Optional[Tensor],
+                         had_clusters: bool) -> None:
+        c = self.config
+        xs = x2.detach()
+        if mask is not None:
+            xs, assign = xs[mask], assign[mask]
+        if not had_clusters:
+            self._init_clusters(xs)
+            return
+        counts, sums, sumsq = cluster_batch_stats(xs, assign, c.num_clusters)
+        C, K = sums.shape
+        packed = torch.cat([counts, sums.reshape(-1), sumsq.reshape(-1)])
+        _dist.all_reduce_sum_(packed)
+        counts = packed[:C]
+        sums = packed[C: C + C * K].view(C, K)
+        sumsq = packed[C + C * K:].view(C, K)
+        seen = counts > 0
+        n = counts.clamp_min(1.0)[:, None]
+        mean = sums / n
+        var = (sumsq / n - mean * mean).clamp_min(0.0)
+        mom = c.cluster_momentum
+        new_c = (1 - mom) * self.cluster_centers.double() + mom * mean
+        new_v = (1 - mom) * self.cluster_vars.double() + mom * var
+        self.cluster_centers.copy_(torch.where(seen[:, None], new_c, self.cluster_centers.double()))
+        self.cluster_vars.copy_(torch.where(seen[:, None], new_v, self.cluster_vars.double()))
+
+    @torch.no_grad()
+    def _init_clusters(self, xs: Tensor) -> None:
+        """Centres: C distinct random tokens of rank 0's first batch; variances: the batch's
+        per-channel variance over all ranks. Needs at least max(C, 2) tokens on rank 0."""
+        C = self.config.num_clusters
+        T, K = xs.shape
+        enough = torch.tensor([1.0 if T >= max(C, 2) else 0.0], device=xs.device)
+        _dist.broadcast_(enough)
+        if enough.item() == 0.0:
+            return  # stay uninitialised; try again on the next batch
+        xd = xs.double()
+        packed = torch.cat([
+            torch.tensor([float(T)], dtype=torch.float64, device=xs.device),
+            xd.sum(0), (xd * xd).sum(0),
+        ])
+        _dist.all_reduce_sum_(packed)
+        n = packed[0]
+        mean = packed[1: 1 + K] / n
+        var = (packed[1 + K:] / n - mean * mean).clamp_min(0.0)
+        # the RNG is not the global one: a checkpointed re-run must draw the same numbers
+        gen = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
+        pick = torch.randperm(T, generator=gen)[:C].to(xs.device) if T else None
+        centers = xs[pick].float() if T >= C else torch.zeros(C, K, device=xs.device)
+        _dist.broadcast_(centers)
+        self.cluster_centers.copy_(centers)
+        self.cluster_vars.copy_(var.float()[None, :].expand(C, K))
+        self.cluster_initialized.fill_(True)
+        self._init_cached = True
+
+    # -- aux losses and statistics --------------------------------------------------------
+    def _record(self, gates: Tensor, idx: Tensor, dist: Tensor, mask: Optional[Tensor],
+                had_clusters: bool) -> None:
+        c = self.config
+        E_L, E = c.num_lora_experts, c.num_experts
+        T = gates.shape[0]
+        aux = None
+        if c.l1_coef > 0:
+            r, N, K = c.rank, self.out_features, self.in_features
+            aux = c.l1_coef * (self.lora_B.abs().sum() / (r * N) + self.lora_A.abs().sum() / (r * K))
+        if c.balance_coef > 0 and T > 0:
+            sel = torch.zeros_like(gates).scatter_(1, idx, 1.0)
+            f = sel.mean(0)  # share of tokens whose top-k holds e
+            P = gates.mean(0)  # mean gate of e
+            bal = c.balance_coef * E * (f.detach() * P).sum()
+            aux = bal if aux is None else aux + bal
+        self._last_aux = aux
+        with torch.no_grad():
+            g = gates.detach().float()
+            if mask is not None:
+                g, d = g[mask], dist.detach().float()[mask]
+            else:
+                d = dist.detach().float()
+            n = g.shape[0]
+            ident_mass = g[:, E_L:].sum()
+            top1 = (g.argmax(1) >= E_L).float().sum() if n else g.sum()
+            stats = torch.stack([
+                torch.tensor(float(n), device=g.device), ident_mass, top1,
+                d.sum() if had_clusters else torch.zeros((), device=g.device),
+                torch.tensor(float(n) if had_clusters else 0.0, device=g.device),
+            ])
+            self._stats = stats if self._stats is None else self._stats + stats.to(self._stats.device)
+
+    def slim_aux_loss(self) -> Optional[Tensor]:
+        """This layer's auxiliary loss of the last forward (None when no term is on)."""
+        return self._last_aux
+
+    def routing_stats(self, reset: bool = False) -> Dict[str, float]:
+        """Since the last reset: tokens seen, mean gate mass on identity experts, share of
+        tokens whose top gate is an identity expert, mean out-of-domain distance (NaN until
+        the clusters exist)."""
+        s = self._stats
+        if s is None:
+            out = dict(tokens=0, identity_mass=float("nan"), identity_top1_share=float("nan"),
+                       mean_distance=float("nan"))
+        else:
+            v = s.tolist()
+            n = v[0]
+            out = dict(
+                tokens=int(n),
+                identity_mass=v[1] / n if n else float("nan"),
+                identity_top1_share=v[2] / n if n else float("nan"),
+                mean_distance=v[3] / v[4] if v[4] else float("nan"),
+            )
+        if reset:
+            self._stats = None
+        return out
+
+
+def slim_modules(model: nn.Module) -> Iterator[Tuple[str, SlimLinear]]:
+    """(qualified name, layer) for every SlimLinear in ``model`` (itself included)."""
+    for name, m in model.named_modules():
+        if isinstance(m, SlimLinear):
+            yield name, m
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the SLIM auxiliary losses (L1, load balance) of the last forward over all SLIM
+    layers of ``model``; a zero tensor when there are none. Add it to the task loss."""
+    total = None
+    for _, m in slim_modules(model):
+        a = m.slim_aux_loss()
+        if a is not None:
+            total = a if total is None else total + a.to(total.device)
+    if total is None:
+        p = next(iter(model.parameters()), None)
+        total = torch.zeros((), device=p.device if p is not None else None)
+    return total
+
+
+def routing_stats(model: nn.Module, reset: bool = False) -> Dict[str, Dict[str, float]]:
+    """Per SLIM layer: share of routing mass on identity experts, share of tokens whose top
+    gate is an identity expert and mean out-of-domain distance, since the last reset."""
+    return {name: m.routing_stats(reset=reset) for name, m in slim_modules(model)}

@@ -1,0 +1,76 @@
+import dataclasses
+import json
+
+import pytest
+
+from slim_kernels import SlimConfig
+
+EXPECTED_FIELDS = {
+    "num_lora_experts": 8, "num_identity_experts": 2, "rank": 16, "alpha": 32.0,
+    "use_rslora": False, "top_k": 2, "lora_dropout": 0.0, "num_clusters": 4,
+    "yield_strength": 1.0, "distance_reduce": "rms", "cluster_momentum": 0.01,
+    "cluster_eps": 1e-5, "merge_drop": 0.0, "merge_rescale": False, "merge_at_eval": False,
+    "l1_coef": 0.0, "balance_coef": 0.0,
+    "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "backend": "auto",
+}
+
+
+def test_exact_fields_and_defaults():
+    c = SlimConfig()
+    names = [f.name for f in dataclasses.fields(SlimConfig)]
+    assert names == list(EXPECTED_FIELDS)
+    for k, v in EXPECTED_FIELDS.items():
+        assert getattr(c, k) == v, k
+    assert c.num_experts == 10
+    assert c.scaling == 2.0
+    assert SlimConfig(use_rslora=True).scaling == pytest.approx(32.0 / 4.0)
+
+
+def test_json_round_trip(tmp_path):
+    c = SlimConfig(num_lora_experts=3, rank=5, distance_reduce="max", merge_drop=0.25,
+                   target_modules=("q_proj", "down_proj"), backend="torch")
+    text = c.to_json()
+    assert json.loads(text)["target_modules"] == ["q_proj", "down_proj"]
+    assert SlimConfig.from_json(text) == c
+    p = tmp_path / "c.json"
+    c.to_json(str(p))
+    assert SlimConfig.from_json(str(p)) == c
+    with pytest.raises(ValueError, match="unknown field"):
+        SlimConfig.from_dict({"rank": 4, "bogus": 1})
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(top_k=11), "top_k"),
+    (dict(top_k=0), "top_k"),
+    (dict(rank=0), "rank"),
+    (dict(num_lora_experts=0), "num_lora_experts"),
+    (dict(num_identity_experts=-1), "num_identity_experts"),
+    (dict(alpha=0.0), "alpha"),
+    (dict(lora_dropout=1.0), "lora_dropout"),
+    (dict(num_clusters=-1), "num_clusters"),
+    (dict(yield_strength=-0.5), "yield_strength"),
+    (dict(distance_reduce="median"), "distance_reduce"),
+    (dict(cluster_momentum=0.0), "cluster_momentum"),
+    (dict(cluster_momentum=1.5), "cluster_momentum"),
+    (dict(cluster_eps=0.0), "cluster_eps"),
+    (dict(merge_drop=1.0), "merge_drop"),
+    (dict(merge_drop=-0.1), "merge_drop"),
+    (dict(l1_coef=-1.0), "l1_coef"),
+    (dict(balance_coef=-1.0), "balance_coef"),
+    (dict(backend="cublas"), "backend"),
+    (dict(target_modules=()), "target_modules"),
+    (dict(rank=2.5), "rank"),
+    (dict(use_rslora="yes"), "use_rslora"),
+    (dict(alpha=float("nan")), "alpha"),
+])
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"SlimConfig\.{field}="):
+        SlimConfig(**kwargs)
+
+
+def test_switches_off():
+    assert not SlimConfig(num_clusters=0).yielding_enabled
+    assert not SlimConfig(yield_strength=0.0).yielding_enabled
+    assert not SlimConfig(num_identity_experts=0).yielding_enabled
+    assert SlimConfig(num_identity_experts=0, top_k=8).num_experts == 8

@@ -1,0 +1,277 @@
+"""SlimLinear against the spec: eval/train behaviour, clusters, masks, aux losses, errors."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import slim_kernels as sk
+from slim_kernels.reference import merge_masks, slim_reference
+
+CFG = dict(num_lora_experts=3, num_identity_experts=2, rank=5, backend="torch")
+
+
+def make_layer(K=45, N=29, dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    lin = nn.Linear(K, N, dtype=dtype)
+    layer = sk.SlimLinear.from_linear(lin, sk.SlimConfig(**{**CFG, **kw}))
+    with torch.no_grad():  # non-zero B so the LoRA path shows
+        layer.lora_B.normal_(0, 0.3)
+        layer.router.normal_(0, 0.5)
+    return lin, layer
+
+
+def test_from_linear_keeps_tensors_and_freezes():
+    lin = nn.Linear(13, 7)
+    layer = sk.SlimLinear.from_linear(lin, sk.SlimConfig(**CFG))
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.shape == (3, 5, 13) and layer.lora_B.shape == (3, 7, 5)
+    assert layer.router.shape == (5, 13)
+    assert torch.count_nonzero(layer.lora_B) == 0
+    bound = 1 / math.sqrt(13)  # kaiming_uniform(a=sqrt(5)) as PEFT's LoRA A
+    assert layer.lora_A.abs().max() <= bound
+    assert layer.cluster_centers.shape == (4, 13) and layer.cluster_vars.shape == (4, 13)
+    assert layer.cluster_initialized.item() is False
+    names = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert names == {"lora_A", "lora_B", "router"}
+    with pytest.raises(TypeError, match="nn.Linear"):
+        sk.SlimLinear.from_linear(nn.Conv1d(3, 3, 1), sk.SlimConfig())
+
+
+def test_zero_B_equals_base():
+    lin = nn.Linear(13, 7)
+    layer = sk.SlimLinear.from_linear(lin, sk.SlimConfig(**CFG)).train()
+    x = torch.randn(3, 4, 13)
+    assert torch.equal(layer(x), lin(x))
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean", "rms"])
+@pytest.mark.parametrize("shape", [(45, 29, 5), (17, 40, 3), (64, 7, 12)])
+def test_eval_matches_reference(reduce, shape):
+    K, N, r = shape
+    lin, layer = make_layer(K=K, N=N, rank=r, distance_reduce=reduce)
+    x = torch.randn(2, 11, K, dtype=torch.float64)
+    layer.train()
+    layer(x)  # initialise the clusters
+    layer(torch.randn(5, K, dtype=torch.float64))  # and move them once
+    assert layer.cluster_initialized.item()
+    layer.eval()
+    y = layer(x)
+    y0, *_ = slim_reference(x.reshape(-1, K), layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                            layer.router, top_k=2, scaling=layer.scaling, yield_strength=1.0,
+                            distance_reduce=reduce, centers=layer.cluster_centers,
+                            cluster_vars=layer.cluster_vars, cluster_eps=1e-5)
+    torch.testing.assert_close(y, y0.reshape(2, 11, N), rtol=1e-12, atol=1e-12)
+
+
+def test_train_matches_reference_with_masks_and_dropout():
+    lin, layer = make_layer(merge_drop=0.4, merge_rescale=True, lora_dropout=0.2, distance_reduce="mean")
+    layer.train()
+    K = 45
+    x = torch.randn(20, K, dtype=torch.float64)
+    layer(x)  # init clusters
+    cen, var = layer.cluster_centers.clone(), layer.cluster_vars.clone()
+    x2 = torch.randn(20, K, dtype=torch.float64)
+    torch.manual_seed(123)
+    y = layer(x2)
+    torch.manual_seed(123)  # replay the RNG: masks first, then dropout
+    rows, cols = merge_masks(3, 29, K, 0.4)
+    x_lora = nn.functional.dropout(x2, 0.2, training=True)
+    A = layer.lora_A * cols.double()[:, None, :]
+    B = layer.lora_B * rows.double()[:, :, None] / 0.6
+    y0, *_ = slim_reference(x2, layer.weight, layer.bias, A, B, layer.router, top_k=2,
+                            scaling=layer.scaling, yield_strength=1.0, distance_reduce="mean",
+                            centers=cen, cluster_vars=var, x_lora=x_lora)
+    torch.testing.assert_close(y, y0, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(cen, layer.cluster_centers)  # the clusters moved after the forward
+
+
+def test_merge_mask_statistics_and_product():
+    p = 0.36  # rows and columns each dropped at 1 - sqrt(0.64) = 0.2
+    g = torch.Generator().manual_seed(0)
+    kept = []
+    for _ in range(200):
+        rows, cols = merge_masks(4, 30, 40, p, generator=g)
+        kept.append((rows[:, :, None] * cols[:, None, :]).mean().item())
+    assert abs(1 - np.mean(kept) - p) < 0.01
+    rows, cols = merge_masks(1, 30, 40, p, generator=g)
+    assert abs(1 - rows.mean().item() - 0.2) < 0.2 and set(rows.unique().tolist()) <= {0.0, 1.0}
+    A = torch.randn(5, 40, dtype=torch.float64)
+    B = torch.randn(30, 5, dtype=torch.float64)
+    Bm, Am = B * rows[0, :, None].double(), A * cols[0, None, :].double()
+    full = B @ A
+    full[rows[0] == 0, :] = 0
+    full[:, cols[0] == 0] = 0
+    assert torch.equal(Bm @ Am, full)
+
+
+def test_masks_resampled_each_training_forward_and_eval_modes():
+    lin, layer = make_layer(merge_drop=0.5)
+    x = torch.randn(8, 45, dtype=torch.float64)
+    layer.train()
+    A1, _ = layer._masked_factors()
+    A2, _ = layer._masked_factors()
+    assert not torch.equal(A1, A2)
+    layer.eval()
+    A3, _ = layer._masked_factors()
+    assert torch.equal(A3, layer.lora_A)  # default: no mask in eval
+    layer.config.merge_at_eval = True
+    A4, _ = layer._masked_factors()
+    A5, _ = layer._masked_factors()
+    assert torch.equal(A4, A5) and not torch.equal(A4, layer.lora_A)  # fixed seeded mask
+    assert layer(x).shape == (8, 29)
+
+
+def test_cluster_init_and_ema_match_numpy():
+    K, C, mom = 6, 3, 0.25
+    lin, layer = make_layer(K=K, N=5, num_clusters=C, cluster_momentum=mom, dtype=torch.float32)
+    layer.train()
+    x1 = torch.randn(50, K)
+    layer(x1)
+    cen0 = layer.cluster_centers.numpy().copy()
+    # init: C distinct tokens of the batch as centres; batch variance for every cluster
+    matches = [np.where(np.all(x1.numpy() == c, axis=1))[0] for c in cen0]
+    assert all(len(m) == 1 for m in matches) and len({m[0] for m in matches}) == C
+    np.testing.assert_allclose(layer.cluster_vars.numpy(), np.tile(x1.double().numpy().var(0), (C, 1)), rtol=1e-5)
+    var0 = layer.cluster_vars.numpy().astype(np.float64)
+    x2 = torch.randn(64, K) * 1.5 + 0.3
+    layer(x2)
+    xn = x2.double().numpy()
+    assign = ((xn[:, None] - cen0[None].astype(np.float64)) ** 2).sum(-1).argmin(1)
+    exp_c, exp_v = cen0.astype(np.float64).copy(), var0.copy()
+    for j in range(C):
+        sel = xn[assign == j]
+        if len(sel):
+            exp_c[j] = (1 - mom) * exp_c[j] + mom * sel.mean(0)
+            exp_v[j] = (1 - mom) * exp_v[j] + mom * sel.var(0)
+    np.testing.assert_allclose(layer.cluster_centers.numpy(), exp_c, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.cluster_vars.numpy(), exp_v, rtol=1e-5, atol=1e-6)
+    # frozen in eval
+    layer.eval()
+    before = layer.cluster_centers.clone()
+    layer(x2 * 3)
+    assert torch.equal(before, layer.cluster_centers)
+
+
+def test_padding_tokens_do_not_move_clusters():
+    lin, layer = make_layer(K=6, N=5, num_clusters=2, cluster_momentum=0.5, dtype=torch.float32)
+    layer.train()
+    layer(torch.randn(10, 6))
+    before = layer.cluster_centers.clone()
+    x = torch.randn(2, 5, 6) * 100
+    with sk.token_mask(torch.zeros(2, 5, dtype=torch.bool)):
+        layer(x)
+    assert torch.equal(before, layer.cluster_centers)
+    with sk.token_mask(torch.ones(2, 5, dtype=torch.bool)):
+        layer(x)
+    assert not torch.equal(before, layer.cluster_centers)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_updates_once_and_grads_match(use_reentrant):
+    lin, layer = make_layer(merge_drop=0.3, lora_dropout=0.1)
+    layer.train()
+    x = torch.randn(16, 45, dtype=torch.float64)
+    layer(x)  # init
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x2 = torch.randn(16, 45, dtype=torch.float64, requires_grad=True)
+
+    torch.manual_seed(7)
+    y = layer(x2)
+    (y.square().sum()).backward()
+    ref_grads = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.router)] + [x2.grad.clone()]
+    after_plain = layer.cluster_centers.clone()
+
+    layer.load_state_dict(state)
+    for p in (layer.lora_A, layer.lora_B, layer.router):
+        p.grad = None
+    x2.grad = None
+    torch.manual_seed(7)
+    y = checkpoint(layer, x2, use_reentrant=use_reentrant)
+    (y.square().sum()).backward()
+    grads = [p.grad for p in (layer.lora_A, layer.lora_B, layer.router)] + [x2.grad]
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # moved exactly once (as in the plain run), not twice
+    assert torch.equal(layer.cluster_centers, after_plain)
+
+
+def test_aux_losses():
+    lin, layer = make_layer(l1_coef=0.5, balance_coef=0.1)
+    layer.train()
+    x = torch.randn(30, 45, dtype=torch.float64)
+    layer(x)
+    c = layer.config
+    l1 = 0.5 * (layer.lora_B.abs().sum() / (5 * 29) + layer.lora_A.abs().sum() / (5 * 45))
+    with torch.no_grad():
+        _, g, idx, _, _ = sk.slim_linear_op(
+            x, layer.weight, layer.bias, layer.lora_A.reshape(15, 45),
+            layer.lora_B.permute(1, 0, 2).reshape(29, 15), layer.router, num_lora_experts=3,
+            top_k=2, scaling=c.scaling, yield_strength=1.0, centers=None, backend="torch")
+    f = torch.zeros(30, 5, dtype=torch.float64).scatter_(1, idx, 1.0).mean(0)
+    bal = 0.1 * 5 * (f * g.mean(0)).sum()
+    total = sk.aux_loss(layer)
+    torch.testing.assert_close(total, l1 + bal)
+    total.backward()
+    assert layer.router.grad is not None and layer.router.grad.abs().sum() > 0
+    model = nn.Sequential(nn.Linear(3, 3))
+    z = sk.aux_loss(model)
+    assert z.item() == 0.0 and z.dim() == 0
+
+
+@pytest.mark.parametrize("T", [0, 1])
+def test_tiny_token_counts(T):
+    lin, layer = make_layer()
+    layer.train()
+    x = torch.randn(T, 45, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (T, 29)
+    y.sum().backward()
+    assert not layer.cluster_initialized.item()  # needs >= C tokens
+    x3 = torch.randn(2, 0, 45, dtype=torch.float64)
+    assert layer(x3).shape == (2, 0, 29)
+    layer.eval()
+    y1 = layer(torch.randn(1, 45, dtype=torch.float64))
+    assert y1.shape == (1, 29)
+
+
+def test_gradcheck_layer_fp64():
+    lin, layer = make_layer(K=7, N=5, rank=3, num_clusters=0)
+    layer.eval()
+    x = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    params = (layer.lora_A, layer.lora_B, layer.router)
+
+    def f(x, A, B, R):
+        return torch.func.functional_call(layer, {"lora_A": A, "lora_B": B, "router": R}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x,) + params)
+
+
+def test_bad_inputs_raise_clear_errors():
+    lin, layer = make_layer(dtype=torch.float32)
+    with pytest.raises(ValueError, match="in_features=45"):
+        layer(torch.randn(3, 44))
+    with pytest.raises(TypeError, match="floating point"):
+        layer(torch.ones(3, 45, dtype=torch.long))
+    with pytest.raises(TypeError, match="dtype torch.float64 but the layer's weight is torch.float32"):
+        layer(torch.randn(3, 45, dtype=torch.float64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        layer([1.0] * 45)
+    with pytest.raises(TypeError, match="SlimConfig"):
+        sk.SlimLinear.from_linear(nn.Linear(3, 3), {"rank": 2})
+    layer.config.backend = "cpp" if "cpp" not in sk.available_backends() else "triton"
+    if layer.config.backend not in sk.available_backends():
+        with pytest.raises(RuntimeError, match="cannot run"):
+            layer(torch.randn(3, 45))
+
+
+def test_routing_stats_and_no_lora_mixture():
+    lin, layer = make_layer(num_identity_experts=0, top_k=2)
+    layer.train()
+    layer(torch.randn(10, 45, dtype=torch.float64))
+    st = sk.routing_stats(layer, reset=True)[""]
+    assert st["tokens"] == 10 and st["identity_mass"] == 0.0
+    assert sk.routing_stats(layer)[""]["tokens"] == 0
