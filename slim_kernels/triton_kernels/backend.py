@@ -317,7 +317,8 @@ def backward(
         dx_lora = None
         dAR = torch.empty((ER + E, K), dtype=dt, device=dev)
         fused_linear([(dhz.t(), x)], dAR)  # [dA; dR] = [dh | dz]ᵀ x
-        dA, dR = dAR[:ER], dAR[ER:]
+        # the op boundary forbids outputs that alias each other: dR (E×K, small) is copied
+        dA, dR = dAR[:ER], dAR[ER:].clone()
     else:
         x_lora = x_lora.contiguous()
         fused_linear([(dy, weight), (dz, router)], dx)
