@@ -25,6 +25,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _cast(v, ty: tl.constexpr, UPCAST: tl.constexpr):
+    """v.to(ty). Under the interpreter (UPCAST) fp32 -> bf16 truncates instead of rounding to
+    nearest even, so round the fp32 bits first (exactly what the GPU's cvt.rn does)."""
+    if UPCAST:
+        if ty == tl.bfloat16:
+            b = v.to(tl.float32).to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            v = b.to(tl.float32, bitcast=True)
+    return v.to(ty)
+
+
+@triton.jit
 def _expand_matrix(EP: tl.constexpr, RP: tl.constexpr, R: tl.constexpr, ER: tl.constexpr):
     """(EP, RP) fp32 one-hot: [e, c] = 1 when column c of h belongs to expert e."""
     e = tl.arange(0, EP)
@@ -147,7 +159,7 @@ def route_fwd_kernel(
     gexp = tl.dot(g.to(ACC), ex, input_precision="ieee", out_dtype=ACC)
     hg = (scaling * gexp) * acc_h
     tl.store(hg_ptr + rows64[:, None] * ER + hcol[None, :],
-             hg.to(hg_ptr.dtype.element_ty), mask=hmask)
+             _cast(hg, hg_ptr.dtype.element_ty, UPCAST), mask=hmask)
 
 
 @triton.jit
@@ -224,7 +236,7 @@ def fused_linear_kernel(
         bias = tl.load(bias_ptr + rn, mask=nm, other=0.0).to(ACC)
         acc = acc + bias[None, :]
     tl.store(out_ptr + rm[:, None] * s_om + rn[None, :] * s_on,
-             acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+             _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=mm[:, None] & nm[None, :])
 
 
 @triton.jit
@@ -281,7 +293,8 @@ def route_bwd_kernel(
     dh = sg * acc
     hg = sg * h
     out_ty = dhz_ptr.dtype.element_ty
-    tl.store(dhz_ptr + rows64[:, None] * stride_dhz + hcol[None, :], dh.to(out_ty), mask=hmask)
-    tl.store(dhz_ptr + rows64[:, None] * stride_dhz + ER + ecol[None, :], dz.to(out_ty),
+    tl.store(dhz_ptr + rows64[:, None] * stride_dhz + hcol[None, :], _cast(dh, out_ty, UPCAST),
+             mask=hmask)
+    tl.store(dhz_ptr + rows64[:, None] * stride_dhz + ER + ecol[None, :], _cast(dz, out_ty, UPCAST),
              mask=emask)
-    tl.store(hg_ptr + rows64[:, None] * ER + hcol[None, :], hg.to(out_ty), mask=hmask)
+    tl.store(hg_ptr + rows64[:, None] * ER + hcol[None, :], _cast(hg, out_ty, UPCAST), mask=hmask)
