@@ -81,14 +81,15 @@ def _pad16(n: int) -> int:
     return max(16, _next_pow2(n))
 
 
-def route_config(rp: int, interpret: bool = _INTERPRET):
+def route_config(rp: int, interpret: bool = _INTERPRET, backward: bool = False):
     """(BLOCK_T, BLOCK_K, num_warps, num_stages) of the route kernels for padded E_L·r = rp.
 
-    The accumulator is BLOCK_T × rp fp32 in registers: shrink BLOCK_T as rp grows."""
+    The accumulator is BLOCK_T × rp fp32 in registers: shrink BLOCK_T as rp grows. The
+    backward epilogue holds h, dhg and the gates at once: it gets twice the warps."""
     if interpret:
         return 32, 32, 4, 1
     if rp <= 128:
-        return 64, 64, 4, 3
+        return (64, 64, 8, 3) if backward else (64, 64, 4, 3)
     if rp <= 256:
         return 32, 64, 4, 3
     if rp <= 512:
@@ -99,7 +100,7 @@ def route_config(rp: int, interpret: bool = _INTERPRET):
 # fused linear: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
 LINEAR_CONFIGS_GPU = [
     (128, 256, 64, 8, 8, 3),
-    (128, 128, 64, 8, 4, 4),
+    (128, 128, 32, 8, 4, 4),
     (64, 128, 64, 8, 4, 4),
 ]
 LINEAR_CONFIG_INTERPRET = (32, 32, 32, 8, 4, 1)
@@ -295,7 +296,7 @@ def backward(
     dhz = torch.empty((T, ER + E), dtype=dt, device=dev)
     hg = torch.empty((T, ER), dtype=dt, device=dev)
     RP, EP = _pad16(ER), _pad16(E)
-    bt, bk, w, s = route_config(RP)
+    bt, bk, w, s = route_config(RP, backward=True)
     upcast, prec = _flags(dt)
     _k.route_bwd_kernel[(triton.cdiv(T, bt),)](
         dy, lora_B, h, gates, dgates if dgates is not None else gates,
@@ -304,7 +305,7 @@ def backward(
         dy.stride(0), lora_B.stride(0), dhz.stride(0),
         dgates.stride(0) if dgates is not None else 0,
         float(scaling),
-        ER=ER, R=ER // E_L, E=E, RP=RP, EP=EP, HAS_DG=dgates is not None,
+        ER=ER, R=ER // E_L, E=E, E_L=E_L, RP=RP, EP=EP, HAS_DG=dgates is not None,
         UPCAST=upcast, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk, num_warps=w, num_stages=s,
     )
     dh, dz = dhz[:, :ER], dhz[:, ER:]

@@ -37,12 +37,27 @@ def _cast(v, ty: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _expand_matrix(EP: tl.constexpr, RP: tl.constexpr, R: tl.constexpr, ER: tl.constexpr):
-    """(EP, RP) fp32 one-hot: [e, c] = 1 when column c of h belongs to expert e."""
-    e = tl.arange(0, EP)
-    c = tl.arange(0, RP)
-    hit = ((c[None, :] // R) == e[:, None]) & (c[None, :] < ER)
-    return tl.where(hit, 1.0, 0.0).to(tl.float32)
+def _expand_gates(g, ecol, hcol, R: tl.constexpr, E_L: tl.constexpr):
+    """(BT, EP) gates -> (BT, RP): column c of h gets the gate of its expert c // R.
+    Padded columns (c >= E_L·R) get 0. A static loop over the LoRA experts: no one-hot matrix
+    held in registers (that spilled at E_L·r = 1024)."""
+    out = tl.zeros((g.shape[0], hcol.shape[0]), dtype=g.dtype)
+    chunk = hcol // R
+    for e in tl.static_range(E_L):
+        ge = tl.sum(tl.where(ecol[None, :] == e, g, 0.0), axis=1)
+        out = tl.where(chunk[None, :] == e, ge[:, None], out)
+    return out
+
+
+@triton.jit
+def _chunk_sums(v, ecol, hcol, R: tl.constexpr, E_L: tl.constexpr):
+    """(BT, RP) -> (BT, EP): column e gets the sum of v over expert e's R columns."""
+    out = tl.zeros((v.shape[0], ecol.shape[0]), dtype=v.dtype)
+    chunk = hcol // R
+    for e in tl.static_range(E_L):
+        se = tl.sum(tl.where(chunk[None, :] == e, v, 0.0), axis=1)
+        out = tl.where(ecol[None, :] == e, se[:, None], out)
+    return out
 
 
 @triton.jit
@@ -155,8 +170,7 @@ def route_fwd_kernel(
     # ---- h and hg = s * g ⊙ h (each r-chunk by its gate) ------------------------------
     hmask = tmask[:, None] & (hcol[None, :] < ER)
     tl.store(h_ptr + rows64[:, None] * ER + hcol[None, :], acc_h, mask=hmask)
-    ex = _expand_matrix(EP, RP, R, ER).to(ACC)
-    gexp = tl.dot(g.to(ACC), ex, input_precision="ieee", out_dtype=ACC)
+    gexp = _expand_gates(g.to(ACC), ecol, hcol, R, E_L)
     hg = (scaling * gexp) * acc_h
     tl.store(hg_ptr + rows64[:, None] * ER + hcol[None, :],
              _cast(hg, hg_ptr.dtype.element_ty, UPCAST), mask=hmask)
@@ -246,7 +260,7 @@ def route_bwd_kernel(
     T, N,
     stride_dyt, stride_bn, stride_dhz, stride_dg,
     scaling,
-    ER: tl.constexpr, R: tl.constexpr, E: tl.constexpr,
+    ER: tl.constexpr, R: tl.constexpr, E: tl.constexpr, E_L: tl.constexpr,
     RP: tl.constexpr, EP: tl.constexpr,
     HAS_DG: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -282,14 +296,12 @@ def route_bwd_kernel(
     emask = tmask[:, None] & (ecol[None, :] < E)
     h = tl.load(h_ptr + rows64[:, None] * ER + hcol[None, :], mask=hmask, other=0.0).to(ACC)
     g = tl.load(gates_ptr + rows64[:, None] * E + ecol[None, :], mask=emask, other=0.0).to(ACC)
-    ex = _expand_matrix(EP, RP, R, ER).to(ACC)
-    dg = scaling * tl.dot(acc * h, tl.trans(ex), input_precision="ieee", out_dtype=ACC)
+    dg = scaling * _chunk_sums(acc * h, ecol, hcol, R, E_L)
     if HAS_DG:
         dg += tl.load(dgates_ptr + rows64[:, None] * stride_dg + ecol[None, :],
                       mask=emask, other=0.0).to(ACC)
     dz = g * (dg - tl.sum(g * dg, axis=1)[:, None])
-    gexp = tl.dot(g, ex, input_precision="ieee", out_dtype=ACC)
-    sg = scaling * gexp
+    sg = scaling * _expand_gates(g, ecol, hcol, R, E_L)
     dh = sg * acc
     hg = sg * h
     out_ty = dhz_ptr.dtype.element_ty
