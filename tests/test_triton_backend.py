@@ -265,9 +265,11 @@ def test_unsupported_inputs_raise_clearly():
 
 
 @pytest.mark.parametrize("dev", DEVICES)
-def test_large_lora_width_1024(dev):
-    """E_L·r = 1024 (the upper limit; rank 128, 8 experts) on a tiny token count."""
-    c = make_case(T=5, K=20, N=17, E_L=8, r=128, E_I=2, C=2, seed=10)
+@pytest.mark.parametrize("E_L,r", [(8, 128), (14, 5)])
+def test_wide_lora(dev, E_L, r):
+    """E_L·r = 1024 (the upper limit) and 70 (an expert straddles the h column blocks the
+    forward route kernel splits wide h into) on a tiny token count."""
+    c = make_case(T=5, K=20, N=17, E_L=E_L, r=r, E_I=2, C=2, seed=10)
     got = run_op(cast(c, torch.float32, dev), "triton", top_k=2, lam=1.0)
     truth = run_truth(cast(c, torch.float32, "cpu"), top_k=2, lam=1.0)
     check_fp32(got, truth)

@@ -121,18 +121,18 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
         ER = E_L * r if er is None else er
         R = ER // E_L if er is None else er // E_L
         RP, EP = _pad16(ER), _pad16(E)
-        bt, bk, w, st = route_config(RP, interpret=False)
+        bt, bk, w, st, hb = route_config(RP, interpret=False)
         specs.append(Spec(
-            "route_fwd_kernel", f"ER={ER},C={C},BT={bt},BK={bk}", K.route_fwd_kernel,
+            "route_fwd_kernel", f"ER={ER},C={C},BT={bt},BK={bk},HB={hb}", K.route_fwd_kernel,
             dict(x_ptr=P, xl_ptr=P, a_ptr=P, r_ptr=P, c_ptr="*fp32", s_ptr="*fp32",
                  gates_ptr="*fp32", idx_ptr="*i64", dist_ptr="*fp32", assign_ptr="*i64",
                  h_ptr="*fp32", hg_ptr=P, T=T, K=Kd, stride_xt=Kd, stride_xlt=Kd,
                  stride_a=Kd, stride_r=Kd, stride_c=Kd, stride_s=Kd, scaling=2.0, lam=1.0),
-            dict(ER=ER, R=R, E=E, E_L=E_L, TOPK=s["top_k"], C=C, RP=RP, EP=EP,
+            dict(ER=ER, R=R, E=E, E_L=E_L, TOPK=s["top_k"], C=C, RP=hb, EP=EP,
                  CP=max(1, 1 << (C - 1).bit_length()) if C else 1, HAS_XL=False, REDUCE=2,
                  YIELD=bool(C and E_I), UPCAST=False, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk),
             w, st))
-        bt, bk, w, st = route_config(RP, interpret=False, backward=True)
+        bt, bk, w, st, _ = route_config(RP, interpret=False, backward=True)
         specs.append(Spec(
             "route_bwd_kernel", f"ER={ER},BT={bt},BK={bk}", K.route_bwd_kernel,
             dict(dy_ptr=P, b_ptr=P, h_ptr="*fp32", gates_ptr="*fp32", dgates_ptr="*fp32",
@@ -174,3 +174,49 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
             wg, dict(HAS_2=False, HAS_3=False, HAS_BIAS=False, IS_FP64=False, UPCAST=False,
                      DOT_PREC=prec, **cfg), w, st))
     return specs
+
+
+def quick_specs() -> List[Spec]:
+    """The configurations the AOT test compiles (the benchmark shape, bf16): the route kernels
+    and the first two fused-linear autotune configs (forward variant)."""
+    out = []
+    for sp in kernel_specs("bf16"):
+        if sp.name != "fused_linear_kernel":
+            out.append(sp)
+        elif sp.meta.get("linear_fwd") and not sp.variant.split(",")[1].startswith("64x"):
+            out.append(sp)
+    return out
+
+
+def run(specs: List[Spec], archs=(80, 90)) -> List[Dict[str, object]]:
+    rows = []
+    for sp in specs:
+        for arch in archs:
+            k = compile_spec(sp, arch)
+            r = resources(k, arch)
+            r.update(kernel=sp.name, variant=sp.variant, arch=f"sm_{arch}",
+                     num_warps=sp.num_warps, num_stages=sp.num_stages,
+                     smem_limit=SMEM_LIMIT[arch])
+            rows.append(r)
+    return rows
+
+
+def main(argv=None) -> int:
+    """python -m slim_kernels.triton_kernels.aot [--all] : one JSON object per compile."""
+    import argparse
+    import json
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--all", action="store_true",
+                    help="every variant and config (and E_L·r = 1024 route kernels)")
+    a = ap.parse_args(argv)
+    specs = (kernel_specs("bf16", lora_cols=(None, 1024)) + kernel_specs("fp32")
+             if a.all else quick_specs())
+    for row in run(specs):
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: AOT compilation needs @triton.jit kernels")
+    raise SystemExit(main())

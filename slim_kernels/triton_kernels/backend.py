@@ -82,19 +82,25 @@ def _pad16(n: int) -> int:
 
 
 def route_config(rp: int, interpret: bool = _INTERPRET, backward: bool = False):
-    """(BLOCK_T, BLOCK_K, num_warps, num_stages) of the route kernels for padded E_L·r = rp.
+    """(BLOCK_T, BLOCK_K, num_warps, num_stages, H_BLOCK) of the route kernels for padded
+    E_L·r = rp. H_BLOCK is the width of h columns one program accumulates.
 
-    The accumulator is BLOCK_T × rp fp32 in registers: shrink BLOCK_T as rp grows. The
-    backward epilogue holds h, dhg and the gates at once: it gets twice the warps."""
+    Forward: h is column-local after routing, so wide h is split over a second grid axis in
+    blocks of 128 (each block recomputes the E + C routing columns); at rp = 1024 a single
+    16 × 1024 accumulator spilled ~15 KB (ptxas). Backward needs every column of a token for
+    dg, so it keeps rp whole and shrinks BLOCK_T instead. With 4 warps at rp = 128 ptxas
+    spilled (route_fwd on sm_90, route_bwd everywhere): 8 warps."""
     if interpret:
-        return 32, 32, 4, 1
+        return 32, 32, 4, 1, min(rp, 64)
+    if not backward:
+        return 64, 64, 8, 3, min(rp, 128)
     if rp <= 128:
-        return (64, 64, 8, 3) if backward else (64, 64, 4, 3)
+        return 64, 64, 8, 3, rp
     if rp <= 256:
-        return 32, 64, 4, 3
+        return 32, 64, 4, 3, rp
     if rp <= 512:
-        return 16, 64, 8, 2
-    return 16, 32, 8, 2
+        return 16, 64, 8, 2, rp
+    return 16, 32, 8, 2, rp
 
 
 # fused linear: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
@@ -209,10 +215,10 @@ def route_forward(x, x_lora, lora_A, router, centers, inv_std, num_lora_experts,
         centers = inv_std = x  # dummies, never read
     RP, EP = _pad16(ER), _pad16(E)
     CP = _next_pow2(max(C, 1))
-    bt, bk, w, s = route_config(RP)
+    bt, bk, w, s, hb = route_config(RP)
     upcast, prec = _flags(x.dtype)
     xl = x if x_lora is None else x_lora
-    grid = (triton.cdiv(T, bt),)
+    grid = (triton.cdiv(T, bt), RP // hb)
     _k.route_fwd_kernel[grid](
         x, xl, lora_A, router, centers, inv_std,
         gates, idx, dist, assign, h, hg,
@@ -220,7 +226,7 @@ def route_forward(x, x_lora, lora_A, router, centers, inv_std, num_lora_experts,
         x.stride(0), xl.stride(0), lora_A.stride(0), router.stride(0),
         centers.stride(0), inv_std.stride(0),
         float(scaling), float(yield_strength),
-        ER=ER, R=ER // E_L, E=E, E_L=E_L, TOPK=top_k, C=C, RP=RP, EP=EP, CP=CP,
+        ER=ER, R=ER // E_L, E=E, E_L=E_L, TOPK=top_k, C=C, RP=hb, EP=EP, CP=CP,
         HAS_XL=x_lora is not None, REDUCE=reduce_id,
         YIELD=bool(C > 0 and yield_strength != 0.0 and E > E_L),
         UPCAST=upcast, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk, num_warps=w, num_stages=s,
@@ -296,7 +302,7 @@ def backward(
     dhz = torch.empty((T, ER + E), dtype=dt, device=dev)
     hg = torch.empty((T, ER), dtype=dt, device=dev)
     RP, EP = _pad16(ER), _pad16(E)
-    bt, bk, w, s = route_config(RP, backward=True)
+    bt, bk, w, s, _ = route_config(RP, backward=True)
     upcast, prec = _flags(dt)
     _k.route_bwd_kernel[(triton.cdiv(T, bt),)](
         dy, lora_B, h, gates, dgates if dgates is not None else gates,

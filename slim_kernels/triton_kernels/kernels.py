@@ -2,7 +2,9 @@
 
 Three kernels:
 
-* ``route_fwd_kernel``: one pass over x. Per block of BLOCK_T tokens the K loop computes
+* ``route_fwd_kernel``: one pass over x. Per block of BLOCK_T tokens (and per RP-wide block
+  of h columns: one block up to E_L·r = 128, more above, each recomputing the small routing
+  part so the h accumulator stays in registers) the K loop computes
   ``[h | z] = x [A_all; R]ᵀ`` (h from x_lora when given, loaded in the same loop) and, for
   each of the C clusters, the squared distance and the max / sum / sum of squares of
   ``|x - c| * inv_std``. The epilogue picks j*, forms d, adds yielding to the identity
@@ -75,11 +77,13 @@ def route_fwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    pid_h = tl.program_id(1)  # which RP-wide block of h columns this program owns
     ACC = h_ptr.dtype.element_ty  # fp32 (fp64 for fp64 x)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = rows < T
+    wmask = rows < tl.where(pid_h == 0, T, 0)  # routing outputs: written by column block 0
     rows64 = rows.to(tl.int64)
-    hcol = tl.arange(0, RP)
+    hcol = pid_h * RP + tl.arange(0, RP)
     ecol = tl.arange(0, EP)
     ccol = tl.arange(0, CP)
     kk = tl.arange(0, BLOCK_K)
@@ -141,12 +145,12 @@ def route_fwd_kernel(
         if YIELD:
             ident = (ecol[None, :] >= E_L) & (ecol[None, :] < E)
             z = tl.where(ident, z + lam * d[:, None], z)
-        tl.store(dist_ptr + rows64, d.to(dist_ptr.dtype.element_ty), mask=tmask)
-        tl.store(assign_ptr + rows64, jstar.to(tl.int64), mask=tmask)
+        tl.store(dist_ptr + rows64, d.to(dist_ptr.dtype.element_ty), mask=wmask)
+        tl.store(assign_ptr + rows64, jstar.to(tl.int64), mask=wmask)
     else:
         tl.store(dist_ptr + rows64, tl.zeros((BLOCK_T,), dtype=dist_ptr.dtype.element_ty),
-                 mask=tmask)
-        tl.store(assign_ptr + rows64, tl.full((BLOCK_T,), -1, dtype=tl.int64), mask=tmask)
+                 mask=wmask)
+        tl.store(assign_ptr + rows64, tl.full((BLOCK_T,), -1, dtype=tl.int64), mask=wmask)
 
     # ---- top-k by rank count: rank_i = #{j: z_j > z_i} + #{j < i: z_j == z_i} --------
     rank = tl.zeros((BLOCK_T, EP), dtype=tl.int32)
@@ -160,12 +164,12 @@ def route_fwd_kernel(
     p = tl.where(keep, tl.exp(zk - m[:, None]), 0.0)
     g = p / tl.sum(p, axis=1)[:, None]
 
-    gmask = tmask[:, None] & (ecol[None, :] < E)
+    gmask = wmask[:, None] & (ecol[None, :] < E)
     tl.store(gates_ptr + rows64[:, None] * E + ecol[None, :],
              g.to(gates_ptr.dtype.element_ty), mask=gmask)
     tl.store(idx_ptr + rows64[:, None] * TOPK + rank,
              tl.zeros((BLOCK_T, EP), dtype=tl.int64) + ecol[None, :],
-             mask=tmask[:, None] & keep)
+             mask=wmask[:, None] & keep)
 
     # ---- h and hg = s * g ⊙ h (each r-chunk by its gate) ------------------------------
     hmask = tmask[:, None] & (hcol[None, :] < ER)
