@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the SLIM kernels for real GPUs, without a GPU.
 
 ``kernel_specs()`` lists every kernel at each block configuration the launchers use on a GPU
-(``backend.route_config`` and ``backend.LINEAR_CONFIGS_GPU``), with the argument
+(``backend.route_config`` and ``backend.linear_configs``), with the argument
 specialisation Triton's JIT would apply at the benchmark shape (16-byte-aligned pointers,
 integers divisible by 16 marked so, unit strides as the constant 1). ``compile_spec`` runs
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and ``resources``
@@ -22,7 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import kernels as K
-from .backend import LINEAR_CONFIGS_GPU, _pad16, route_config
+from .backend import _pad16, linear_configs, route_config
 
 # the benchmark shape of the issue: T=8192, K=N=4096, E_L=8, r=16, E_I=2, top_k=2, C=4
 BENCH = dict(T=8192, K=4096, N=4096, E_L=8, r=16, E_I=2, top_k=2, C=4)
@@ -121,7 +121,7 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
         ER = E_L * r if er is None else er
         R = ER // E_L if er is None else er // E_L
         RP, EP = _pad16(ER), _pad16(E)
-        bt, bk, w, st, hb = route_config(RP, interpret=False)
+        bt, bk, w, st, hb = route_config(RP, interpret=False, fp32=not half)
         specs.append(Spec(
             "route_fwd_kernel", f"ER={ER},C={C},BT={bt},BK={bk},HB={hb}", K.route_fwd_kernel,
             dict(x_ptr=P, xl_ptr=P, a_ptr=P, r_ptr=P, c_ptr="*fp32", s_ptr="*fp32",
@@ -132,7 +132,7 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
                  CP=max(1, 1 << (C - 1).bit_length()) if C else 1, HAS_XL=False, REDUCE=2,
                  YIELD=bool(C and E_I), UPCAST=False, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk),
             w, st))
-        bt, bk, w, st, _ = route_config(RP, interpret=False, backward=True)
+        bt, bk, w, st, _ = route_config(RP, interpret=False, backward=True, fp32=not half)
         specs.append(Spec(
             "route_bwd_kernel", f"ER={ER},BT={bt},BK={bk}", K.route_bwd_kernel,
             dict(dy_ptr=P, b_ptr=P, h_ptr="*fp32", gates_ptr="*fp32", dgates_ptr="*fp32",
@@ -142,7 +142,7 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
                  BLOCK_T=bt, BLOCK_K=bk),
             w, st))
     ER = E_L * r
-    for bm, bn, bk, gm, w, st in LINEAR_CONFIGS_GPU:
+    for bm, bn, bk, gm, w, st in linear_configs(not half):
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
         base = dict(a1_ptr=P, b1_ptr=P, a2_ptr=P, b2_ptr=P, a3_ptr=P, b3_ptr=P,
                     bias_ptr=P, out_ptr=P)

@@ -81,7 +81,8 @@ def _pad16(n: int) -> int:
     return max(16, _next_pow2(n))
 
 
-def route_config(rp: int, interpret: bool = _INTERPRET, backward: bool = False):
+def route_config(rp: int, interpret: bool = _INTERPRET, backward: bool = False,
+                 fp32: bool = False):
     """(BLOCK_T, BLOCK_K, num_warps, num_stages, H_BLOCK) of the route kernels for padded
     E_L·r = rp. H_BLOCK is the width of h columns one program accumulates.
 
@@ -89,11 +90,14 @@ def route_config(rp: int, interpret: bool = _INTERPRET, backward: bool = False):
     blocks of 128 (each block recomputes the E + C routing columns); at rp = 1024 a single
     16 × 1024 accumulator spilled ~15 KB (ptxas). Backward needs every column of a token for
     dg, so it keeps rp whole and shrinks BLOCK_T instead. With 4 warps at rp = 128 ptxas
-    spilled (route_fwd on sm_90, route_bwd everywhere): 8 warps."""
+    spilled (route_fwd on sm_90, route_bwd everywhere): 8 warps. fp32 inputs use ieee (FMA)
+    dots, whose operands live in registers: half the tile (fp32 at 64 × 64 spilled 20 KB)."""
     if interpret:
         return 32, 32, 4, 1, min(rp, 64)
     if not backward:
-        return 64, 64, 8, 3, min(rp, 128)
+        return (32, 32, 8, 2, min(rp, 64)) if fp32 else (64, 64, 8, 3, min(rp, 128))
+    if fp32:
+        return (32, 32, 8, 2, rp) if rp <= 128 else (16, 16, 8, 2, rp)
     if rp <= 128:
         return 64, 64, 8, 3, rp
     if rp <= 256:
@@ -104,29 +108,36 @@ def route_config(rp: int, interpret: bool = _INTERPRET, backward: bool = False):
 
 
 # fused linear: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
-LINEAR_CONFIGS_GPU = [
+LINEAR_CONFIGS_GPU = [  # bf16 / fp16: tensor-core dots (wgmma on sm_90, mma on sm_80)
     (128, 256, 64, 8, 8, 3),
     (128, 128, 32, 8, 4, 4),
     (64, 128, 64, 8, 4, 4),
 ]
+LINEAR_CONFIGS_GPU_FP32 = [  # fp32: ieee FMA dots (torch's fp32 matmul default is ieee too)
+    (64, 64, 32, 8, 4, 3),
+    (128, 64, 16, 8, 8, 3),
+]
 LINEAR_CONFIG_INTERPRET = (32, 32, 32, 8, 4, 1)
 
-_linear_autotuned = None
+_linear_autotuned = {}
 
 
-def _linear_kernel():
-    """The autotuned fused-linear kernel on GPU (built lazily, once)."""
-    global _linear_autotuned
-    if _linear_autotuned is None:
+def linear_configs(fp32: bool):
+    return LINEAR_CONFIGS_GPU_FP32 if fp32 else LINEAR_CONFIGS_GPU
+
+
+def _linear_kernel(fp32: bool):
+    """The autotuned fused-linear kernel on GPU, one autotuner per config family."""
+    if fp32 not in _linear_autotuned:
         configs = [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
                           num_warps=w, num_stages=s)
-            for bm, bn, bk, gm, w, s in LINEAR_CONFIGS_GPU
+            for bm, bn, bk, gm, w, s in linear_configs(fp32)
         ]
-        _linear_autotuned = triton.autotune(
+        _linear_autotuned[fp32] = triton.autotune(
             configs=configs, key=["M", "N", "K1", "K2", "K3", "HAS_2", "HAS_3"]
         )(_k.fused_linear_kernel)
-    return _linear_autotuned
+    return _linear_autotuned[fp32]
 
 
 def _flags(dt: torch.dtype) -> Tuple[bool, str]:
@@ -182,7 +193,7 @@ def fused_linear(segments, out: Tensor, bias: Optional[Tensor] = None) -> Tensor
                                      GROUP_M=gm, num_warps=w, num_stages=s)
     else:
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-        _linear_kernel()[grid](*args, **flags)
+        _linear_kernel(out.dtype == torch.float32)[grid](*args, **flags)
     return out
 
 
@@ -215,7 +226,7 @@ def route_forward(x, x_lora, lora_A, router, centers, inv_std, num_lora_experts,
         centers = inv_std = x  # dummies, never read
     RP, EP = _pad16(ER), _pad16(E)
     CP = _next_pow2(max(C, 1))
-    bt, bk, w, s, hb = route_config(RP)
+    bt, bk, w, s, hb = route_config(RP, fp32=x.dtype == torch.float32)
     upcast, prec = _flags(x.dtype)
     xl = x if x_lora is None else x_lora
     grid = (triton.cdiv(T, bt), RP // hb)
@@ -302,7 +313,7 @@ def backward(
     dhz = torch.empty((T, ER + E), dtype=dt, device=dev)
     hg = torch.empty((T, ER), dtype=dt, device=dev)
     RP, EP = _pad16(ER), _pad16(E)
-    bt, bk, w, s, _ = route_config(RP, backward=True)
+    bt, bk, w, s, _ = route_config(RP, backward=True, fp32=dt == torch.float32)
     upcast, prec = _flags(dt)
     _k.route_bwd_kernel[(triton.cdiv(T, bt),)](
         dy, lora_B, h, gates, dgates if dgates is not None else gates,
