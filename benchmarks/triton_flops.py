@@ -30,8 +30,9 @@ def table(T, K, N, E_L, r, E_I, C, top_k=2, bx=2):
     base_b = (T * K + N * K + N) * bx, T * N * bx
     add("base_gemm (F.linear)", "fwd", base_f, base_f, *base_b, "x Wᵀ + b")
     add("base_gemm dx", "bwd", base_f, base_f, (T * N + N * K) * bx, T * K * bx, "dy W")
-    # route forward: [h | z] = x [A; R]ᵀ + C clusters (~8 flops / element / cluster)
-    cl = 8 * C * T * K
+    # route forward: [h | z] = x [A; R]ᵀ + C clusters; per element and cluster (reduce rms):
+    # diff, square, sum, scale by inv_std², sum = 5 CUDA-core ops (max/mean: 6)
+    cl = 5 * C * T * K
     add("route_fwd", "fwd", 2 * T * K * (ER + E) + cl, 2 * T * K * (p2(ER) + p2(E)) + cl,
         (T * K + (ER + E) * K) * bx + 2 * C * K * f4,
         T * ER * (f4 + bx) + T * E * f4 + T * top_k * i8 + T * (f4 + i8),

@@ -117,16 +117,24 @@ def route_fwd_kernel(
         acc_z = tl.dot(x, tl.trans(rt), acc_z, input_precision=DOT_PREC, out_dtype=ACC)
         if C > 0:
             xf = x.to(ACC)
+            # CUDA-core work per element and cluster, so only what the reduce needs:
+            # masked K columns load x = c = 0 (diff 0); masked token rows are never stored
             for c in tl.static_range(C):
                 cen = tl.load(c_ptr + c * stride_c + ks, mask=kmask, other=0.0).to(ACC)
                 isd = tl.load(s_ptr + c * stride_s + ks, mask=kmask, other=0.0).to(ACC)
-                diff = tl.where(xm, xf - cen[None, :], 0.0)
-                u = tl.abs(diff) * isd[None, :]
+                diff = xf - cen[None, :]
+                d2 = diff * diff
                 sel = ccol[None, :] == c
-                c_sq = tl.where(sel, c_sq + tl.sum(diff * diff, axis=1)[:, None], c_sq)
-                c_mx = tl.where(sel, tl.maximum(c_mx, tl.max(u, axis=1)[:, None]), c_mx)
-                c_sm = tl.where(sel, c_sm + tl.sum(u, axis=1)[:, None], c_sm)
-                c_ss = tl.where(sel, c_ss + tl.sum(u * u, axis=1)[:, None], c_ss)
+                c_sq = tl.where(sel, c_sq + tl.sum(d2, axis=1)[:, None], c_sq)
+                if REDUCE == 0:
+                    u = tl.abs(diff) * isd[None, :]
+                    c_mx = tl.where(sel, tl.maximum(c_mx, tl.max(u, axis=1)[:, None]), c_mx)
+                elif REDUCE == 1:
+                    u = tl.abs(diff) * isd[None, :]
+                    c_sm = tl.where(sel, c_sm + tl.sum(u, axis=1)[:, None], c_sm)
+                else:
+                    c_ss = tl.where(sel, c_ss + tl.sum(d2 * (isd * isd)[None, :], axis=1)[:, None],
+                                    c_ss)
 
     # ---- epilogue: cluster choice, distance, yielding -------------------------------
     z = acc_z
