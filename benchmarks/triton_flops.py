@@ -9,7 +9,6 @@ true (unpadded) sizes; "padded" adds the dot work the route kernels spend on pad
 import argparse
 import csv
 import sys
-from pathlib import Path
 
 
 def p2(n):

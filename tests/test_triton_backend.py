@@ -16,13 +16,13 @@ import torch
 
 import slim_kernels
 from slim_kernels.reference import slim_reference
-from slim_kernels.ops import torch_backend
 
 tb = pytest.importorskip("slim_kernels.triton_kernels.backend")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU needs TRITON_INTERPRET=1")),
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET,
+                                                  reason="CPU needs TRITON_INTERPRET=1")),
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
 ]
 EPS = 1e-5
