@@ -6,8 +6,8 @@ Three kernels:
   of h columns: one block up to E_L·r = 128, more above, each recomputing the small routing
   part so the h accumulator stays in registers) the K loop computes
   ``[h | z] = x [A_all; R]ᵀ`` (h from x_lora when given, loaded in the same loop) and, for
-  each of the C clusters, the squared distance and the max / sum / sum of squares of
-  ``|x - c| * inv_std``. The epilogue picks j*, forms d, adds yielding to the identity
+  each of the C clusters, the squared distance and the one reduce of ``|x - c| * inv_std``
+  the call asks for (max, sum, or sum of squares). The epilogue picks j*, forms d, adds yielding to the identity
   logits, does top-k (rank-count, ties to the lower index), the softmax over the kept
   experts, and writes gates, topk_idx, distance, assign, h (fp32) and
   ``hg = s * g ⊙ h`` (x dtype) for the fused linear kernel.
@@ -20,7 +20,8 @@ Three kernels:
 
 UPCAST (constexpr) is set when the interpreter runs bf16/fp16: the interpreter's half
 arithmetic is wrong, so tiles are converted to fp32 right after tl.load. On a GPU the dot
-inputs stay native. DOT_PREC is "ieee" for fp32/fp64 inputs (no tf32 rounding).
+inputs stay native. DOT_PREC is "ieee" for fp32/fp64 inputs (no tf32 rounding). The
+interpreter also truncates fp32 -> bf16 on stores; ``_cast`` rounds to nearest even first.
 """
 import triton
 import triton.language as tl
