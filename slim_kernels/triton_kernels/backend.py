@@ -112,6 +112,7 @@ LINEAR_CONFIGS_GPU = [  # bf16 / fp16: tensor-core dots (wgmma on sm_90, mma on 
     (128, 256, 64, 8, 8, 3),
     (128, 128, 32, 8, 4, 4),
     (64, 128, 64, 8, 4, 4),
+    (64, 64, 64, 8, 4, 4),  # the skinny weight-gradient GEMMs (N = E_L·r): more programs
 ]
 LINEAR_CONFIGS_GPU_FP32 = [  # fp32: ieee FMA dots (torch's fp32 matmul default is ieee too)
     (64, 64, 32, 8, 4, 3),
