@@ -85,18 +85,20 @@ def test_summary_and_freeze(capsys):
 
 def _snapshot(model):
     return ([(n, type(m)) for n, m in model.named_modules()],
-            {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()})
+            {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()},
+            (getattr(model, "_slim_state", None), len(model._forward_hooks),
+             len(model._forward_pre_hooks)))
 
 
 def assert_unchanged(model, snap):
-    mods, params = _snapshot(model)
+    mods, params, _ = _snapshot(model)
     assert mods == snap[0]
     assert params.keys() == snap[1].keys()
     for n, (rg, t) in params.items():
         assert rg == snap[1][n][0], n
         assert torch.equal(t, snap[1][n][1]), n
-    assert getattr(model, "_slim_state", None) is None
-    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert (getattr(model, "_slim_state", None), len(model._forward_hooks),
+            len(model._forward_pre_hooks)) == snap[2]
 
 
 def test_errors_leave_model_unchanged():
