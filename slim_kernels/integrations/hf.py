@@ -263,7 +263,7 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     cm.__enter__()
     st.mask_cms.append(cm)
     for _, layer in slim_modules(module):
-        layer._last_aux = None  # aux_loss(model) then reflects this forward only
+        layer.reset_aux_loss()  # aux_loss(model) then reflects this forward only
     return None
 
 
@@ -295,7 +295,7 @@ def _label_count(module: nn.Module, kwargs: dict) -> Optional[Tensor]:
 
 def _weighted_aux(module: nn.Module, kwargs: dict) -> Optional[Tensor]:
     layers = [m for _, m in slim_modules(module)]
-    if not any(m._last_aux is not None for m in layers):
+    if not any(m.has_aux_loss() for m in layers):
         return None
     aux = aux_loss(module)
     n_all = kwargs.get("num_items_in_batch")
@@ -306,7 +306,8 @@ def _weighted_aux(module: nn.Module, kwargs: dict) -> Optional[Tensor]:
                 n_all = n_all.to(aux.device).float().reshape(-1)[0]
             aux = aux * (n_here.to(aux.device).float() / n_all)
     st: _SlimState = module._slim_state
-    if not st.warned_no_grad and torch.is_grad_enabled() and not aux.requires_grad:
+    if not st.warned_no_grad and torch.is_grad_enabled() and any(
+            m._last_balance is not None and not m._last_balance.requires_grad for m in layers):
         st.warned_no_grad = True
         warnings.warn(
             "slim_kernels: the SLIM aux loss has no gradient in this forward (with reentrant "
@@ -429,7 +430,7 @@ class SlimAuxLossMixin:
         if st is not None and (not st.add_aux_to_loss or st.disabled):
             return res
         layers = [m for _, m in slim_modules(inner)]
-        if any(m._last_aux is not None for m in layers):
+        if any(m.has_aux_loss() for m in layers):
             aux = aux_loss(inner)
             # Trainer divides the loss by the accumulation steps itself unless the loss was
             # normalised by num_items_in_batch (or by compute_loss_func); then the aux must be
