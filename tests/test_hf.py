@@ -12,6 +12,16 @@ from hf_models import FAMILIES, V, batch, tiny_model
 
 pytest.importorskip("transformers")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    from hf_models import one_thread
+
+    n = one_thread()
+    yield
+    torch.set_num_threads(n)
+
+
 CFG = dict(num_lora_experts=2, num_identity_experts=2, rank=4, backend="torch")
 
 
@@ -137,8 +147,6 @@ def test_aux_loss_added_to_outputs_loss_in_training_only():
     out = model(input_ids=ids, attention_mask=am, labels=labels)
     aux = sk.aux_loss(model)
     assert aux.item() > 0
-    with sk.disable_slim(model):  # (no experts: the task loss of the base model)
-        pass
     # task loss recomputed from the logits
     task = nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, task + aux, rtol=1e-6, atol=1e-6)

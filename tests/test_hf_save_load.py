@@ -13,6 +13,15 @@ from test_hf import CFG, _snapshot, assert_unchanged, randomise_B, slim
 pytest.importorskip("safetensors")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    from hf_models import one_thread
+
+    n = one_thread()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A trained-ish SLIM Llama (random B, clusters moved) saved to a folder."""

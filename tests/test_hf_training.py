@@ -1,7 +1,6 @@
 """SLIM models in training code: HF Trainer (loss goes down; gradient accumulation counts
 the aux loss once), gradient checkpointing (both modes), torch.compile, TRL's SFTTrainer."""
 import os
-import tempfile
 import warnings
 
 import pytest
@@ -12,6 +11,15 @@ from hf_models import V, batch, tiny_model
 from test_hf import randomise_B, slim
 
 transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    from hf_models import one_thread
+
+    n = one_thread()
+    yield
+    torch.set_num_threads(n)
 
 
 def synthetic_dataset(n=32, S=12, seed=0):
