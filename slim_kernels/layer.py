@@ -133,6 +133,17 @@ class SlimLinear(nn.Module):
             self.cluster_vars.fill_(1.0)
             self.cluster_initialized.fill_(False)
 
+    def _apply(self, fn, recurse=True):
+        # Cluster statistics stay fp32 (the op requires it): a dtype cast of the model
+        # (model.to(torch.bfloat16), .half()) moves them to the new device but keeps fp32.
+        keep = {n: self._buffers.get(n) for n in ("cluster_centers", "cluster_vars")}
+        super()._apply(fn, recurse)
+        for n, old in keep.items():
+            new = self._buffers.get(n)
+            if old is not None and new is not None and new.dtype != torch.float32:
+                self._buffers[n] = old.to(device=new.device, dtype=torch.float32)
+        return self
+
     def _forget_cached_flag(self, *args, **kwargs) -> None:
         self._init_cached = None
         self._snapshot = None
