@@ -83,8 +83,9 @@ class SlimSummary:
 class _SlimState:
     """Per-model state of the integration (kept as ``model._slim_state``)."""
 
-    def __init__(self, add_aux_to_loss: bool) -> None:
+    def __init__(self, add_aux_to_loss: bool, layers: List[SlimLinear]) -> None:
         self.add_aux_to_loss = add_aux_to_loss
+        self.layers = layers
         self.handles: list = []
         self.mask_cms: list = []
         self.disabled = 0
@@ -181,7 +182,7 @@ def _swap_in(model: nn.Module, config: SlimConfig, names: Sequence[str],
         slim_params = {id(p) for _, m in layers for p in (m.lora_A, m.lora_B, m.router)}
         for p in model.parameters():
             p.requires_grad_(id(p) in slim_params)
-        _install_hooks(model, add_aux_to_loss)
+        _install_hooks(model, add_aux_to_loss, [m for _, m in layers])
         if then is not None:
             then(layers)
         return layers
@@ -262,7 +263,7 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     cm = token_mask(_find_attention_mask(module, args, kwargs))
     cm.__enter__()
     st.mask_cms.append(cm)
-    for _, layer in slim_modules(module):
+    for layer in st.layers:
         layer.reset_aux_loss()  # aux_loss(model) then reflects this forward only
     return None
 
@@ -294,7 +295,7 @@ def _label_count(module: nn.Module, kwargs: dict) -> Optional[Tensor]:
 
 
 def _weighted_aux(module: nn.Module, kwargs: dict) -> Optional[Tensor]:
-    layers = [m for _, m in slim_modules(module)]
+    layers = module._slim_state.layers
     if not any(m.has_aux_loss() for m in layers):
         return None
     aux = aux_loss(module)
@@ -348,8 +349,8 @@ def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output):
             st.mask_cms.pop().__exit__(None, None, None)
 
 
-def _install_hooks(model: nn.Module, add_aux_to_loss: bool) -> None:
-    st = _SlimState(add_aux_to_loss)
+def _install_hooks(model: nn.Module, add_aux_to_loss: bool, layers: List[SlimLinear]) -> None:
+    st = _SlimState(add_aux_to_loss, layers)
     model._slim_state = st
     st.handles.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
     st.handles.append(model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True))
