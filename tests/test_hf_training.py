@@ -212,3 +212,22 @@ def test_trl_sft_trainer_with_slim_aux(tmp_path):
     logs = [h for h in tr.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(h["slim_aux_loss"] > 0 for h in logs)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+
+
+def test_with_slim_aux_on_plain_trainer_counts_aux_once(tmp_path):
+    """The mixin suppresses the hook and adds the aux loss itself: same gradients as the plain
+    Trainer (hook path), with gradient accumulation, never doubled."""
+    ds, _ = synthetic_dataset(n=8)
+    grads = []
+    for cls in (transformers.Trainer, sk.with_slim_aux(transformers.Trainer)):
+        model = slim(tiny_model("llama"), l1_coef=0.5, num_clusters=0)
+        randomise_B(model)
+        grab = _GradGrab(model)
+        tr = cls(model=model, args=trainer_args(
+            str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+            max_steps=1, max_grad_norm=0.0, learning_rate=0.0), train_dataset=ds, callbacks=[grab])
+        tr.train()
+        grads.append(grab.grads)
+    assert any(h.get("slim_aux_loss", 0) > 0 for h in tr.state.log_history)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
