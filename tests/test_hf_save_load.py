@@ -163,3 +163,13 @@ def test_failure_during_load_rolls_back(saved, monkeypatch):
 def test_save_without_slim_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no SlimLinear"):
         sk.save_slim(tiny_model("llama"), str(tmp_path / "x"))
+
+
+def test_save_from_compiled_wrapper_uses_plain_names(saved, tmp_path):
+    path, model, logits = saved
+    wrapped = torch.compile(model, backend="eager")  # an OptimizedModule: names gain "_orig_mod."
+    sk.save_slim(wrapped, str(tmp_path / "a"))
+    fresh = sk.load_slim(tiny_model("llama", seed=0), str(tmp_path / "a")).eval()
+    ids, am, _ = batch()
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids, attention_mask=am).logits, logits)

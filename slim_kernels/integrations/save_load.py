@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..config import SlimConfig
 from ..layer import slim_modules
-from .hf import _summary, _swap_in, plan_slim
+from .hf import _summary, _swap_in, _unwrap, plan_slim
 
 __all__ = ["save_slim", "load_slim", "SlimLoadError", "ADAPTER_FILE", "CONFIG_FILE", "FORMAT_VERSION"]
 
@@ -57,6 +57,7 @@ def save_slim(model: nn.Module, path: PathLike) -> None:
 
     from .. import __version__
 
+    model = _unwrap(model)  # names as in the plain model, not torch.compile's / DDP's wrapper
     layers = list(slim_modules(model))
     if not layers:
         raise ValueError(f"save_slim: {type(model).__name__} has no SlimLinear layers "
@@ -215,6 +216,7 @@ def load_slim(model: nn.Module, path: PathLike, verbose: bool = False, *,
     model's dtype if it differs from the saved one; then results are exact only up to that
     cast). Errors (:class:`SlimLoadError`, ``FileNotFoundError``) name the module and tensor;
     they are raised before anything changes, so the model is then left as it was."""
+    outer, model = model, _unwrap(model)
     meta, config, tensors = _read(path)
     modules = _validate(model, meta, config, tensors, path)
 
@@ -232,4 +234,4 @@ def load_slim(model: nn.Module, path: PathLike, verbose: bool = False, *,
     model.slim_summary = _summary(model, modules, config)
     if verbose:
         print(model.slim_summary)
-    return model
+    return outer
