@@ -208,7 +208,10 @@ def test_trl_sft_trainer_with_slim_aux(tmp_path):
                          save_strategy="no", max_length=16, disable_tqdm=True)
     tr = SlimSFT(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                  processing_class=tiny_tokenizer())
-    tr.train()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        tr.train()
+    assert not any("fused LM head" in str(x.message) for x in w)
     logs = [h for h in tr.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(h["slim_aux_loss"] > 0 for h in logs)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
@@ -231,3 +234,18 @@ def test_with_slim_aux_on_plain_trainer_counts_aux_once(tmp_path):
     assert any(h.get("slim_aux_loss", 0) > 0 for h in tr.state.log_history)
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_trl_sft_trainer_without_mixin_warns(tmp_path):
+    """SFTTrainer's fused LM head never reads outputs.loss: not silent, a warning says what to do."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    _, rows = synthetic_dataset(n=8)
+    model = slim(tiny_model("llama"), l1_coef=0.01)
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8,
+                         report_to=[], use_cpu=True, save_strategy="no", max_length=16,
+                         disable_tqdm=True)
+    tr = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                        processing_class=tiny_tokenizer())
+    with pytest.warns(RuntimeWarning, match="with_slim_aux"):
+        tr.train()

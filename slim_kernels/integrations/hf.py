@@ -90,6 +90,7 @@ class _SlimState:
         self.mask_cms: list = []
         self.disabled = 0
         self.warned_no_grad = False
+        self.warned_fused = False
 
 
 # -- planning (no mutation) ---------------------------------------------------------------
@@ -326,6 +327,16 @@ def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output):
             return None
         if not module.training:
             return None
+        if kwargs.get("fused_lm_head") and not st.warned_fused and any(
+                m.has_aux_loss() for m in st.layers):
+            # TRL's fused LM head: SFTTrainer computes its loss from outputs.log_probs and never
+            # reads outputs.loss, so the aux loss added below would be lost.
+            st.warned_fused = True
+            warnings.warn(
+                "slim_kernels: this forward uses TRL's fused LM head, whose trainer ignores "
+                "outputs.loss, so the SLIM aux loss does not reach training. Use "
+                "slim_kernels.with_slim_aux(SFTTrainer) (or add slim_kernels.aux_loss(model) to "
+                "the loss yourself).", RuntimeWarning, stacklevel=2)
         if isinstance(output, dict) or hasattr(output, "keys"):
             loss = output.get("loss") if hasattr(output, "get") else None
             if loss is None:
