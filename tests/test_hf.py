@@ -251,3 +251,15 @@ def test_routing_stats_whole_model():
         assert 0.0 <= v["identity_mass"] <= 1.0 and 0.0 <= v["identity_top1_share"] <= 1.0
         assert math.isfinite(v["mean_distance"])
     assert all(v["tokens"] == 0 for v in sk.routing_stats(model).values())
+
+
+def test_deepcopy_keeps_working_hooks():
+    model = slim(tiny_model("llama"), l1_coef=0.1)
+    twin = copy.deepcopy(model)
+    layers = [m for _, m in sk.slim_modules(twin)]
+    assert twin._slim_state is not model._slim_state
+    assert all(a is b for a, b in zip(twin._slim_state.layers, layers))
+    ids, am, labels = batch()
+    a = model.train()(input_ids=ids, attention_mask=am, labels=labels).loss
+    b = twin.train()(input_ids=ids, attention_mask=am, labels=labels).loss
+    assert torch.equal(a, b)
