@@ -249,3 +249,19 @@ def test_trl_sft_trainer_without_mixin_warns(tmp_path):
                         processing_class=tiny_tokenizer())
     with pytest.warns(RuntimeWarning, match="with_slim_aux"):
         tr.train()
+
+
+def test_trainer_checkpoint_and_resume(tmp_path):
+    """Trainer's own checkpoints hold the SLIM tensors (state dict); resuming on a fresh
+    apply_slim model reaches the same parameters and clusters as the uninterrupted run."""
+    ds, _ = synthetic_dataset()
+    m = slim(tiny_model("llama"), l1_coef=1e-3)
+    transformers.Trainer(model=m, args=trainer_args(str(tmp_path), max_steps=4, save_strategy="steps",
+                                                    save_steps=2), train_dataset=ds).train()
+    m2 = slim(tiny_model("llama"), l1_coef=1e-3)
+    transformers.Trainer(model=m2, args=trainer_args(str(tmp_path), max_steps=4), train_dataset=ds).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    for (n, a), (_, b) in zip(m.named_parameters(), m2.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    for (n, a), (_, b) in zip(m.named_buffers(), m2.named_buffers()):
+        assert torch.equal(a, b), n
