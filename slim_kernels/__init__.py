@@ -9,7 +9,9 @@ Public API:
     slim_reference(...)               the pure-PyTorch truth
     available_backends()              backends that can run here
     apply_slim(model, config)         swap a (Hugging Face) model's projections for SlimLinear
+    plan_slim(model, config)          the module names apply_slim would swap (changes nothing)
     save_slim / load_slim             adapters + router + cluster buffers, safetensors
+                                      (errors: SlimLoadError, model left unchanged)
     disable_slim(model)               context: run the base model exactly
     SlimAuxLossMixin, with_slim_aux   for trainers that compute their own loss (TRL SFTTrainer)
 """
