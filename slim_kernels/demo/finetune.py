@@ -119,3 +119,88 @@ def finetune(model, train_batches_fn: Callable[[], Dict[str, torch.Tensor]], ste
             model.train()
     res.seconds = time.time() - t0
     return res
+
+
+# ---------------------------------------------------------------------------------------------
+# sanity check of the forgetting setup: python -m slim_kernels.demo.finetune --method full|lora
+
+
+def _apply_method(model, method: str, lora_rank: int = 8):
+    if method == "full":
+        return model, set_full_finetune(model)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                         "gate_proj", "up_proj", "down_proj"])
+        model = get_peft_model(model, cfg)
+        return model, count_trainable(model)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def forgetting_check(method: str = "full", steps: int = 300, lr: float = 1e-3,
+                     batch_size: int = 32, seed: int = 0, eval_every: int = 50,
+                     eval_n: int = 256, lora_rank: int = 8, threads: int = 1,
+                     progress: bool = True, base_path=None) -> Dict:
+    """Fine-tune the shipped base on the new task only; held-out accuracy before, during, after."""
+    from .evaluate import evaluate_tasks, heldout_set
+    from .model import load_base_model
+    from .tasks import ALL_TASKS
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    data = heldout_set(ALL_TASKS, n=eval_n)
+    model = load_base_model(base_path)
+    model, n_train = _apply_method(model, method, lora_rank)
+    before = evaluate_tasks(model, ALL_TASKS, data=data)
+    res = finetune(model, new_task_batches(batch_size, seed=seed), steps, lr,
+                   eval_every=eval_every, progress=progress, desc=method,
+                   callback=lambda m, s: evaluate_tasks(m, ALL_TASKS, data=data))
+    after = {t: res.evals[-1][t] for t in ALL_TASKS}
+    gen_before = sum(before[t] for t in GENERAL_TASKS) / len(GENERAL_TASKS)
+    gen_after = sum(after[t] for t in GENERAL_TASKS) / len(GENERAL_TASKS)
+    return {"method": method, "trainable_params": n_train, "steps": steps, "lr": lr,
+            "batch_size": batch_size, "seed": seed, "before": before, "after": after,
+            "general_before": gen_before, "general_after": gen_after,
+            "retention": gen_after / gen_before if gen_before else float("nan"),
+            "evals": res.evals, "first_loss": res.losses[0], "last_loss": res.losses[-1],
+            "seconds": res.seconds}
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+
+    from .tasks import ALL_TASKS
+
+    ap = argparse.ArgumentParser(description="fine-tune the demo base on the new task only and "
+                                             "show what it forgets")
+    ap.add_argument("--method", choices=["full", "lora"], default="full")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="write the result here")
+    ap.add_argument("--base", default=None, help="base checkpoint dir (default: the shipped one)")
+    a = ap.parse_args(argv)
+    r = forgetting_check(a.method, a.steps, a.lr, a.batch_size, a.seed, a.eval_every,
+                         lora_rank=a.lora_rank, base_path=a.base)
+    cols = list(ALL_TASKS)
+    print(f"{a.method}: {r['trainable_params']} trainable params, {a.steps} steps, lr {a.lr}, "
+          f"{r['seconds']:.1f} s")
+    print("step  " + " ".join(f"{c:>8}" for c in cols) + "  general")
+    rows = [{"step": "before", **r["before"]}] + r["evals"]
+    for row in rows:
+        g = sum(row[t] for t in GENERAL_TASKS) / len(GENERAL_TASKS)
+        print(f"{str(row['step']):>6}" + " ".join(f"{row[c]:8.3f}" for c in cols) + f"  {g:7.3f}")
+    print(f"general-skill retention {r['retention']:.3f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

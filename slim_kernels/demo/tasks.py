@@ -11,7 +11,9 @@ General skills (the base model is pretrained on these, :data:`GENERAL_TASKS`):
 
 - ``copy``    a random lowercase word of 3-10 letters, answered unchanged.
 - ``reverse`` a random lowercase word of 3-10 letters, answered reversed.
-- ``add``     ``a+b`` with 0 <= a, b <= 99, answered with the decimal sum.
+- ``add``     ``a+b`` with 0 <= a, b <= 99, answered with the decimal sum written least
+  significant digit first (``57+68`` -> ``521``), so each answer digit needs only its digit
+  pair and the carry it just wrote (learnable by a tiny model in a few thousand steps).
 - ``sort``    3-10 random digits, answered in ascending order.
 - ``recall``  3-5 key/value pairs ``k1v1k2v2..`` (letter keys, digit values) and ``:k``,
   answered with the value of key ``k``.
@@ -132,7 +134,7 @@ def gen_reverse(rng: random.Random) -> Tuple[str, str]:
 
 def gen_add(rng: random.Random) -> Tuple[str, str]:
     a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return f"{a}+{b}", str(a + b)
+    return f"{a}+{b}", str(a + b)[::-1]
 
 
 def gen_sort(rng: random.Random) -> Tuple[str, str]:
