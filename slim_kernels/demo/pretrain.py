@@ -38,7 +38,7 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.05
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def pretrain(out_dir=BASE_MODEL_DIR, seed: int = 0, steps: int = 4000, batch_size: int = 64,
+def pretrain(out_dir=BASE_MODEL_DIR, seed: int = 0, steps: int = 3000, batch_size: int = 64,
              lr: float = 3e-3, warmup: int = 200, weight_decay: float = 0.01,
              eval_every: int = 500, eval_n: int = 512, threads: int = 1, progress: bool = True):
     """Train the base model and save it to ``out_dir``; returns the metrics dict."""
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--out", default=str(BASE_MODEL_DIR))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", type=int, default=500)
