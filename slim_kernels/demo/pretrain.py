@@ -6,7 +6,14 @@ Trains ``tiny_llama_config()`` from scratch on a weighted mixture (:data:`MIXTUR
 :data:`~slim_kernels.demo.tasks.GENERAL_TASKS` (train split only), AdamW with linear warmup
 and cosine decay, fp32 on CPU with 1 thread (by default), then writes config.json, model.safetensors and
 pretrain_metrics.json (held-out exact match per task, including the never-trained new task).
-Deterministic in ``--seed`` for a given torch build and thread count.
+Deterministic in ``--seed`` for a given torch build and thread count (two 20-step runs give
+bit-identical safetensors).
+
+Shipped checkpoint (seed 0, defaults; torch 2.13 CPU, 1 thread): 1,063,296 parameters, 4.1 MB;
+28.6 min wall on 2 cores shared with other jobs (10.8 min of CPU time); held-out exact match on
+512 examples per task: copy 1.000, reverse 1.000, add 1.000, sort 0.992, recall 0.375
+(a plateau: the model has not found the key lookup and answers with some value from the
+prompt), caesar 0.000.
 """
 from __future__ import annotations
 
