@@ -1,4 +1,4 @@
-"""``slim-kernels`` command line: info | example (demo and bench arrive with their issues)."""
+"""``slim-kernels`` command line: info | example | demo (the forgetting benchmark)."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +24,12 @@ def _cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.benchmark import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slim-kernels", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -32,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("example", help="train one SLIM layer for a few steps and show its routing")
     s.add_argument("--steps", type=int, default=30)
     s.set_defaults(func=_cmd_example)
+    s = sub.add_parser("demo", help="forgetting benchmark: fine-tune the embedded base on a new "
+                                    "task with LoRA, SLIM and ablations; table, plot, JSON")
+    from .demo.benchmark import add_arguments
+
+    add_arguments(s)
+    s.set_defaults(func=_cmd_demo)
     return p
 
 

@@ -1,0 +1,343 @@
+"""The forgetting benchmark behind ``slim-kernels demo``.
+
+Fine-tune the embedded base (``load_base_model()``) on the new task alone with several
+methods, every one with the same steps, learning rate, batches (same data stream) and seed,
+and measure on held-out examples (teacher-forced exact match, :mod:`.evaluate`):
+
+- the new task's accuracy before and after;
+- every general skill's accuracy before and after, and the **retention**: the mean over the
+  general skills of ``after / before``. ``recall`` is *excluded* from the retention (the base
+  is at chance on it, about 0.4, so its ratio measures noise, not forgetting); it is still
+  measured and shown per skill;
+- the same every ``eval_every`` steps (retention over training);
+- for SLIM methods, ``routing_stats`` per task and per layer after training: the share of the
+  routing mass on identity experts for general-skill tokens vs new-task tokens (the diagnostic
+  of weight yielding).
+
+Methods (:func:`method_specs`):
+
+- ``lora``: plain LoRA built with slim_kernels itself (``SlimConfig(num_lora_experts=1,
+  num_identity_experts=0, top_k=1, num_clusters=0)``), rank ``E_L * r`` of the SLIM
+  defaults (8 * 16 = 128), alpha = 2 * rank (same scaling 2.0 as SLIM), on the same seven
+  projections. Budget match: LoRA's A/B factors have exactly as many parameters as SLIM's
+  eight experts; SLIM additionally has its router (10 x in_features per projection, 3 % more
+  trainable parameters), which is not matched.
+- ``slim``: ``SlimConfig()`` defaults (8 LoRA + 2 identity experts, r 16, top-2, 4 clusters,
+  yield 1.0, merge_drop 0.0 = dynamic merging off, l1 0).
+- ablations: ``slim-no-identity`` (num_identity_experts=0, so no yielding either),
+  ``slim-no-yield`` (num_clusters=0), ``slim+merge`` (merge_drop=0.3: the defaults have
+  merging off, so the "with merging" arm is this variant; compare it with ``slim``).
+- ``full``: full fine-tuning of the same projections (optional, ``--methods``).
+
+Each method costs a few tens of CPU seconds at the default size; the default step count was
+chosen to fit the whole demo in 5 minutes of CPU time on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .evaluate import EVAL_SEED, exact_match, heldout_set
+from .finetune import count_trainable, finetune, new_task_batches, set_full_finetune
+from .tasks import ALL_TASKS, GENERAL_TASKS, NEW_TASK
+
+__all__ = ["RETENTION_TASKS", "method_specs", "retention", "run_benchmark", "format_table",
+           "write_plot", "main", "DEFAULT_METHODS"]
+
+# general skills that count in the retention: recall is excluded, the base is at chance on it
+RETENTION_TASKS = tuple(t for t in GENERAL_TASKS if t != "recall")
+
+DEFAULT_METHODS = ("lora", "slim", "slim-no-identity", "slim-no-yield", "slim+merge", "full")
+
+
+def method_specs(slim_overrides: Optional[Dict] = None) -> Dict[str, object]:
+    """name -> "full" or a SlimConfig. ``slim_overrides`` changes the SLIM arms (not LoRA's)."""
+    from slim_kernels import SlimConfig
+
+    base = SlimConfig(backend="torch" if not torch.cuda.is_available() else "auto")
+    slim = replace(base, **(slim_overrides or {}))
+    rank = base.num_lora_experts * base.rank
+    lora = replace(base, num_lora_experts=1, num_identity_experts=0, top_k=1, num_clusters=0,
+                   rank=rank, alpha=base.scaling * rank, merge_drop=0.0, l1_coef=0.0,
+                   balance_coef=0.0)
+    return {
+        "lora": lora,
+        "slim": slim,
+        "slim-no-identity": replace(slim, num_identity_experts=0,
+                                    top_k=min(slim.top_k, slim.num_lora_experts)),
+        "slim-no-yield": replace(slim, num_clusters=0),
+        "slim+merge": replace(slim, merge_drop=0.3),
+        "full": "full",
+    }
+
+
+def retention(before: Dict[str, float], after: Dict[str, float],
+              tasks: Sequence[str] = RETENTION_TASKS) -> float:
+    """Mean over ``tasks`` of after / before (tasks the base scores 0 on are skipped)."""
+    ratios = [after[t] / before[t] for t in tasks if before[t] > 0]
+    return sum(ratios) / len(ratios) if ratios else float("nan")
+
+
+def _eval_all(model, data, tasks=ALL_TASKS, routing: bool = False):
+    """Accuracy per task; with ``routing``, also SLIM routing stats per task and layer."""
+    from slim_kernels import routing_stats
+
+    acc, route = {}, {}
+    for t in tasks:
+        if routing:
+            routing_stats(model, reset=True)
+        acc[t] = exact_match(model, t, data[t])
+        if routing:
+            route[t] = routing_stats(model, reset=True)
+    return (acc, route) if routing else acc
+
+
+def _routing_summary(route: Dict[str, Dict[str, Dict[str, float]]]) -> Dict:
+    """Per layer: identity mass on the new task vs the mean over the retention skills."""
+    if not route:
+        return {}
+    layers = list(next(iter(route.values())).keys())
+    per_layer = {}
+    for name in layers:
+        new = route[NEW_TASK][name]["identity_mass"]
+        gen = [route[t][name]["identity_mass"] for t in RETENTION_TASKS]
+        gd = [route[t][name]["mean_distance"] for t in RETENTION_TASKS]
+        per_layer[name] = {"identity_mass_new": new, "identity_mass_general": sum(gen) / len(gen),
+                           "distance_new": route[NEW_TASK][name]["mean_distance"],
+                           "distance_general": sum(gd) / len(gd)}
+
+    def mean(key):
+        v = [d[key] for d in per_layer.values() if not math.isnan(d[key])]
+        return sum(v) / len(v) if v else float("nan")
+
+    n_more = sum(1 for d in per_layer.values()
+                 if d["identity_mass_general"] > d["identity_mass_new"])
+    return {"per_layer": per_layer,
+            "mean_identity_mass_new": mean("identity_mass_new"),
+            "mean_identity_mass_general": mean("identity_mass_general"),
+            "mean_distance_new": mean("distance_new"),
+            "mean_distance_general": mean("distance_general"),
+            "layers_general_more_identity": n_more, "layers": len(per_layer)}
+
+
+def _prepare(model, spec):
+    import slim_kernels as sk
+
+    if spec == "full":
+        n = set_full_finetune(model)
+        return model, n
+    sk.apply_slim(model, spec, verbose=False)
+    return model, count_trainable(model)
+
+
+def run_method(name: str, spec, load_model: Callable, data: Dict, *, steps: int, lr: float,
+               batch_size: int, seed: int, eval_every: int, progress: bool = True,
+               before: Optional[Dict[str, float]] = None, task: str = NEW_TASK) -> Dict:
+    """Fine-tune a fresh copy of the base with one method; accuracies before/during/after."""
+    t_wall, t_cpu = time.time(), time.process_time()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    model = load_model()
+    if before is None:
+        before = _eval_all(model, data)
+    model, n_train = _prepare(model, spec)
+    is_slim = spec != "full"
+
+    def cb(m, step):
+        acc = _eval_all(m, data)
+        return {**acc, "retention": retention(before, acc)}
+
+    res = finetune(model, new_task_batches(batch_size, seed=seed, task=task), steps, lr,
+                   eval_every=eval_every, callback=cb, progress=progress, desc=name)
+    after, route = _eval_all(model, data, routing=is_slim) if is_slim else (_eval_all(model, data), {})
+    out = {
+        "method": name,
+        "config": spec.to_dict() if is_slim else "full fine-tuning of the projections",
+        "trainable_params": n_train,
+        "before": before, "after": after,
+        "new_task_acc": after[task],
+        "retention": retention(before, after),
+        "curve": [{"step": 0, **before, "retention": 1.0}] + res.evals,
+        "first_loss": res.losses[0], "last_loss": res.losses[-1],
+        "routing": _routing_summary(route),
+        "routing_raw": route,
+        "wall_s": time.time() - t_wall, "cpu_s": time.process_time() - t_cpu,
+    }
+    return out
+
+
+def run_benchmark(methods: Sequence[str] = DEFAULT_METHODS, *, steps: int = 120,
+                  lr: float = 1e-3, batch_size: int = 32, seed: int = 0, eval_n: int = 64,
+                  eval_every: int = 20, threads: int = 1, progress: bool = True,
+                  base_path=None, slim_overrides: Optional[Dict] = None) -> Dict:
+    """All methods on the embedded base (or the checkpoint at ``base_path``)."""
+    from .model import load_base_model
+
+    torch.set_num_threads(threads)
+    t_wall, t_cpu = time.time(), time.process_time()
+    specs = method_specs(slim_overrides)
+    unknown = [m for m in methods if m not in specs]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {list(specs)}")
+    data = heldout_set(ALL_TASKS, n=eval_n, seed=EVAL_SEED)
+    base = load_base_model(base_path)
+    before = _eval_all(base, data)
+    results = []
+    for name in methods:
+        results.append(run_method(name, specs[name], lambda: load_base_model(base_path), data,
+                                  steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                                  eval_every=eval_every, progress=progress, before=before))
+    return {
+        "settings": {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
+                     "eval_n": eval_n, "eval_every": eval_every, "threads": threads,
+                     "new_task": NEW_TASK, "retention_tasks": list(RETENTION_TASKS),
+                     "slim_overrides": slim_overrides or {},
+                     "base": str(base_path) if base_path else "embedded"},
+        "base": before,
+        "methods": results,
+        "wall_s": time.time() - t_wall, "cpu_s": time.process_time() - t_cpu,
+    }
+
+
+def format_table(report: Dict) -> str:
+    """The printed table: one row per method (plus the base)."""
+    skills = list(GENERAL_TASKS)
+    new = report["settings"]["new_task"]
+    head = (f"{'method':<17}{'params':>9}{new:>8}{'retain':>8}" + "".join(f"{s:>8}" for s in skills)
+            + f"{'id/new':>8}{'id/gen':>8}{'cpu s':>7}{'wall s':>7}")
+    lines = [head, "-" * len(head)]
+    b = report["base"]
+    lines.append(f"{'base':<17}{'-':>9}{b[new]:8.3f}{1.0:8.3f}" + "".join(f"{b[s]:8.3f}" for s in skills))
+    for r in report["methods"]:
+        a = r["after"]
+        rt = r.get("routing") or {}
+        idn = rt.get("mean_identity_mass_new", float("nan"))
+        idg = rt.get("mean_identity_mass_general", float("nan"))
+        lines.append(f"{r['method']:<17}{r['trainable_params']:>9,}{a[new]:8.3f}{r['retention']:8.3f}"
+                     + "".join(f"{a[s]:8.3f}" for s in skills)
+                     + f"{idn:8.3f}{idg:8.3f}{r['cpu_s']:7.0f}{r['wall_s']:7.0f}")
+    s = report["settings"]
+    lines.append(f"retain = mean over {', '.join(s['retention_tasks'])} of after/before "
+                 f"(recall excluded: base at chance); id/new, id/gen = mean identity-expert "
+                 f"gate mass on {new} vs general-skill tokens (SLIM arms)")
+    lines.append(f"{s['steps']} steps, lr {s['lr']}, batch {s['batch_size']}, seed {s['seed']}, "
+                 f"{s['eval_n']} held-out examples per task; total {report['cpu_s']:.0f} s CPU, "
+                 f"{report['wall_s']:.0f} s wall")
+    return "\n".join(lines)
+
+
+def write_plot(report: Dict, path) -> None:
+    """Two panels: retention vs new-task accuracy per method; retention over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    new = report["settings"]["new_task"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in report["methods"]:
+        ax1.scatter(r["after"][new], r["retention"], s=50)
+        ax1.annotate(r["method"], (r["after"][new], r["retention"]), fontsize=8,
+                     xytext=(4, 4), textcoords="offset points")
+        steps = [c["step"] for c in r["curve"]]
+        ax2.plot(steps, [c["retention"] for c in r["curve"]], marker=".", label=r["method"])
+    ax1.axhline(0.9, color="grey", ls=":", lw=1)
+    ax1.set_xlabel(f"new-task ({new}) accuracy")
+    ax1.set_ylabel("general-skill retention (share of base)")
+    ax1.set_xlim(-0.05, 1.05)
+    ax1.set_ylim(-0.05, 1.1)
+    ax1.set_title("learn more (right) vs forget less (up)")
+    ax2.set_xlabel("fine-tuning step")
+    ax2.set_ylabel("retention")
+    ax2.set_ylim(-0.05, 1.1)
+    ax2.set_title("retention over training")
+    ax2.legend(fontsize=7)
+    s = report["settings"]
+    fig.suptitle(f"{s['base']} base, {s['steps']} steps, lr {s['lr']}, seed {s['seed']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _json_default(o):
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
+
+
+def write_outputs(report: Dict, out_dir) -> Dict[str, str]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jp, pp = out / "demo_results.json", out / "demo_plot.png"
+    jp.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+    if report.get("methods") and "curve" in report["methods"][0]:
+        write_plot(report, pp)
+    else:
+        from .real_model import write_plot as rp
+
+        rp(report, pp)
+    return {"json": str(jp), "png": str(pp)}
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="slim-kernels demo",
+                                 description="forgetting benchmark: LoRA vs SLIM vs ablations")
+    add_arguments(ap)
+    return run_from_args(ap.parse_args(argv))
+
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"comma list from {','.join(DEFAULT_METHODS)}")
+    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (120; 60 with --model)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-n", type=int, default=64, help="held-out examples per task")
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="demo_out")
+    ap.add_argument("--base", default=None, help="another tiny-base checkpoint dir")
+    ap.add_argument("--slim", default=None,
+                    help="JSON of SlimConfig overrides for the SLIM arms, e.g. '{\"yield_strength\": 4}'")
+    ap.add_argument("--model", default=None,
+                    help="a local Hugging Face causal-LM dir (or 'smollm2') instead of the embedded base")
+    ap.add_argument("--no-progress", action="store_true")
+
+
+def run_from_args(a) -> int:
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    overrides = json.loads(a.slim) if a.slim else None
+    if a.model:
+        from .real_model import run_real_model
+
+        report = run_real_model(a.model, methods=methods, steps=a.steps or 60, lr=a.lr,
+                                batch_size=min(a.batch_size, 8), seed=a.seed,
+                                threads=a.threads, progress=not a.no_progress,
+                                slim_overrides=overrides)
+        from .real_model import format_table as ft
+        table = ft(report)
+    else:
+        report = run_benchmark(methods, steps=a.steps or 120, lr=a.lr, batch_size=a.batch_size,
+                               seed=a.seed, eval_n=a.eval_n, eval_every=a.eval_every,
+                               threads=a.threads, progress=not a.no_progress,
+                               base_path=a.base, slim_overrides=overrides)
+        table = format_table(report)
+    paths = write_outputs(report, a.out)
+    print(table)
+    print(f"wrote {paths['json']} and {paths['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

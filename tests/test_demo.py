@@ -1,0 +1,128 @@
+"""`slim-kernels demo` (the forgetting benchmark) at tiny size: a few steps, a few examples."""
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from slim_kernels.demo import benchmark as B  # noqa: E402
+from slim_kernels.demo.evaluate import exact_match, heldout_set  # noqa: E402
+from slim_kernels.demo.model import load_base_model  # noqa: E402
+from slim_kernels.demo.tasks import ALL_TASKS, GENERAL_TASKS, NEW_TASK  # noqa: E402
+
+TINY = dict(steps=2, eval_n=6, eval_every=1, progress=False, batch_size=8)
+
+
+def _numbers(report):
+    """Everything but the timings, for determinism checks."""
+    out = []
+    for r in report["methods"]:
+        out.append((r["method"], r["trainable_params"], r["before"], r["after"], r["retention"],
+                    r["curve"], r["first_loss"], r["last_loss"],
+                    json.dumps(r["routing"], sort_keys=True)))
+    return out
+
+
+def test_retention_formula_excludes_recall():
+    before = {"copy": 1.0, "reverse": 0.5, "add": 1.0, "sort": 1.0, "recall": 0.4}
+    after = {"copy": 0.5, "reverse": 0.5, "add": 0.0, "sort": 1.0, "recall": 0.0}
+    assert "recall" not in B.RETENTION_TASKS
+    assert B.retention(before, after) == pytest.approx((0.5 + 1.0 + 0.0 + 1.0) / 4)
+
+
+def test_lora_matches_slim_budget():
+    specs = B.method_specs()
+    lora, slim = specs["lora"], specs["slim"]
+    assert lora.num_lora_experts == 1 and lora.num_identity_experts == 0 and lora.top_k == 1
+    assert lora.num_clusters == 0
+    assert lora.rank == slim.num_lora_experts * slim.rank
+    assert lora.scaling == slim.scaling
+    assert lora.target_modules == slim.target_modules
+    assert specs["slim+merge"].merge_drop > 0 and slim.merge_drop == 0.0
+    assert specs["slim-no-yield"].num_clusters == 0
+    assert specs["slim-no-identity"].num_identity_experts == 0
+
+
+def test_eval_is_computed_from_the_model():
+    data = heldout_set(ALL_TASKS, n=6)
+    m = load_base_model()
+    acc = B._eval_all(m, data)
+    assert acc == {t: exact_match(m, t, data[t]) for t in ALL_TASKS}
+    # a broken model scores differently
+    with torch.no_grad():
+        m.lm_head.weight.mul_(-1.0)
+    acc2 = B._eval_all(m, data)
+    assert acc2 != acc
+    assert acc2["copy"] < acc["copy"]
+
+
+def test_zero_lr_keeps_the_base_and_training_changes_numbers():
+    # lr 0: SLIM's B factors stay zero, so the model is the base: retention exactly 1
+    r0 = B.run_benchmark(["slim"], lr=0.0, **TINY)
+    s0 = r0["methods"][0]
+    assert s0["after"] == r0["base"] and s0["retention"] == 1.0
+    r1 = B.run_benchmark(["full"], lr=3e-2, **TINY)
+    f1 = r1["methods"][0]
+    assert f1["after"] != r1["base"]
+    assert f1["retention"] == pytest.approx(B.retention(r1["base"], f1["after"]))
+    assert f1["new_task_acc"] == f1["after"][NEW_TASK]
+    assert [c["step"] for c in f1["curve"]] == [0, 1, 2]
+    assert f1["curve"][-1]["copy"] == f1["after"]["copy"]
+
+
+def test_seed_determinism_and_routing_diagnostic():
+    a = B.run_benchmark(["lora", "slim"], seed=3, **TINY)
+    b = B.run_benchmark(["lora", "slim"], seed=3, **TINY)
+    assert _numbers(a) == _numbers(b)
+    c = B.run_benchmark(["lora", "slim"], seed=4, **TINY)
+    assert [r["first_loss"] for r in c["methods"]] != [r["first_loss"] for r in a["methods"]]
+    rt = a["methods"][1]["routing"]
+    assert rt["layers"] == 28
+    assert 0.0 <= rt["mean_identity_mass_new"] <= 1.0
+    assert 0.0 <= rt["mean_identity_mass_general"] <= 1.0
+    assert a["methods"][0]["routing"]["mean_identity_mass_new"] == 0.0  # LoRA has no identity
+
+
+def test_cli_writes_table_json_and_png(tmp_path, capsys):
+    from slim_kernels.cli import main
+
+    out = tmp_path / "o"
+    rc = main(["demo", "--methods", "lora,slim-no-yield", "--steps", "2", "--eval-n", "4",
+               "--eval-every", "1", "--batch-size", "4", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "lora" in text and "slim-no-yield" in text and "retain" in text
+    rep = json.loads((out / "demo_results.json").read_text())
+    assert [r["method"] for r in rep["methods"]] == ["lora", "slim-no-yield"]
+    assert set(rep["base"]) == set(ALL_TASKS)
+    png = (out / "demo_plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    for r in rep["methods"]:
+        assert r["retention"] == pytest.approx(
+            sum(r["after"][t] / rep["base"][t] for t in GENERAL_TASKS if t != "recall") / 4)
+
+
+def test_real_model_path_on_a_tiny_local_dir(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slim_kernels.cli import main
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    out = tmp_path / "o"
+    rc = main(["demo", "--model", str(tmp_path / "m"), "--methods", "lora,slim,full",
+               "--steps", "2", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    rep = json.loads((out / "demo_results.json").read_text())
+    assert [r["method"] for r in rep["methods"]] == ["lora", "slim", "full"]
+    b = rep["base"]
+    assert b["perplexity"] > 1.0 and math.isfinite(b["perplexity"])
+    for r in rep["methods"]:
+        assert r["after"]["perplexity"] != b["perplexity"]  # it trained
+    assert (out / "demo_plot.png").stat().st_size > 1000
