@@ -47,7 +47,7 @@ import torch
 
 from .evaluate import EVAL_SEED, exact_match, heldout_set
 from .finetune import count_trainable, finetune, new_task_batches, set_full_finetune
-from .tasks import ALL_TASKS, GENERAL_TASKS, NEW_TASK
+from .tasks import ALL_TASKS, GENERAL_TASKS, NEW_TASK, NEW_TASKS
 
 __all__ = ["RETENTION_TASKS", "method_specs", "retention", "run_benchmark", "format_table",
            "write_plot", "main", "DEFAULT_METHODS"]
@@ -86,10 +86,12 @@ def retention(before: Dict[str, float], after: Dict[str, float],
     return sum(ratios) / len(ratios) if ratios else float("nan")
 
 
-def _eval_all(model, data, tasks=ALL_TASKS, routing: bool = False):
-    """Accuracy per task; with ``routing``, also SLIM routing stats per task and layer."""
+def _eval_all(model, data, tasks=None, routing: bool = False):
+    """Accuracy per task (every task of ``data`` by default); with ``routing``, also SLIM
+    routing stats per task and layer."""
     from slim_kernels import routing_stats
 
+    tasks = list(data) if tasks is None else tasks
     acc, route = {}, {}
     for t in tasks:
         if routing:
@@ -100,27 +102,33 @@ def _eval_all(model, data, tasks=ALL_TASKS, routing: bool = False):
     return (acc, route) if routing else acc
 
 
-def _routing_summary(route: Dict[str, Dict[str, Dict[str, float]]]) -> Dict:
+def _routing_summary(route: Dict[str, Dict[str, Dict[str, float]]], task: str = NEW_TASK) -> Dict:
     """Per layer: identity mass on the new task vs the mean over the retention skills."""
     if not route:
         return {}
     layers = list(next(iter(route.values())).keys())
     per_layer = {}
     for name in layers:
-        new = route[NEW_TASK][name]["identity_mass"]
+        new = route[task][name]["identity_mass"]
         gen = [route[t][name]["identity_mass"] for t in RETENTION_TASKS]
         gd = [route[t][name]["mean_distance"] for t in RETENTION_TASKS]
         per_layer[name] = {"identity_mass_new": new, "identity_mass_general": sum(gen) / len(gen),
-                           "distance_new": route[NEW_TASK][name]["mean_distance"],
+                           "distance_new": route[task][name]["mean_distance"],
                            "distance_general": sum(gd) / len(gd)}
 
     def mean(key):
         v = [d[key] for d in per_layer.values() if not math.isnan(d[key])]
         return sum(v) / len(v) if v else float("nan")
 
+    by_task = {}
+    for t, layers_t in route.items():
+        v = [d["identity_mass"] for d in layers_t.values() if not math.isnan(d["identity_mass"])]
+        dv = [d["mean_distance"] for d in layers_t.values() if not math.isnan(d["mean_distance"])]
+        by_task[t] = {"identity_mass": sum(v) / len(v) if v else float("nan"),
+                      "distance": sum(dv) / len(dv) if dv else float("nan")}
     n_more = sum(1 for d in per_layer.values()
                  if d["identity_mass_general"] > d["identity_mass_new"])
-    return {"per_layer": per_layer,
+    return {"per_layer": per_layer, "by_task": by_task,
             "mean_identity_mass_new": mean("identity_mass_new"),
             "mean_identity_mass_general": mean("identity_mass_general"),
             "mean_distance_new": mean("distance_new"),
@@ -167,7 +175,7 @@ def run_method(name: str, spec, load_model: Callable, data: Dict, *, steps: int,
         "retention": retention(before, after),
         "curve": [{"step": 0, **before, "retention": 1.0}] + res.evals,
         "first_loss": res.losses[0], "last_loss": res.losses[-1],
-        "routing": _routing_summary(route),
+        "routing": _routing_summary(route, task),
         "routing_raw": route,
         "wall_s": time.time() - t_wall, "cpu_s": time.process_time() - t_cpu,
     }
@@ -177,8 +185,10 @@ def run_method(name: str, spec, load_model: Callable, data: Dict, *, steps: int,
 def run_benchmark(methods: Sequence[str] = DEFAULT_METHODS, *, steps: int = 120,
                   lr: float = 1e-3, batch_size: int = 32, seed: int = 0, eval_n: int = 64,
                   eval_every: int = 20, threads: int = 1, progress: bool = True,
-                  base_path=None, slim_overrides: Optional[Dict] = None) -> Dict:
-    """All methods on the embedded base (or the checkpoint at ``base_path``)."""
+                  base_path=None, slim_overrides: Optional[Dict] = None,
+                  task: str = NEW_TASK) -> Dict:
+    """All methods on the embedded base (or the checkpoint at ``base_path``), fine-tuned on
+    the new task ``task`` (caesar, or symbols: see :mod:`.tasks`)."""
     from .model import load_base_model
 
     torch.set_num_threads(threads)
@@ -187,18 +197,21 @@ def run_benchmark(methods: Sequence[str] = DEFAULT_METHODS, *, steps: int = 120,
     unknown = [m for m in methods if m not in specs]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {list(specs)}")
-    data = heldout_set(ALL_TASKS, n=eval_n, seed=EVAL_SEED)
+    if task not in NEW_TASKS:
+        raise ValueError(f"unknown new task {task!r}; known: {list(NEW_TASKS)}")
+    data = heldout_set(tuple(GENERAL_TASKS) + (task,), n=eval_n, seed=EVAL_SEED)
     base = load_base_model(base_path)
     before = _eval_all(base, data)
     results = []
     for name in methods:
         results.append(run_method(name, specs[name], lambda: load_base_model(base_path), data,
                                   steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                                  eval_every=eval_every, progress=progress, before=before))
+                                  eval_every=eval_every, progress=progress, before=before,
+                                  task=task))
     return {
         "settings": {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
                      "eval_n": eval_n, "eval_every": eval_every, "threads": threads,
-                     "new_task": NEW_TASK, "retention_tasks": list(RETENTION_TASKS),
+                     "new_task": task, "retention_tasks": list(RETENTION_TASKS),
                      "slim_overrides": slim_overrides or {},
                      "base": str(base_path) if base_path else "embedded"},
         "base": before,
@@ -312,6 +325,8 @@ def add_arguments(ap) -> None:
                     help="JSON of SlimConfig overrides for the SLIM arms, e.g. '{\"yield_strength\": 4}'")
     ap.add_argument("--model", default=None,
                     help="a local Hugging Face causal-LM dir (or 'smollm2') instead of the embedded base")
+    ap.add_argument("--task", default=NEW_TASK, choices=list(NEW_TASKS),
+                    help="the new task: caesar (inputs = copy's) or symbols (unseen input symbols)")
     ap.add_argument("--no-progress", action="store_true")
 
 
@@ -331,7 +346,7 @@ def run_from_args(a) -> int:
         report = run_benchmark(methods, steps=a.steps or 120, lr=a.lr, batch_size=a.batch_size,
                                seed=a.seed, eval_n=a.eval_n, eval_every=a.eval_every,
                                threads=a.threads, progress=not a.no_progress,
-                               base_path=a.base, slim_overrides=overrides)
+                               base_path=a.base, slim_overrides=overrides, task=a.task)
         table = format_table(report)
     paths = write_outputs(report, a.out)
     print(table)

@@ -26,6 +26,17 @@ The new downstream task (:data:`NEW_TASK`, never seen in pretraining):
   and learning it pulls the letter-to-letter map away from identity, which is what makes a
   plain fine-tune forget the general skills.
 
+A second new task whose *inputs* differ from the general skills (:data:`NEW_TASKS`), for the
+weight-yielding question (SLIM routes tokens by how far their inputs are from the fine-tuning
+inputs; ``caesar``'s inputs are ``copy``'s with another tag, so they cannot be told apart at
+the input of the first layer):
+
+- ``symbols`` a string of 3-10 symbols from ``- | = ,`` (characters of the vocabulary that no
+  general skill uses, so their embeddings never trained), answered letter for letter with
+  ``- -> w``, ``| -> x``, ``= -> y``, ``, -> z``. The vocabulary has one tag slot for new
+  tasks (``<caesar>``); ``symbols`` uses that tag too (:data:`TAG_OF`): the two new tasks are
+  never trained together, and the tag stays unseen in pretraining.
+
 Held-out data: each (task, prompt) pair is put in the "train" or "test" split by a fixed hash
 (CRC32, 1 in 8 goes to test), so held-out examples are prompts the model never trained on,
 whatever the seeds (this matters for ``add``, whose prompt space is small).
@@ -45,6 +56,8 @@ __all__ = [
     "GENERAL_TASKS",
     "NEW_TASK",
     "ALL_TASKS",
+    "NEW_TASKS",
+    "TAG_OF",
     "GENERATORS",
     "MAX_SEQ_LEN",
     "IGNORE_INDEX",
@@ -61,7 +74,10 @@ MAX_SEQ_LEN = 40  # longest encoded example is 24 tokens; positions up to 64 in 
 
 GENERAL_TASKS: Tuple[str, ...] = ("copy", "reverse", "add", "sort", "recall")
 NEW_TASK = "caesar"
-ALL_TASKS: Tuple[str, ...] = GENERAL_TASKS + (NEW_TASK,)
+ALL_TASKS: Tuple[str, ...] = GENERAL_TASKS + (NEW_TASK,)  # the tokenizer's tags; do not extend
+NEW_TASKS: Tuple[str, ...] = (NEW_TASK, "symbols")
+TAG_OF: Dict[str, str] = {"symbols": NEW_TASK}  # tasks that share another task's tag token
+SYMBOLS_MAP = {"-": "w", "|": "x", "=": "y", ",": "z"}
 
 CAESAR_SHIFT = 3
 TEST_FRACTION_MOD = 8  # 1 prompt in 8 is held out
@@ -160,6 +176,11 @@ def gen_caesar(rng: random.Random) -> Tuple[str, str]:
     return w, caesar(w)
 
 
+def gen_symbols(rng: random.Random) -> Tuple[str, str]:
+    w = "".join(rng.choice("-|=,") for _ in range(rng.randint(3, 10)))
+    return w, "".join(SYMBOLS_MAP[c] for c in w)
+
+
 GENERATORS: Dict[str, Callable[[random.Random], Tuple[str, str]]] = {
     "copy": gen_copy,
     "reverse": gen_reverse,
@@ -167,6 +188,7 @@ GENERATORS: Dict[str, Callable[[random.Random], Tuple[str, str]]] = {
     "sort": gen_sort,
     "recall": gen_recall,
     "caesar": gen_caesar,
+    "symbols": gen_symbols,
 }
 
 
@@ -201,7 +223,7 @@ def generate_examples(task: str, n: int, seed: int = 0, split: Optional[str] = "
 def encode_example(task: str, prompt: str, answer: str,
                    tok: CharTokenizer = TOKENIZER) -> Tuple[List[int], List[int]]:
     """(input ids, labels) for one example; labels are IGNORE_INDEX outside the answer+EOS."""
-    head = [tok.bos_id, tok.tag_id(task)] + tok.encode(prompt) + [tok.sep_id]
+    head = [tok.bos_id, tok.tag_id(TAG_OF.get(task, task))] + tok.encode(prompt) + [tok.sep_id]
     tail = tok.encode(answer) + [tok.eos_id]
     ids = head + tail
     if len(ids) > MAX_SEQ_LEN:
