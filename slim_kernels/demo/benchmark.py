@@ -24,6 +24,7 @@ Methods (:func:`method_specs`):
   trainable parameters), which is not matched.
 - ``slim``: ``SlimConfig()`` defaults (8 LoRA + 2 identity experts, r 16, top-2, 4 clusters,
   yield 1.0, merge_drop 0.0 = dynamic merging off, l1 0).
+- ``slim-tuned``: the defaults with :data:`TUNED_SLIM` (16 clusters, momentum 0.1, yield 4).
 - ablations: ``slim-no-identity`` (num_identity_experts=0, so no yielding either),
   ``slim-no-yield`` (num_clusters=0), ``slim+merge`` (merge_drop=0.3: the defaults have
   merging off, so the "with merging" arm is this variant; compare it with ``slim``).
@@ -55,7 +56,14 @@ __all__ = ["RETENTION_TASKS", "method_specs", "retention", "run_benchmark", "for
 # general skills that count in the retention: recall is excluded, the base is at chance on it
 RETENTION_TASKS = tuple(t for t in GENERAL_TASKS if t != "recall")
 
-DEFAULT_METHODS = ("lora", "slim", "slim-no-identity", "slim-no-yield", "slim+merge", "full")
+DEFAULT_METHODS = ("lora", "slim", "slim-tuned", "slim-no-identity", "slim-no-yield", "slim+merge",
+                   "full")
+
+# The demo's own SLIM settings, picked (on seed 0, task symbols) after the defaults failed to
+# separate the tasks: 16 clusters tracking the fine-tuning inputs 10x faster (momentum 0.1), so
+# that in-domain tokens sit near a centre (d ~ 0), and a 4x stronger yield. The same for every
+# seed and task; the defaults are always run beside them.
+TUNED_SLIM = {"yield_strength": 4.0, "cluster_momentum": 0.1, "num_clusters": 16}
 
 
 def method_specs(slim_overrides: Optional[Dict] = None) -> Dict[str, object]:
@@ -71,6 +79,7 @@ def method_specs(slim_overrides: Optional[Dict] = None) -> Dict[str, object]:
     return {
         "lora": lora,
         "slim": slim,
+        "slim-tuned": replace(slim, **TUNED_SLIM),
         "slim-no-identity": replace(slim, num_identity_experts=0,
                                     top_k=min(slim.top_k, slim.num_lora_experts)),
         "slim-no-yield": replace(slim, num_clusters=0),
@@ -184,7 +193,7 @@ def run_method(name: str, spec, load_model: Callable, data: Dict, *, steps: int,
 
 def run_benchmark(methods: Sequence[str] = DEFAULT_METHODS, *, steps: int = 120,
                   lr: float = 1e-3, batch_size: int = 32, seed: int = 0, eval_n: int = 64,
-                  eval_every: int = 20, threads: int = 1, progress: bool = True,
+                  eval_every: int = 30, threads: int = 1, progress: bool = True,
                   base_path=None, slim_overrides: Optional[Dict] = None,
                   task: str = NEW_TASK) -> Dict:
     """All methods on the embedded base (or the checkpoint at ``base_path``), fine-tuned on
@@ -317,7 +326,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-n", type=int, default=64, help="held-out examples per task")
-    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--eval-every", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="demo_out")
     ap.add_argument("--base", default=None, help="another tiny-base checkpoint dir")
