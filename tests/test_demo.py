@@ -126,3 +126,23 @@ def test_real_model_path_on_a_tiny_local_dir(tmp_path, capsys):
     for r in rep["methods"]:
         assert r["after"]["perplexity"] != b["perplexity"]  # it trained
     assert (out / "demo_plot.png").stat().st_size > 1000
+
+
+def test_symbols_task_and_tuned_arm():
+    from slim_kernels.demo.tasks import TOKENIZER, encode_example, generate_examples
+
+    ex = generate_examples("symbols", 20, split="test")
+    assert all(set(p) <= set("-|=,") and len(a) == len(p) and set(a) <= set("wxyz") for p, a in ex)
+    ids, _ = encode_example("symbols", "-|", "wx")
+    assert ids[1] == TOKENIZER.tag_id("caesar")  # the new-task tag slot
+    spec = B.method_specs()["slim-tuned"]
+    for k, v in B.TUNED_SLIM.items():
+        assert getattr(spec, k) == v
+    r = B.run_benchmark(["slim-tuned"], task="symbols", **TINY)
+    m = r["methods"][0]
+    assert r["settings"]["new_task"] == "symbols" and "symbols" in m["after"]
+    assert "caesar" not in m["after"]
+    assert m["new_task_acc"] == m["after"]["symbols"]
+    assert set(m["routing"]["by_task"]) == set(GENERAL_TASKS) | {"symbols"}
+    with pytest.raises(ValueError):
+        B.run_benchmark(["slim"], task="nope", **TINY)
