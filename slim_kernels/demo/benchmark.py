@@ -283,7 +283,7 @@ def write_plot(report: Dict, path) -> None:
     ax2.set_title("retention over training")
     ax2.legend(fontsize=7)
     s = report["settings"]
-    fig.suptitle(f"{s['base']} base, {s['steps']} steps, lr {s['lr']}, seed {s['seed']}", fontsize=9)
+    fig.suptitle(f"{s['base']} base, new task {new}, {s['steps']} steps, lr {s['lr']}, seed {s['seed']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
