@@ -87,15 +87,18 @@ def load_real_model(spec: str):
     """(model fp32 in eval mode, tokenizer) from a local dir or 'smollm2'. No network."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    fp32 = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
     if spec == "smollm2":
         d, f = _smollm2_dir()
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, **fp32)
         tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     else:
         if not Path(spec).is_dir():
             raise FileNotFoundError(f"--model {spec!r}: not a directory (or 'smollm2')")
-        model = AutoModelForCausalLM.from_pretrained(spec, torch_dtype=torch.float32,
-                                                     local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, **fp32)
         try:
             tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
         except Exception:
