@@ -543,7 +543,6 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> float:
 
 def _peak_bytes(device: str, prep, timed) -> float:
     prep()
-    gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
