@@ -32,6 +32,8 @@ Metrics, one CSV schema (``CSV_COLUMNS``):
 * ``time_ms``: wall time of one call, median / p20 / p80 over repetitions that go
   round-robin over the providers (the start provider rotates each repetition), so drift of
   a shared machine hits every provider alike. CUDA: synchronised before and after.
+* ``cpu_ms`` (CPU only): process CPU time of the same calls (all threads), quantiles as
+  above. On a shared machine it leaves out the time the process waited for a core.
 * ``peak_MB``: peak of the bytes allocated *during* the call above what was allocated at its
   start (outputs, saved activations, temporaries). CUDA: ``torch.cuda.max_memory_allocated``.
   CPU: the allocation / free events of ``torch.profiler(profile_memory=True)`` summed in time
@@ -65,7 +67,8 @@ from torch import Tensor
 __all__ = [
     "CSV_COLUMNS", "MODES", "BASELINE_PROVIDERS", "LLAMA_SHAPES", "CPU_SHAPES",
     "Case", "Inputs", "Runner", "make_inputs", "providers_for", "run_bench",
-    "flop_floor", "write_csv", "read_csv", "summary_table", "plot_csv", "reference_output",
+    "flop_floor", "write_csv", "read_csv", "summary_table", "markdown_table", "speedup_table",
+    "plot_csv", "reference_output",
 ]
 
 CSV_COLUMNS = ["kernel", "provider", "mode", "metric", "x", "y_50", "y_20", "y_80",
@@ -522,14 +525,36 @@ def _step(runner: Runner, mode: str, dy: Tensor):
     return prep, timed
 
 
+class _quiet_fd2:
+    """Send the C-level stderr (fd 2) to /dev/null inside the block."""
+
+    def __enter__(self):
+        try:
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+            self._null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(self._null, 2)
+        except Exception:  # pragma: no cover (no fd 2, e.g. some notebooks)
+            self._saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            os.close(self._null)
+        return False
+
+
 def _cpu_peak_bytes(fn: Callable[[], object]) -> float:
     """Peak of (allocated - allocated at start) during ``fn`` from the profiler's memory
     events (CPU allocator)."""
     from torch.profiler import ProfilerActivity, profile
 
     keep = []
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        keep.append(fn())
+    with _quiet_fd2():  # kineto prints profiler_start/stop lines on fd 2
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            keep.append(fn())
     # CPU-only profiling: every [memory] event is a CPU allocation (+) or free (-)
     evs = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                  if e.name() == "[memory]")
@@ -687,6 +712,7 @@ def run_bench(
                 if bar is not None:
                     bar.update(warmup)
             times: Dict[str, List[float]] = {n: [] for n in steps}
+            cpu_times: Dict[str, List[float]] = {n: [] for n in steps}
             names = list(steps)
             for rep in range(reps):
                 order = names[rep % len(names):] + names[:rep % len(names)]
@@ -694,18 +720,24 @@ def run_bench(
                     prep, timed = steps[n]
                     prep()
                     sync()
+                    c0 = time.process_time()
                     t0 = time.perf_counter()
                     out = timed()
                     sync()
                     t1 = time.perf_counter()
+                    c1 = time.process_time()
                     del out
                     times[n].append((t1 - t0) * 1e3)
+                    cpu_times[n].append((c1 - c0) * 1e3)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix_str(f"{xval} {mode}", refresh=False)
             for n in names:
                 y50, y20, y80 = _quantiles(times[n])
                 row(kernel, n, mode, "time_ms", xval, y50, y20, y80)
+                if dev_name == "cpu":
+                    y50, y20, y80 = _quantiles(cpu_times[n])
+                    row(kernel, n, mode, "cpu_ms", xval, y50, y20, y80)
             if memory:
                 for n in names:
                     try:
@@ -788,7 +820,7 @@ def summary_table(rows: List[Dict[str, str]], metric: str = "time_ms") -> str:
     rr = ratio_rows(rows, metric)
     lines: List[str] = []
     kernels = list(dict.fromkeys(r["kernel"] for r in rr))
-    unit = "ms" if metric == "time_ms" else "MB"
+    unit = "ms" if metric.endswith("_ms") else "MB"
     for k in kernels:
         for mode in MODES:
             sel = [r for r in rr if r["kernel"] == k and r["mode"] == mode]
@@ -805,7 +837,7 @@ def summary_table(rows: List[Dict[str, str]], metric: str = "time_ms") -> str:
                     m = [r for r in sel if r["provider"] == p and r["x"] == x]
                     cells.append(f"{m[0]['ratio']:.2f}x ({m[0]['y_50']:.3g} {unit})" if m else "-")
                 table.append(cells)
-            if metric == "time_ms":
+            if metric.endswith("_ms"):
                 fl = ["FLOP floor (SLIM)"]
                 for x in xs:
                     m = [r for r in sel if r["x"] == x]
@@ -845,6 +877,45 @@ def markdown_table(rows: List[Dict[str, str]], mode: str = "forward+backward",
     return "\n".join(out)
 
 
+def speedup_table(rows: List[Dict[str, str]], mode: str = "forward+backward",
+                  metric: str = "time_ms", markdown: bool = False) -> str:
+    """For each fused provider (``slim_*``) and point: its ratio to base, the FLOP floor, and
+    how many times faster it is than each unfused baseline (baseline median / its median;
+    > 1 means the fused path wins)."""
+    rr = [r for r in ratio_rows(rows, metric) if r["mode"] == mode]
+    med = {(r["kernel"], r["x"], r["provider"]): r["y_50"] for r in rr}
+    fused = [p for p in dict.fromkeys(r["provider"] for r in rr) if p.startswith("slim_")]
+    others = [p for p in BASELINE_PROVIDERS[1:] if any(r["provider"] == p for r in rr)]
+    head = ["point", "provider", "vs base", "FLOP floor"] + [f"{o} / it" for o in others]
+    table = [head]
+    for k in dict.fromkeys(r["kernel"] for r in rr):
+        f = parse_kernel(k)
+        xs = sorted(dict.fromkeys(r["x"] for r in rr if r["kernel"] == k), key=_xkey)
+        sweep_name = next((n for n, v in f.items() if v == "*"), "x")
+        fixed = " ".join(f"{a}={b}" for a, b in f.items()
+                         if b != "*" and a in ("K", "N", "T", "E_L", "r"))
+        for x in xs:
+            for p in fused:
+                me = med.get((k, x, p))
+                if me is None:
+                    continue
+                r0 = [r for r in rr if r["kernel"] == k and r["x"] == x and r["provider"] == p][0]
+                cells = [f"{fixed} {sweep_name}={x}", p, f"{r0['ratio']:.2f}x",
+                         f"{r0['floor']:.2f}x"]
+                for o in others:
+                    v = med.get((k, x, o))
+                    cells.append(f"{v / me:.2f}x" if v else "-")
+                table.append(cells)
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(c) + " |" for c in table[1:]]
+        return "\n".join(out)
+    w = [max(len(r[i]) for r in table) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w[j]) for j, c in enumerate(r)) for r in table]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    return "\n".join(lines)
+
+
 _STYLE = {"base": ("k", "-", "o"), "eager_loop": ("tab:red", "--", "s"),
           "eager_dense": ("tab:orange", "--", "^"), "compiled_dense": ("tab:purple", "--", "v"),
           "peft_lora": ("tab:gray", ":", "x")}
@@ -859,9 +930,10 @@ def _style(p: str, fused_i: Dict[str, int]):
 
 
 def plot_csv(path: str, outdir: Optional[str] = None, prefix: Optional[str] = None) -> List[str]:
-    """From one CSV: ``<prefix>_time.png`` (time vs x per provider, a panel per layer shape
-    and mode), ``<prefix>_overhead.png`` (ratio to base, with the SLIM FLOP floor dashed) and
-    ``<prefix>_memory.png`` (peak MB) when present. Returns the files written."""
+    """From one CSV: ``<prefix>_time.png`` (wall time vs x per provider, a panel per layer
+    shape and mode), ``<prefix>_overhead.png`` (ratio to base, with the SLIM FLOP floor
+    dotted), the same two for process CPU time (``_time_cpu``, ``_overhead_cpu``) when the
+    CSV has ``cpu_ms``, and ``<prefix>_memory.png`` (peak MB). Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -905,7 +977,7 @@ def plot_csv(path: str, outdir: Optional[str] = None, prefix: Optional[str] = No
                     c, ls, mk = _style(p, fused_i)
                     ax.plot([a for a, _ in pts], [b for _, b in pts], color=c, ls=ls, marker=mk,
                             label=p, ms=4)
-                    if metric == "time_ms" and not floor:
+                    if metric.endswith("_ms") and not floor:
                         lo = [(pos[r["x"]], float(r["y_20"]), float(r["y_80"])) for r in s
                               if r["provider"] == p]
                         lo.sort()
@@ -916,6 +988,7 @@ def plot_csv(path: str, outdir: Optional[str] = None, prefix: Optional[str] = No
                     ax.plot([a for a, _ in fl], [b for _, b in fl], color="k", ls=":", lw=1,
                             label="FLOP floor (SLIM)")
                     ax.axhline(1.0, color="k", lw=0.6)
+                    ax.set_ylim(bottom=0.0)
                 if numeric:
                     ax.set_xscale("log", base=2)
                 else:
@@ -936,11 +1009,14 @@ def plot_csv(path: str, outdir: Optional[str] = None, prefix: Optional[str] = No
         plt.close(fig)
         written.append(fn)
 
-    grid("time_ms", lambda r: float(r["y_50"]), "ms (median, p20-p80)", "time")
-    rr = {(r["kernel"], r["mode"], r["x"], r["provider"]): r["ratio"]
-          for r in ratio_rows(rows, "time_ms")}
-    grid("time_ms", lambda r: rr.get((r["kernel"], r["mode"], r["x"], r["provider"])),
-         "time / base time", "overhead", logy=True, floor=True)
+    for metric, tag, what in (("time_ms", "", "wall"), ("cpu_ms", "_cpu", "process CPU")):
+        if not any(r["metric"] == metric for r in rows):
+            continue
+        grid(metric, lambda r: float(r["y_50"]), f"{what} ms (median, p20-p80)", f"time{tag}")
+        rr = {(r["kernel"], r["mode"], r["x"], r["provider"]): r["ratio"]
+              for r in ratio_rows(rows, metric)}
+        grid(metric, lambda r, rr=rr: rr.get((r["kernel"], r["mode"], r["x"], r["provider"])),
+             f"{what} time / base", f"overhead{tag}", logy=False, floor=True)
     grid("peak_MB", lambda r: float(r["y_50"]), "peak MB during the call", "memory")
     return written
 
@@ -978,7 +1054,8 @@ def _shapes(s: str) -> List[Tuple[int, int]]:
 def add_arguments(p) -> None:
     """The flags of ``slim-kernels bench`` (also used by benchmarks/run_bench.py)."""
     p.add_argument("--quick", action="store_true",
-                   help="small run (< 3 min on a 2-core CPU): one shape, few T, 5 repetitions")
+                   help="small run (< 3 min on a 2-core CPU): one shape (1024x1024 on CPU), "
+                        "T in 64, 256, 5 repetitions")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
     p.add_argument("--dtype", default=None,
                    help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
@@ -1011,6 +1088,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads on CPU (default 1: on a shared machine one "
+                        "thread measures each provider's work without waiting for a "
+                        "descheduled sibling thread; 0 keeps torch's default)")
 
 
 def main_from_args(args) -> int:
@@ -1026,11 +1107,15 @@ def main_from_args(args) -> int:
               file=sys.stderr)
         return 2
     dtype = _DTYPES[dtype_s]
+    if dev_type == "cpu":
+        threads = 1 if args.threads is None else args.threads
+        if threads > 0:
+            torch.set_num_threads(threads)
     cpu_scale = args.cpu_scale if args.cpu_scale is not None else dev_type == "cpu"
     if args.shapes:
         shapes = _shapes(args.shapes)
     elif args.quick:
-        shapes = [CPU_SHAPES[1] if cpu_scale else LLAMA_SHAPES[1]]
+        shapes = [CPU_SHAPES[0] if cpu_scale else LLAMA_SHAPES[1]]
     else:
         shapes = list(CPU_SHAPES if cpu_scale else LLAMA_SHAPES)
     if args.T_values:
@@ -1064,9 +1149,16 @@ def main_from_args(args) -> int:
     print(f"versions: {versions_string(device)}\n")
     print("time: ratio to base (median of the provider / median of base), median ms in brackets")
     print(summary_table(res.rows, "time_ms"))
+    if dev_type == "cpu":
+        print("process CPU time: ratio to base, median ms in brackets")
+        print(summary_table(res.rows, "cpu_ms"))
     if not args.no_memory:
         print("peak memory during the call, ratio to base (MB in brackets)")
         print(summary_table(res.rows, "peak_MB"))
+    for metric in (("time_ms", "cpu_ms") if dev_type == "cpu" else ("time_ms",)):
+        print(f"fused providers, forward+backward [{metric}]: ratio to base, FLOP floor, and "
+              f"how many times faster than each unfused baseline (> 1: fused wins)")
+        print(speedup_table(res.rows, "forward+backward", metric) + "\n")
     for n, why in res.skipped.items():
         print(f"skipped {n}: {why}")
     print(f"CSV: {path}")

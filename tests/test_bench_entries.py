@@ -154,7 +154,7 @@ def test_bench_tiny_run_writes_the_schema(tmp_path):
     assert {"base", "slim_torch", "eager_loop", "eager_dense"} <= provs
     for r in rows:
         assert r["mode"] in bench.MODES
-        assert r["metric"] in ("time_ms", "peak_MB", "saved_MB")
+        assert r["metric"] in ("time_ms", "cpu_ms", "peak_MB", "saved_MB")
         assert r["x"] in ("16", "33")
         assert r["device"] == "cpu" and r["dtype"] == "float32"
         assert "torch=" in r["versions"]
@@ -164,7 +164,7 @@ def test_bench_tiny_run_writes_the_schema(tmp_path):
     for p in provs:
         for m in bench.MODES:
             got = {r["metric"] for r in rows if r["provider"] == p and r["mode"] == m}
-            assert {"time_ms", "peak_MB"} <= got
+            assert {"time_ms", "cpu_ms", "peak_MB"} <= got
     # the base forward allocates its output (T x N fp32) and nothing else of note
     b = [r for r in rows if r["provider"] == "base" and r["mode"] == "forward"
          and r["metric"] == "peak_MB" and r["x"] == "33"][0]
@@ -173,7 +173,7 @@ def test_bench_tiny_run_writes_the_schema(tmp_path):
     assert "FLOP floor" in table and "slim_torch" in table
     assert "FLOP floor" in bench.markdown_table(rows)
     pngs = bench.plot_csv(path, str(tmp_path))
-    assert len(pngs) == 3 and all(os.path.getsize(p) > 1000 for p in pngs)
+    assert len(pngs) == 5 and all(os.path.getsize(p) > 1000 for p in pngs)
 
 
 def test_cli_bench_parses_and_runs(tmp_path, capsys):
