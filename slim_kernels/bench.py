@@ -789,6 +789,14 @@ def _case_from_kernel(kernel: str, x: str) -> Case:
                 num_clusters=int(f["C"]))
 
 
+def _sweep_label(kernel: str) -> str:
+    """Name of the swept field of a ``kernel`` string: T, KxN, E_L or r."""
+    f = parse_kernel(kernel)
+    if f.get("K") == "*":
+        return "KxN"
+    return next((n for n, v in f.items() if v == "*"), "x")
+
+
 def _xkey(x: str):
     try:
         return (0, float(x), x)
@@ -828,7 +836,7 @@ def summary_table(rows: List[Dict[str, str]], metric: str = "time_ms") -> str:
                 continue
             xs = sorted(dict.fromkeys(r["x"] for r in sel), key=_xkey)
             provs = list(dict.fromkeys(r["provider"] for r in sel))
-            sweep_name = next((n for n, v in parse_kernel(k).items() if v == "*"), "x")
+            sweep_name = _sweep_label(k)
             head = [f"{mode} [{metric}]"] + [f"{sweep_name}={x}" for x in xs]
             table = [head]
             for p in provs:
@@ -861,7 +869,7 @@ def markdown_table(rows: List[Dict[str, str]], mode: str = "forward+backward",
     for k in dict.fromkeys(r["kernel"] for r in rr):
         sel = [r for r in rr if r["kernel"] == k]
         xs = sorted(dict.fromkeys(r["x"] for r in sel), key=_xkey)
-        sweep_name = next((n for n, v in parse_kernel(k).items() if v == "*"), "x")
+        sweep_name = _sweep_label(k)
         out.append(f"`{k}`, {mode}, time ratio to `base` (median ms in brackets)\n")
         out.append("| provider | " + " | ".join(f"{sweep_name}={x}" for x in xs) + " |")
         out.append("|---|" + "---|" * len(xs))
@@ -891,7 +899,7 @@ def speedup_table(rows: List[Dict[str, str]], mode: str = "forward+backward",
     for k in dict.fromkeys(r["kernel"] for r in rr):
         f = parse_kernel(k)
         xs = sorted(dict.fromkeys(r["x"] for r in rr if r["kernel"] == k), key=_xkey)
-        sweep_name = next((n for n, v in f.items() if v == "*"), "x")
+        sweep_name = _sweep_label(k)
         fixed = " ".join(f"{a}={b}" for a, b in f.items()
                          if b != "*" and a in ("K", "N", "T", "E_L", "r"))
         for x in xs:
@@ -960,7 +968,7 @@ def plot_csv(path: str, outdir: Optional[str] = None, prefix: Optional[str] = No
         if not sel:
             return
         fig, axes = plt.subplots(len(modes), len(kernels), squeeze=False,
-                                 figsize=(4.2 * len(kernels), 3.2 * len(modes)))
+                                 figsize=(max(4.2 * len(kernels), 7.0), 3.2 * len(modes)))
         for j, k in enumerate(kernels):
             for i, mode in enumerate(modes):
                 ax = axes[i][j]
@@ -995,15 +1003,17 @@ def plot_csv(path: str, outdir: Optional[str] = None, prefix: Optional[str] = No
                     ax.set_xticks(list(pos.values()), xs, rotation=20, fontsize=7)
                 if logy:
                     ax.set_yscale("log")
-                sweep_name = next((n for n, v in parse_kernel(k).items() if v == "*"), "x")
-                ax.set_xlabel(sweep_name if sweep_name != "K" else "K x N")
+                sweep_name = _sweep_label(k)
+                ax.set_xlabel(sweep_name)
                 ax.set_ylabel(ylabel)
                 ax.set_title(f"{short(k)}\n{mode}", fontsize=8)
                 ax.grid(True, which="both", alpha=0.3)
         h, l = axes[0][0].get_legend_handles_labels()
-        fig.legend(h, l, loc="upper center", ncol=min(len(l), 8), fontsize=8)
-        fig.suptitle(f"SLIM linear, {dev} {dt}", y=0.995, fontsize=9, x=0.02, ha="left")
-        fig.tight_layout(rect=(0, 0, 1, 0.95))
+        ncol = min(len(l), 8 if len(kernels) > 1 else 4)
+        fig.legend(h, l, loc="upper center", ncol=ncol, fontsize=8)
+        fig.text(0.01, 0.005, f"SLIM linear, {dev} {dt}; {rows[0]['versions']}", fontsize=6)
+        top = 1.0 - (0.025 * math.ceil(len(l) / ncol) + 0.01) * 3.0 / len(modes)
+        fig.tight_layout(rect=(0, 0.015, 1, top))
         fn = os.path.join(outdir, f"{prefix}_{fname}.png")
         fig.savefig(fn, dpi=110)
         plt.close(fig)
