@@ -870,7 +870,10 @@ def markdown_table(rows: List[Dict[str, str]], mode: str = "forward+backward",
         sel = [r for r in rr if r["kernel"] == k]
         xs = sorted(dict.fromkeys(r["x"] for r in sel), key=_xkey)
         sweep_name = _sweep_label(k)
-        out.append(f"`{k}`, {mode}, time ratio to `base` (median ms in brackets)\n")
+        what = {"time_ms": "wall time", "cpu_ms": "process CPU time",
+                "peak_MB": "peak memory", "saved_MB": "saved activations"}.get(metric, metric)
+        unit = "ms" if metric.endswith("_ms") else "MB"
+        out.append(f"`{k}`, {mode}, {what}: ratio to `base` (median {unit} in brackets)\n")
         out.append("| provider | " + " | ".join(f"{sweep_name}={x}" for x in xs) + " |")
         out.append("|---|" + "---|" * len(xs))
         for p in dict.fromkeys(r["provider"] for r in sel):
@@ -879,8 +882,9 @@ def markdown_table(rows: List[Dict[str, str]], mode: str = "forward+backward",
                 m = [r for r in sel if r["provider"] == p and r["x"] == x]
                 cells.append(f"{m[0]['ratio']:.2f}x ({m[0]['y_50']:.3g})" if m else "-")
             out.append(f"| {p} | " + " | ".join(cells) + " |")
-        fl = [f"{[r for r in sel if r['x'] == x][0]['floor']:.2f}x" for x in xs]
-        out.append("| *FLOP floor (SLIM)* | " + " | ".join(fl) + " |")
+        if metric.endswith("_ms"):
+            fl = [f"{[r for r in sel if r['x'] == x][0]['floor']:.2f}x" for x in xs]
+            out.append("| *FLOP floor (SLIM)* | " + " | ".join(fl) + " |")
         out.append("")
     return "\n".join(out)
 
