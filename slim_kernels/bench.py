@@ -1069,7 +1069,7 @@ def add_arguments(p) -> None:
     """The flags of ``slim-kernels bench`` (also used by benchmarks/run_bench.py)."""
     p.add_argument("--quick", action="store_true",
                    help="small run (< 3 min on a 2-core CPU): one shape (1024x1024 on CPU), "
-                        "T in 64, 256, 5 repetitions")
+                        "T in 64, 256, 5 repetitions, 1 warm-up")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
     p.add_argument("--dtype", default=None,
                    help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
@@ -1097,7 +1097,8 @@ def add_arguments(p) -> None:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--clusters", type=int, default=4)
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7; quick 5)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls per provider before timing (default 2; quick 1)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory metrics")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -1144,6 +1145,7 @@ def main_from_args(args) -> int:
     if args.quick:
         experts, ranks = experts[:3], ranks[:3]
     reps = args.reps or (5 if args.quick else 7)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     provs = [p.strip() for p in args.providers.split(",")] if args.providers else None
     base = Case(K=1, N=1, T=1, num_lora_experts=args.lora_experts,
@@ -1153,7 +1155,7 @@ def main_from_args(args) -> int:
                         ranks=ranks, base=base)
     t0 = time.time()
     res = run_bench(cases, args.sweep, device=device, dtype=dtype, modes=modes, providers=provs,
-                    reps=reps, warmup=args.warmup, memory=not args.no_memory,
+                    reps=reps, warmup=warmup, memory=not args.no_memory,
                     progress=not args.no_progress, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
     stem = f"bench_{args.sweep}_{dev_type}_{_dtype_name(dtype)}"
