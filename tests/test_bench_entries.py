@@ -189,6 +189,14 @@ def test_cli_bench_parses_and_runs(tmp_path, capsys):
     assert (tmp_path / "bench_T_cpu_float32.csv").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cli_bench_cuda_without_gpu_says_so(tmp_path, capsys):
+    from slim_kernels.cli import main
+
+    assert main(["bench", "--device", "cuda", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------
 # pytest-benchmark entries (skipped unless --run-benchmarks)
 # ---------------------------------------------------------------------------------------
@@ -211,3 +219,4 @@ def test_bench_entry(benchmark, provider, mode):
     prep, timed = bench._step(runner, mode, inp.dy)
     benchmark.group = f"slim_linear 1024x1024 T=256 {mode}"
     benchmark.pedantic(timed, setup=prep, rounds=10, warmup_rounds=2, iterations=1)
+
