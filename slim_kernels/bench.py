@@ -37,7 +37,8 @@ Metrics, one CSV schema (``CSV_COLUMNS``):
 * ``peak_MB``: peak of the bytes allocated *during* the call above what was allocated at its
   start (outputs, saved activations, temporaries). CUDA: ``torch.cuda.max_memory_allocated``.
   CPU: the allocation / free events of ``torch.profiler(profile_memory=True)`` summed in time
-  order (CPU allocator only; one untimed call).
+  order (CPU allocator only; one untimed call; the untimed forward before a timed backward
+  is profiled too, so the activations backward frees are counted as freed).
 * ``saved_MB`` (forward mode only): bytes of the tensors autograd keeps for backward, not
   counting the inputs and parameters themselves (``saved_tensors_hooks``; distinct storages).
 
@@ -546,29 +547,36 @@ class _quiet_fd2:
         return False
 
 
-def _cpu_peak_bytes(fn: Callable[[], object]) -> float:
-    """Peak of (allocated - allocated at start) during ``fn`` from the profiler's memory
-    events (CPU allocator)."""
+def _cpu_peak_bytes(prep: Callable[[], None], timed: Callable[[], object]) -> float:
+    """Peak of (allocated - allocated when ``timed`` starts) during ``timed``, from the
+    profiler's allocation / free events (CPU allocator). ``prep`` runs inside the profiler
+    too, so that blocks it allocates (the graph of a forward before a timed backward) are
+    seen when ``timed`` frees them; frees of blocks older than the profiler are not seen."""
     from torch.profiler import ProfilerActivity, profile
 
     keep = []
     with _quiet_fd2():  # kineto prints profiler_start/stop lines on fd 2
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            keep.append(fn())
+            prep()
+            mark = time.time_ns()  # the profiler's event clock is the epoch clock
+            keep.append(timed())
     # CPU-only profiling: every [memory] event is a CPU allocation (+) or free (-)
     evs = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                  if e.name() == "[memory]")
-    cur = peak = 0
-    for _, nb in evs:
+    level = sum(nb for t, nb in evs if t < mark)
+    cur = peak = level
+    for t, nb in evs:
+        if t < mark:
+            continue
         cur += nb
         peak = max(peak, cur)
     del keep
-    return float(peak)
+    return float(peak - level)
 
 
 def _peak_bytes(device: str, prep, timed) -> float:
-    prep()
     if torch.device(device).type == "cuda":
+        prep()
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -577,7 +585,7 @@ def _peak_bytes(device: str, prep, timed) -> float:
         peak = torch.cuda.max_memory_allocated() - start
         del out
         return float(peak)
-    return _cpu_peak_bytes(timed)
+    return _cpu_peak_bytes(prep, timed)
 
 
 def _saved_bytes(runner: Runner, inp: Inputs) -> float:
