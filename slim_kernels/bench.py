@@ -639,7 +639,27 @@ def versions_string(device: str) -> str:
     else:
         v.append(f"cpu={platform.machine()}x{os.cpu_count()}")
     v.append(f"threads={torch.get_num_threads()}")
+    rev = _git_rev()
+    if rev:
+        v.append(f"git={rev}")
     return ";".join(v)
+
+
+def _git_rev() -> str:
+    """Short commit of the checkout the package runs from ('' when not a git checkout)."""
+    import subprocess
+
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return ""
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except Exception:
+        return ""
 
 
 def _dtype_name(dt: torch.dtype) -> str:
