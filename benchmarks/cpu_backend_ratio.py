@@ -42,7 +42,8 @@ def main(argv=None):
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--modes", default="sparse,dense,sparse-fused")
+    p.add_argument("--modes", default="sparse,dense",
+                   help="cpp variants, comma-separated MODE or MODE:BLOCK (tokens per block)")
     p.add_argument("--scenarios", default="paper,lora2")
     p.add_argument("--no-torch-backend", action="store_true")
     p.add_argument("--csv", default=None, help="write provider,mode,scenario,metric,ms,ratio rows")
@@ -92,7 +93,9 @@ def main(argv=None):
     for scen in scen_list:
         for m in modes:
             def run(grad, m=m, scen=scen):
-                os.environ["SLIM_KERNELS_CPP_MODE"] = m
+                name, _, blk = m.partition(":")
+                os.environ["SLIM_KERNELS_CPP_MODE"] = name
+                os.environ["SLIM_KERNELS_CPP_BLOCK"] = blk
                 with torch.set_grad_enabled(grad):
                     return slim("cpp", scen, grad)
             variants[("cpp", m, scen, "fwd")] = lambda run=run: run(False)

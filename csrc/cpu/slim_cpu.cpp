@@ -42,11 +42,17 @@
 namespace slim_cpu {
 namespace {
 
-constexpr int64_t kTokenBlock = 64;
+constexpr int64_t kDefaultTokenBlock = 128;
 
-// modes: bit 0 = sparse (only the selected experts), bit 1 = fused base GEMM per block
+// mode: bit 0 = sparse (only the selected experts), bit 1 = fused base GEMM per block,
+// bits 8.. = tokens per block (0: the default)
 constexpr int64_t kSparse = 1;
 constexpr int64_t kFuseBase = 2;
+
+int64_t token_block(int64_t mode) {
+  const int64_t b = mode >> 8;
+  return b > 0 ? std::min<int64_t>(b, 4096) : kDefaultTokenBlock;
+}
 
 template <typename T>
 struct AccOf { using type = float; };
@@ -182,6 +188,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
   const bool do_yield = has_clusters && yield_strength != 0.0 && s.E > EL;
   const bool sparse = mode & kSparse;
   const bool fuse_base = (mode & kFuseBase) && is_acc_v<scalar_t>;
+  const int64_t kTokenBlock = token_block(mode);
 
   auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   at::TensorOptions aopt = x.options().dtype(acc_dtype);
@@ -349,6 +356,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const c10::optional<
   s.r = s.R / EL;
   const bool sparse = mode & kSparse;
   const bool has_xl = x_lora.has_value();
+  const int64_t kTokenBlock = token_block(mode);
 
   // dx = dy W: one GEMM over all tokens; the block pass adds dz R and dh A_all into it.
   at::Tensor dx = at::mm(dy, weight);

@@ -30,12 +30,21 @@ _MODES = {"dense": 0, "sparse": 1, "dense-fused": 2, "sparse-fused": 3}
 
 
 def _mode() -> int:
+    """Mode flags for the kernels: SLIM_KERNELS_CPP_MODE, and SLIM_KERNELS_CPP_BLOCK (tokens
+    per block, 0 = the kernels' default) in bits 8 and up."""
     name = os.environ.get("SLIM_KERNELS_CPP_MODE", "sparse").strip().lower() or "sparse"
     if name not in _MODES:
         raise ValueError(
             f"SLIM_KERNELS_CPP_MODE={name!r} is invalid: expected one of {', '.join(_MODES)}"
         )
-    return _MODES[name]
+    block = os.environ.get("SLIM_KERNELS_CPP_BLOCK", "").strip()
+    try:
+        blk = int(block) if block else 0
+    except ValueError:
+        blk = -1
+    if not 0 <= blk <= 4096:
+        raise ValueError(f"SLIM_KERNELS_CPP_BLOCK={block!r} is invalid: expected 1..4096 tokens")
+    return _MODES[name] | (blk << 8)
 
 
 def unavailable_reason() -> Optional[str]:
@@ -83,6 +92,6 @@ def backward(
     selected experts in sparse mode (unselected ones have g = 0, so dh, hg and dz vanish)."""
     dx, dx_lora, dA, dB, dR = torch.ops.slim_kernels_C.backward(
         dy, dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,
-        int(num_lora_experts), float(scaling), _mode() & 1,
+        int(num_lora_experts), float(scaling), _mode() & ~2,
     )
     return dx, (dx_lora if x_lora is not None else None), dA, dB, dR
