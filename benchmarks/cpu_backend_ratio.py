@@ -46,12 +46,19 @@ def main(argv=None):
                    help="cpp variants, comma-separated MODE or MODE:BLOCK (tokens per block)")
     p.add_argument("--scenarios", default="paper,lora2")
     p.add_argument("--no-torch-backend", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: perf_counter; cpu: process CPU time (robust to other jobs on a "
+                        "shared machine; use with --threads 1, since idle OpenMP spinning counts)")
     p.add_argument("--csv", default=None, help="write provider,mode,scenario,metric,ms,ratio rows")
     a = p.parse_args(argv)
     why = cpp_backend.unavailable_reason()
     if why:
         sys.exit(f"cpp backend unavailable: {why}")
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    clock = time.perf_counter if a.clock == "wall" else time.process_time
     torch.manual_seed(0)
     T, K, N, EL, EI, r, k = a.T, a.K, a.N, a.EL, a.EI, a.r, a.top_k
     E = EL + EI
@@ -120,18 +127,19 @@ def main(argv=None):
     for rnd in range(a.rounds):
         order = keys[rnd % len(keys):] + keys[: rnd % len(keys)]
         for key in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             variants[key]()
-            times[key].append(time.perf_counter() - t0)
+            times[key].append(clock() - t0)
     med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
     rows = []
     print(f"# T={T} K={K} N={N} E_L={EL} E_I={EI} r={r} top_k={k} fp32, threads="
-          f"{torch.get_num_threads()}, rounds={a.rounds} (interleaved, medians)")
+          f"{torch.get_num_threads()}, clock={a.clock}, rounds={a.rounds} (interleaved, medians)")
     print(f"{'provider':8s} {'mode':13s} {'scenario':8s} {'metric':8s} {'ms':>9s} {'x base':>7s}")
     for key in keys:
         prov, mode, scen, metric = key
         ratio = med[key] / med[("base", "-", "-", metric)]
         rows.append(dict(provider=prov, mode=mode, scenario=scen, metric=metric,
+                         threads=torch.get_num_threads(), clock=a.clock,
                          ms=round(med[key], 3), ratio=round(ratio, 4)))
         print(f"{prov:8s} {mode:13s} {scen:8s} {metric:8s} {med[key]:9.2f} {ratio:7.3f}")
     if a.csv:

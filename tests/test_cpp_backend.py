@@ -284,3 +284,24 @@ def test_bad_mode_env_raises(monkeypatch):
     p = make(3, dtype=torch.float32)
     with pytest.raises(ValueError, match="SLIM_KERNELS_CPP_MODE"):
         run_op(p, "cpp", top_k=2, grad=False)
+
+
+def test_fallback_without_raw_blas():
+    """SLIM_KERNELS_CPP_NO_RAW_BLAS=1: the kernels' GEMMs go through at::addmm_ instead of the
+    BLAS symbols (the path of a torch without an exported BLAS). Same results."""
+    import subprocess
+    import sys
+    code = (
+        "import sys, torch; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+        "import test_cpp_backend as t\n"
+        "assert t.cpp_backend.unavailable_reason() is None\n"
+        "assert not torch.ops.slim_kernels_C.raw_blas()\n"
+        "t.check(t.make(150, dtype=torch.float32, seed=3), 1e-5, top_k=2, yield_strength=0.5, use_x_lora=True)\n"
+        "t.check(t.make(37, dtype=torch.float64, seed=4), 1e-10, top_k=3)\n"
+        "print('ok')\n"
+    ) % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+         os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, SLIM_KERNELS_CPP_NO_RAW_BLAS="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr

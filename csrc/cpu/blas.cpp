@@ -1,7 +1,10 @@
 #include "blas.h"
 
 #include <ATen/ops/addmm.h>
+#include <cstdlib>
+#ifndef _WIN32
 #include <dlfcn.h>
+#endif
 
 namespace slim_cpu {
 namespace {
@@ -24,9 +27,14 @@ struct Blas {
   dgemm_t dgemm = nullptr;
   mkl_local_t mkl_local = nullptr;
   Blas() {
+#ifndef _WIN32  // elsewhere: the at::addmm_ fallback
+    // SLIM_KERNELS_CPP_NO_RAW_BLAS=1 forces the fallback (tests it on machines with MKL)
+    const char* off = std::getenv("SLIM_KERNELS_CPP_NO_RAW_BLAS");
+    if (off != nullptr && off[0] != '\0' && off[0] != '0') return;
     mkl_local = reinterpret_cast<mkl_local_t>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
     sgemm = reinterpret_cast<sgemm_t>(dlsym(RTLD_DEFAULT, "sgemm_"));
     dgemm = reinterpret_cast<dgemm_t>(dlsym(RTLD_DEFAULT, "dgemm_"));
+#endif
   }
 };
 

@@ -33,6 +33,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -237,17 +238,29 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
   const acc_t sc = static_cast<acc_t>(scaling);
   const acc_t lam = static_cast<acc_t>(yield_strength);
 
-  at::parallel_for(0, s.T, kTokenBlock, [&](int64_t begin, int64_t end) {
+  // Blocks are handed out dynamically (an atomic counter), not split in halves up front: on
+  // a shared machine a descheduled thread then delays the pass by one block, not by half
+  // of it. Block boundaries do not depend on the schedule, so results are deterministic.
+  const int64_t nblocks = (s.T + kTokenBlock - 1) / kTokenBlock;
+  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, nworkers, 1, [&](int64_t, int64_t) {
     SerialBlasGuard serial;
-    std::vector<acc_t> xbuf, xlbuf, z, xg, hbuf, hgbuf, ybuf, yacc;
+    std::vector<acc_t> xbuf, xlbuf, z, zt, xg, hbuf, hgbuf, ybuf, yacc;
     std::vector<std::vector<int64_t>> sel(static_cast<size_t>(s.EL));
-    for (int64_t t0 = begin; t0 < end; t0 += kTokenBlock) {
-      const int64_t tb = std::min(kTokenBlock, end - t0);
+    for (int64_t blk = next_block.fetch_add(1); blk < nblocks; blk = next_block.fetch_add(1)) {
+      const int64_t t0 = blk * kTokenBlock;
+      const int64_t tb = std::min(kTokenBlock, s.T - t0);
       const acc_t* xb = rows_as_acc<scalar_t, acc_t>(xp, t0, tb, s.K, xbuf);
       const acc_t* xab = xlp ? rows_as_acc<scalar_t, acc_t>(xlp, t0, tb, s.K, xlbuf) : xb;
       // ---- route: logits, distance, yielding, top-k, softmax
+      // zᵀ = R x_bᵀ (E, tb): this orientation of the skinny GEMM measured 1.6x faster in MKL
+      // than x_b Rᵀ (tb, E)
+      zt.resize(static_cast<size_t>(s.E * tb));
       z.resize(static_cast<size_t>(tb * s.E));
-      gemm(false, true, tb, s.E, s.K, acc_t(1), xb, s.K, Rp, s.K, acc_t(0), z.data(), s.E);
+      gemm(false, true, s.E, tb, s.K, acc_t(1), Rp, s.K, xb, s.K, acc_t(0), zt.data(), tb);
+      for (int64_t e = 0; e < s.E; ++e)
+        for (int64_t i = 0; i < tb; ++i) z[i * s.E + e] = zt[e * tb + i];
       for (auto& v : sel) v.clear();
       for (int64_t i = 0; i < tb; ++i) {
         const int64_t t = t0 + i;
