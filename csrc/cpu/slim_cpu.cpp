@@ -405,11 +405,17 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const c10::optional<
   scalar_t* dxlp = has_xl ? dx_lora.data_ptr<scalar_t>() : nullptr;
   const acc_t sc = static_cast<acc_t>(scaling);
 
-  // contiguous token chunks, one partial sum of the weight grads each (deterministic for a
-  // given thread count)
+  // Contiguous token chunks, one partial sum of the weight grads each. The chunking depends
+  // on T only (up to kMaxChunks chunks, more only with more threads), so the summation order,
+  // hence the result, is the same for every run and thread count <= kMaxChunks. Chunks are
+  // handed out dynamically: on a shared machine a descheduled thread delays one chunk, not
+  // half the pass.
+  constexpr int64_t kMaxChunks = 8;
   const int64_t nblocks = (s.T + kTokenBlock - 1) / kTokenBlock;
-  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+  const int64_t nchunks = std::max<int64_t>(
+      1, std::min<int64_t>(std::max<int64_t>(kMaxChunks, at::get_num_threads()), nblocks));
   const int64_t per_chunk = ((nblocks + nchunks - 1) / nchunks) * kTokenBlock;
+  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks));
   auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   at::TensorOptions aopt = x.options().dtype(acc_dtype);
   at::Tensor dA_p = at::zeros({nchunks, s.R, s.K}, aopt);
@@ -418,12 +424,13 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const c10::optional<
   acc_t* dAp_all = dA_p.data_ptr<acc_t>();
   acc_t* dBp_all = dB_p.data_ptr<acc_t>();
   acc_t* dRp_all = dR_p.data_ptr<acc_t>();
+  std::atomic<int64_t> next_chunk{0};
 
-  at::parallel_for(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
+  at::parallel_for(0, nworkers, 1, [&](int64_t, int64_t) {
     SerialBlasGuard serial;
     std::vector<acc_t> dybuf, xbuf, xlbuf, G, X, dhg, hg, dh, tmp, dz, dg, dxacc, dxlacc;
     std::vector<std::vector<int64_t>> sel(static_cast<size_t>(s.EL));
-    for (int64_t c = cbegin; c < cend; ++c) {
+    for (int64_t c = next_chunk.fetch_add(1); c < nchunks; c = next_chunk.fetch_add(1)) {
       acc_t* dAp = dAp_all + c * s.R * s.K;
       acc_t* dBp = dBp_all + c * s.N * s.R;
       acc_t* dRp = dRp_all + c * s.E * s.K;
