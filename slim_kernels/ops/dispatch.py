@@ -79,7 +79,7 @@ def _resolve(requested: str, device: str, dtype: torch.dtype) -> str:
         if isinstance(mod, str):
             raise RuntimeError(
                 f"backend={requested!r} was requested but cannot run: {mod}. "
-                f"To use it: {_HOW_TO_FIX[requested]}."
+                f"To use it: {_HOW_TO_FIX[requested]}"
             )
         why = mod.unsupported_reason(probe)
         if why:
