@@ -47,6 +47,8 @@ _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def unavailable_reason() -> Optional[str]:
     if _IMPORT_ERROR is not None:
         return f"triton does not import ({_IMPORT_ERROR})"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "no CUDA device is available (and TRITON_INTERPRET=1 is not set)"
     return None
 
 
