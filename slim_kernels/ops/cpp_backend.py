@@ -56,7 +56,7 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def unsupported_reason(x: Tensor) -> Optional[str]:
+def unsupported_reason(x: Tensor, lora_cols: int = 0, num_experts: int = 0) -> Optional[str]:
     if x.device.type != "cpu":
         return f"the cpp backend runs on CPU tensors, got a tensor on {x.device}"
     if x.dtype not in _SUPPORTED:

@@ -38,9 +38,11 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def unsupported_reason(x: Tensor) -> Optional[str]:
+def unsupported_reason(x: Tensor, lora_cols: int = 0, num_experts: int = 0) -> Optional[str]:
     if x.device.type != "cuda":
         return f"the cuda backend runs on CUDA tensors, got a tensor on {x.device}"
+    if num_experts > MAX_EXPERTS:
+        return f"the cuda backend handles at most {MAX_EXPERTS} experts, got {num_experts}"
     if x.dtype not in _SUPPORTED:
         return f"the cuda backend supports float32/float64/bfloat16/float16, got {x.dtype}"
     return None

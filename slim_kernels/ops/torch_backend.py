@@ -25,7 +25,7 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def unsupported_reason(x: Tensor) -> Optional[str]:
+def unsupported_reason(x: Tensor, lora_cols: int = 0, num_experts: int = 0) -> Optional[str]:
     return None
 
 
