@@ -1,8 +1,10 @@
 """Data-parallel synchronisation of the SLIM cluster statistics (spec section 2).
 
 Every rank must hold identical clusters: counts, sums and sums of squares are all-reduced
-before each EMA update (as SyncBatchNorm does), and the initial centres are taken from rank
-0's first batch and broadcast. Outside torch.distributed (or with one rank) these are no-ops.
+before each EMA update (as SyncBatchNorm does), and the initial centres are C random tokens of
+the global first batch (all ranks' tokens in rank order; rank 0 draws the indices and
+broadcasts them, the rank holding each token contributes it). Outside torch.distributed (or
+with one rank) these are no-ops.
 """
 from __future__ import annotations
 
