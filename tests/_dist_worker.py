@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2`` (gloo, CPU).
 
-    torchrun --nproc_per_node 2 tests/_dist_worker.py OUT_DIR
+    torchrun --nproc_per_node 2 tests/_dist_worker.py OUT_DIR [deepspeed]
 
 Writes, per rank, ``ddp_rank{r}.pt`` and ``fsdp_rank{r}.pt`` into OUT_DIR; the test process
 compares them with each other and with a single-process run (:func:`run_ddp_case` with
@@ -53,9 +53,18 @@ def adapter_params(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: p.detach().clone() for k, p in recipe.unwrap(model).named_parameters() if p.requires_grad}
 
 
+def deepspeed_config(stage: int) -> Dict[str, object]:
+    return {"train_micro_batch_size_per_gpu": BATCH_PER_RANK, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage,
+                                  # partition even tiny parameters (default keeps < 1e5 whole)
+                                  "stage3_param_persistence_threshold": 0},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+
+
 def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool = False):
     """Train STEPS steps on this rank's shard of the global batches; world=1 is the
-    single-process run on the whole global batch (engine='none')."""
+    single-process run on the whole global batch (engine='none'). engine: none | ddp |
+    zero2 | zero3 (DeepSpeed)."""
     model = recipe.build_model("mlp", seed=0, vocab=VOCAB)
     # ranks seeded differently on purpose (rank 0 like the single process): the cluster init
     # draws its tokens on rank 0 and broadcasts them, so the other seeds must not matter
@@ -65,21 +74,42 @@ def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool 
         if forward_sync:
             kw = {k: True for k in kw}
         model = nn.parallel.DistributedDataParallel(model, **kw)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ds = None
+    if engine.startswith("zero"):
+        import deepspeed
+
+        ds, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=params,
+                                             config=deepspeed_config(int(engine[-1])))
     losses = []
     for step in range(STEPS):
         ids = recipe.shard(recipe.global_batch(step, WORLD * BATCH_PER_RANK, SEQ, VOCAB), rank, world)
         mask = recipe.shard(step_mask(step), rank, world)
         with sk.token_mask(mask):
-            loss = recipe.lm_loss(model, ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+            loss = recipe.lm_loss(ds or model, ids)
+        if ds is not None:
+            ds.backward(loss)
+            ds.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         g = loss.detach().clone()
         if world > 1:
             dist.all_reduce(g)
         losses.append(g.item() / world)
-    return {"losses": losses, "clusters": cluster_buffers(model), "params": adapter_params(model)}
+    res = {"losses": losses, "clusters": cluster_buffers(model)}
+    if engine == "zero3":
+        import deepspeed
+
+        layer = next(m for _, m in sk.slim_modules(model))
+        res["partitioned"] = (layer.weight.numel(), layer.lora_A.numel())  # 0, 0 outside forward
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            res["params"] = adapter_params(model)
+    else:
+        res["params"] = adapter_params(model)
+    return res
 
 
 def run_fsdp_case(rank: int, out: str) -> Dict[str, object]:
@@ -147,6 +177,16 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == WORLD, world
+    if sys.argv[2:] == ["deepspeed"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")  # reuses the group above
+        res = {e: run_ddp_case(rank, world, engine=e) for e in ("zero2", "zero3")}
+        torch.save(res, os.path.join(out, f"ds_rank{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     res = run_ddp_case(rank, world)
     res["forward_sync"] = run_ddp_case(rank, world, forward_sync=True)
     torch.save(res, os.path.join(out, f"ddp_rank{rank}.pt"))
