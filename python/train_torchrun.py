@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 python/train_torchrun.py --engine ddp   --steps 20
     torchrun --nproc_per_node 2 python/train_torchrun.py --engine fsdp2 --steps 20 --save out/adapters.pt
+    torchrun --nproc_per_node 2 python/train_torchrun.py --engine zero3 --steps 20   # pip install deepspeed
 
 On CPU it uses the gloo backend, on GPUs nccl (one process per GPU). The model is a small
 causal LM built from blocks (``--model mlp``: our own residual MLP blocks; ``--model llama``:
@@ -189,7 +190,21 @@ def wrap(model: nn.Module, engine: str, device: torch.device) -> nn.Module:
         return model
     if engine == "none":
         return model
-    raise ValueError(f"--engine {engine!r}: expected ddp, fsdp2 or none")
+    raise ValueError(f"--engine {engine!r}: expected ddp, fsdp2, zero2, zero3 or none")
+
+
+def deepspeed_engine(model: nn.Module, stage: int, lr: float, batch_per_rank: int):
+    """DeepSpeed ZeRO-``stage`` around ``model`` with a torch AdamW (no compiled DeepSpeed ops
+    needed). On CPU set DS_ACCELERATOR=cpu (this recipe does) and use the gloo backend."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    cfg = {"train_micro_batch_size_per_gpu": batch_per_rank, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": stage},
+           "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=lr),
+                                           model_parameters=params, config=cfg)
+    return engine
 
 
 def train(engine: str = "ddp", model_kind: str = "mlp", steps: int = 10, batch_per_rank: int = 4,
@@ -200,16 +215,24 @@ def train(engine: str = "ddp", model_kind: str = "mlp", steps: int = 10, batch_p
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = build_model(model_kind, seed=seed, vocab=vocab).to(device)
-    model = wrap(model, engine, device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ds = None
+    if engine in ("zero2", "zero3"):
+        ds = deepspeed_engine(model, int(engine[-1]), lr, batch_per_rank)
+    else:
+        model = wrap(model, engine, device)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     t0 = time.time()
     for step in range(steps):
         ids = shard(global_batch(step, batch_per_rank * world, seq, vocab), rank, world).to(device)
-        loss = lm_loss(model, ids) + sk.aux_loss(unwrap(model))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = lm_loss(ds or model, ids) + sk.aux_loss(unwrap(model))
+        if ds is not None:
+            ds.backward(loss)
+            ds.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         g = loss.detach().clone()
         if world > 1:
             dist.all_reduce(g)
@@ -218,7 +241,14 @@ def train(engine: str = "ddp", model_kind: str = "mlp", steps: int = 10, batch_p
             print(f"step {step:4d}  loss {losses[-1]:.4f}", flush=True)
     out: Dict[str, object] = {"losses": losses, "seconds": time.time() - t0, "world": world}
     if save:
-        sd = full_adapter_state_dict(model)
+        if ds is not None:  # DeepSpeed: gather ZeRO-3 partitions (a no-op for ZeRO-2)
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                      if is_adapter_key(model, k)}
+        else:
+            sd = full_adapter_state_dict(model)
         if rank == 0:
             os.makedirs(os.path.dirname(os.path.abspath(save)), exist_ok=True)
             torch.save(sd, save)
@@ -229,7 +259,8 @@ def train(engine: str = "ddp", model_kind: str = "mlp", steps: int = 10, batch_p
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--engine", choices=("ddp", "fsdp2", "none"), default="ddp")
+    ap.add_argument("--engine", choices=("ddp", "fsdp2", "zero2", "zero3", "none"), default="ddp",
+                    help="zero2/zero3: DeepSpeed ZeRO (pip install deepspeed)")
     ap.add_argument("--model", choices=("mlp", "llama"), default="mlp")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-per-rank", type=int, default=4)
@@ -241,6 +272,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     distributed = "RANK" in os.environ and args.engine != "none"
+    if args.engine.startswith("zero") and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if distributed:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
