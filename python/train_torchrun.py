@@ -26,6 +26,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -56,11 +57,15 @@ class TinyLM(nn.Module):
         self.layers = nn.ModuleList(Block(d, hidden) for _ in range(layers))
         self.norm = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.gradient_checkpointing = False  # re-run each block in backward (like HF)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(input_ids)
         for block in self.layers:
-            h = block(h)
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+            else:
+                h = block(h)
         return self.lm_head(self.norm(h))
 
 

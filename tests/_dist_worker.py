@@ -61,11 +61,13 @@ def deepspeed_config(stage: int) -> Dict[str, object]:
             "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
 
 
-def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool = False):
+def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool = False,
+                 checkpointing: bool = False):
     """Train STEPS steps on this rank's shard of the global batches; world=1 is the
     single-process run on the whole global batch (engine='none'). engine: none | ddp |
     zero2 | zero3 (DeepSpeed)."""
     model = recipe.build_model("mlp", seed=0, vocab=VOCAB)
+    model.gradient_checkpointing = checkpointing
     # ranks seeded differently on purpose (rank 0 like the single process): the cluster init
     # draws its tokens on rank 0 and broadcasts them, so the other seeds must not matter
     torch.manual_seed(1000 + rank)
@@ -172,6 +174,28 @@ def run_fsdp_case(rank: int, out: str) -> Dict[str, object]:
     return res
 
 
+def run_fsdp_bf16_case(rank: int) -> Dict[str, object]:
+    """FSDP2 with a bf16 MixedPrecisionPolicy: the op sees bf16 gathered weights, the cluster
+    buffers stay fp32 and identical on the ranks."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = recipe.build_model("mlp", seed=0, vocab=VOCAB)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in recipe.blocks_of(model):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    for step in range(6):
+        ids = recipe.shard(recipe.global_batch(step, WORLD * BATCH_PER_RANK, SEQ, VOCAB), rank, WORLD)
+        loss = recipe.lm_loss(model, ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {"losses": losses, "clusters": cluster_buffers(model)}
+
+
 def main() -> None:
     out = sys.argv[1]
     dist.init_process_group("gloo")
@@ -189,6 +213,8 @@ def main() -> None:
         return
     res = run_ddp_case(rank, world)
     res["forward_sync"] = run_ddp_case(rank, world, forward_sync=True)
+    res["checkpointing"] = run_ddp_case(rank, world, checkpointing=True)
+    res["fsdp_bf16"] = run_fsdp_bf16_case(rank)
     torch.save(res, os.path.join(out, f"ddp_rank{rank}.pt"))
     torch.save(run_fsdp_case(rank, out), os.path.join(out, f"fsdp_rank{rank}.pt"))
     dist.barrier()

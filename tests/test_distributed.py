@@ -96,6 +96,27 @@ def test_ddp_buffer_sync_on_or_off_changes_nothing(ranks):
             assert torch.equal(off["clusters"][k], on["clusters"][k]), k
 
 
+def test_ddp_gradient_checkpointing_updates_clusters_once(ranks):
+    """Checkpointed blocks re-run forward in backward; the re-run must neither update the
+    clusters again nor issue collectives: same clusters as without checkpointing."""
+    ddp, _ = ranks
+    for r in range(2):
+        plain, ckpt = ddp[r], ddp[r]["checkpointing"]
+        for k in plain["clusters"]:
+            assert torch.equal(plain["clusters"][k], ckpt["clusters"][k]), k
+        torch.testing.assert_close(torch.tensor(ckpt["losses"]), torch.tensor(plain["losses"]))
+
+
+def test_fsdp2_bf16_mixed_precision_keeps_clusters_fp32_and_identical(ranks):
+    ddp, _ = ranks
+    a, b = ddp[0]["fsdp_bf16"], ddp[1]["fsdp_bf16"]
+    for k in a["clusters"]:
+        assert torch.equal(a["clusters"][k], b["clusters"][k]), k
+        if k.endswith(("centers", "vars")):
+            assert a["clusters"][k].dtype == torch.float32
+    assert all(torch.isfinite(torch.tensor(x["losses"])).all() for x in (a, b))
+
+
 def test_fsdp2_gathers_base_weight_for_the_op_and_trains(ranks):
     _, fsdp = ranks
     for res in fsdp:
