@@ -275,3 +275,14 @@ def test_routing_stats_and_no_lora_mixture():
     st = sk.routing_stats(layer, reset=True)[""]
     assert st["tokens"] == 10 and st["identity_mass"] == 0.0
     assert sk.routing_stats(layer)[""]["tokens"] == 0
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    lin, layer = make_layer(dtype=torch.float32)
+    layer.eval()
+    x = torch.randn(4, 45)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y32 = layer(x)
+    assert (y.float() - y32).abs().max() < 0.1 * y32.abs().max()
