@@ -110,5 +110,7 @@ def test_wheel_installs_offline_and_runs(tmp_path):
     assert installed.startswith(str(venv)), f"imported {installed}, not the venv's copy"
     backends = out.split("BACKENDS ", 1)[1].splitlines()[0].split(",")
     assert "torch" in backends
+    info = _run([str(venv / "bin" / "slim-kernels"), "info"], env=env, cwd=work).stdout
+    assert info.startswith("slim_kernels ") and "backends available here" in info, info
     if ext_in_wheel:
         assert "cpp" in backends, f"the wheel carries {ext_in_wheel} but the cpp backend is unavailable"
