@@ -19,6 +19,7 @@ broadcast per step; ``True`` also works and changes nothing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -99,10 +100,13 @@ def add_slim(model: nn.Module, config: SlimConfig) -> nn.Module:
 
 
 def build_model(kind: str = "mlp", seed: int = 0, slim: Optional[SlimConfig] = None,
-                **sizes) -> nn.Module:
-    """The same model on every rank: seeded construction (DDP broadcasts rank 0's anyway)."""
+                base_context=None, **sizes) -> nn.Module:
+    """The same model on every rank: seeded construction (DDP broadcasts rank 0's anyway).
+    ``base_context`` wraps the construction of the base model only (e.g.
+    ``deepspeed.zero.Init(...)``, which partitions it as it is built); SLIM is added after."""
     torch.manual_seed(seed)
-    model = TinyLM(**sizes) if kind == "mlp" else tiny_llama(**sizes)
+    with base_context if base_context is not None else contextlib.nullcontext():
+        model = TinyLM(**sizes) if kind == "mlp" else tiny_llama(**sizes)
     if slim is None:
         slim = SlimConfig(num_lora_experts=4, num_identity_experts=1, rank=4, alpha=8.0,
                           top_k=2, num_clusters=3, cluster_momentum=0.1, backend="torch")

@@ -91,7 +91,8 @@ class SlimLinear(nn.Module):
         if not isinstance(config, SlimConfig):
             raise TypeError(f"config must be a SlimConfig, got {type(config).__name__}")
         self.config = config
-        self.out_features, self.in_features = weight.shape
+        # full_shape: a linear built under deepspeed.zero.Init is already partitioned
+        self.out_features, self.in_features = _dist.full_shape(weight)
         weight.requires_grad_(False)
         if bias is not None:
             bias.requires_grad_(False)

@@ -66,7 +66,12 @@ def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool 
     """Train STEPS steps on this rank's shard of the global batches; world=1 is the
     single-process run on the whole global batch (engine='none'). engine: none | ddp |
     zero2 | zero3 (DeepSpeed)."""
-    model = recipe.build_model("mlp", seed=0, vocab=VOCAB)
+    base_context = None
+    if engine == "zero3init":  # the base model is partitioned while it is built
+        import deepspeed
+
+        base_context = deepspeed.zero.Init(config_dict_or_path=deepspeed_config(3))
+    model = recipe.build_model("mlp", seed=0, vocab=VOCAB, base_context=base_context)
     model.gradient_checkpointing = checkpointing
     # ranks seeded differently on purpose (rank 0 like the single process): the cluster init
     # draws its tokens on rank 0 and broadcasts them, so the other seeds must not matter
@@ -83,7 +88,7 @@ def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool 
         import deepspeed
 
         ds, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=params,
-                                             config=deepspeed_config(int(engine[-1])))
+                                             config=deepspeed_config(int(engine[4])))
     losses = []
     for step in range(STEPS):
         ids = recipe.shard(recipe.global_batch(step, WORLD * BATCH_PER_RANK, SEQ, VOCAB), rank, world)
@@ -102,7 +107,7 @@ def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool 
             dist.all_reduce(g)
         losses.append(g.item() / world)
     res = {"losses": losses, "clusters": cluster_buffers(model)}
-    if engine == "zero3":
+    if engine in ("zero3", "zero3init"):
         import deepspeed
 
         layer = next(m for _, m in sk.slim_modules(model))
@@ -206,7 +211,7 @@ def main() -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")  # reuses the group above
-        res = {e: run_ddp_case(rank, world, engine=e) for e in ("zero2", "zero3")}
+        res = {e: run_ddp_case(rank, world, engine=e) for e in ("zero2", "zero3", "zero3init")}
         torch.save(res, os.path.join(out, f"ds_rank{rank}.pt"))
         dist.barrier()
         dist.destroy_process_group()

@@ -168,13 +168,14 @@ def _has_deepspeed():
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed is not installed (pip install deepspeed)")
 def test_deepspeed_zero2_zero3_match_single_process(tmp_path, single):
-    """DeepSpeed ZeRO-2 and ZeRO-3 (every parameter partitioned) on 2 CPU ranks (gloo):
+    """DeepSpeed ZeRO-2 and ZeRO-3 (every parameter partitioned; also with the base model
+    built under ``deepspeed.zero.Init``, then SLIM swapped in) on 2 CPU ranks (gloo):
     same losses, adapters and clusters as one process on the global batch; clusters
     bit-identical across ranks; under ZeRO-3 the layer's parameters are empty outside forward,
     so the op must have read the gathered base weight."""
     _torchrun([os.path.join(HERE, "_dist_worker.py"), str(tmp_path), "deepspeed"], timeout=500)
     ds = [torch.load(tmp_path / f"ds_rank{r}.pt") for r in range(2)]
-    for engine in ("zero2", "zero3"):
+    for engine in ("zero2", "zero3", "zero3init"):  # zero3init: base built under zero.Init
         a, b = ds[0][engine], ds[1][engine]
         torch.testing.assert_close(torch.tensor(a["losses"]), torch.tensor(single["losses"]),
                                    rtol=1e-5, atol=1e-6)
@@ -186,6 +187,7 @@ def test_deepspeed_zero2_zero3_match_single_process(tmp_path, single):
             if v.is_floating_point():
                 torch.testing.assert_close(a["clusters"][k], v, rtol=1e-5, atol=1e-6)
     assert ds[0]["zero3"]["partitioned"] == (0, 0)
+    assert ds[0]["zero3init"]["partitioned"] == (0, 0)
 
 
 @pytest.mark.slow

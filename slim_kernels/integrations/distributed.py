@@ -45,6 +45,13 @@ def broadcast_(t: torch.Tensor, src_rank: int = 0) -> torch.Tensor:
     return t
 
 
+def full_shape(weight: torch.Tensor) -> torch.Size:
+    """The logical shape of a (possibly partitioned) parameter: DeepSpeed ZeRO-3 leaves an
+    empty tensor in ``.data`` and keeps the real shape in ``ds_shape``; FSDP2's DTensors
+    already report their global shape."""
+    return getattr(weight, "ds_shape", None) or weight.shape
+
+
 def rank() -> int:
     return dist.get_rank(_GROUP) if _active() else 0
 
