@@ -96,10 +96,16 @@ def test_wheel_installs_offline_and_runs(tmp_path):
         assert whl.endswith("-py3-none-any.whl"), whl
 
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], env=env)
+    mk = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+                        env=env, capture_output=True, text=True)
     py = str(venv / "bin" / "python")
-    _run([py, "-m", "pip", "install", "--no-index", "--no-deps", "--force-reinstall", whl],
-         env=env, cwd=tmp_path)
+    install = ["install", "--no-index", "--no-deps", "--force-reinstall", whl]
+    if mk.returncode == 0:
+        _run([py, "-m", "pip", *install], env=env, cwd=tmp_path)
+    else:  # no ensurepip (e.g. Debian without python3-venv): drive the venv with our pip
+        shutil.rmtree(venv, ignore_errors=True)
+        _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], env=env)
+        _run([sys.executable, "-m", "pip", "--python", py, *install], env=env, cwd=tmp_path)
     work = tmp_path / "elsewhere"  # not the repository: import the installed copy
     work.mkdir()
     (work / "smoke.py").write_text(SMOKE)
