@@ -1,0 +1,49 @@
+"""Write benchmarks/triton_resources.csv: registers, spills and shared memory of every SLIM
+Triton kernel at every block configuration the launchers use on a GPU, for sm_80 and sm_90,
+compiled ahead of time (no GPU needed; ptxas report + compiled metadata).
+
+    python benchmarks/triton_resources.py [--out benchmarks/triton_resources.csv]
+"""
+import argparse
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "triton_resources.csv"))
+    a = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # interpreted kernels cannot compile
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        raise SystemExit(subprocess.call([sys.executable, __file__, "--out", a.out], env=env))
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    sys.path.insert(0, str(ROOT))
+    import triton
+    from slim_kernels.triton_kernels import aot
+
+    specs = aot.kernel_specs("bf16", lora_cols=(None, 1024)) + aot.kernel_specs("fp32")
+    dtypes = ["bf16"] * len(aot.kernel_specs("bf16", lora_cols=(None, 1024)))
+    dtypes += ["fp32"] * (len(specs) - len(dtypes))
+    cols = ["kernel", "variant", "dtype", "arch", "num_warps", "num_stages", "n_regs",
+            "spill_stores", "spill_loads", "n_spills", "shared", "smem_limit", "wgmma",
+            "shape", "triton"]
+    shape = "T={T},K={K},N={N},E_L={E_L},r={r},E_I={E_I},C={C}".format(**aot.BENCH)
+    with open(a.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for sp, dt in zip(specs, dtypes):
+            for row in aot.run([sp]):
+                row.update(dtype=dt, shape=shape, triton=triton.__version__)
+                w.writerow({k: row[k] for k in cols})
+                f.flush()
+                print(",".join(str(row[k]) for k in cols[:13]), flush=True)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

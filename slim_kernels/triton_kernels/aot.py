@@ -1,0 +1,222 @@
+"""Ahead-of-time compilation of the SLIM kernels for real GPUs, without a GPU.
+
+``kernel_specs()`` lists every kernel at each block configuration the launchers use on a GPU
+(``backend.route_config`` and ``backend.linear_configs``), with the argument
+specialisation Triton's JIT would apply at the benchmark shape (16-byte-aligned pointers,
+integers divisible by 16 marked so, unit strides as the constant 1). ``compile_spec`` runs
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and ``resources``
+reads the shared memory from the compiled metadata and the registers and spills from the
+ptxas report (the bundled ptxas run with -v on the PTX, with the flags Triton uses).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import kernels as K
+from .backend import _pad16, linear_configs, route_config
+
+# the benchmark shape of the issue: T=8192, K=N=4096, E_L=8, r=16, E_I=2, top_k=2, C=4
+BENCH = dict(T=8192, K=4096, N=4096, E_L=8, r=16, E_I=2, top_k=2, C=4)
+SMEM_LIMIT = {80: 166912, 90: 232448}  # max dynamic shared memory per block (bytes)
+
+
+@dataclass
+class Spec:
+    name: str       # kernel name
+    variant: str    # what the launch computes / config label
+    fn: object      # the @triton.jit function
+    args: Dict[str, object]   # runtime args: "*bf16"-style pointer types or example ints/floats
+    constexprs: Dict[str, object]
+    num_warps: int
+    num_stages: int
+    meta: Dict[str, object] = field(default_factory=dict)
+
+
+def _signature(spec: Spec):
+    """signature, constexprs, attrs as the JIT would specialise the example arguments."""
+    sig, cons, attrs = {}, dict(spec.constexprs), {}
+    names = spec.fn.arg_names
+    for i, n in enumerate(names):
+        if n in spec.constexprs:
+            sig[n] = "constexpr"
+            continue
+        v = spec.args[n]
+        if isinstance(v, str):  # pointer
+            sig[n] = v
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[n] = "fp32"
+        elif isinstance(v, int):
+            if v == 1:
+                sig[n] = "constexpr"
+                cons[n] = 1
+            else:
+                sig[n] = "i32"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise TypeError(f"{n}: {v!r}")
+    return sig, cons, attrs
+
+
+def compile_spec(spec: Spec, arch: int):
+    sig, cons, attrs = _signature(spec)
+    src = ASTSource(fn=spec.fn, signature=sig, constexprs=cons, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+
+
+def _ptxas_report(ptx: str, arch: int) -> Dict[str, int]:
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.ptx")
+        with open(p, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                            f"--gpu-name={sm_arch_from_capability(arch)}", p, "-o",
+                            os.path.join(d, "k.o")], capture_output=True, text=True, check=True)
+    log = r.stderr + r.stdout
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return dict(n_regs=int(regs.group(1)) if regs else -1,
+                spill_stores=int(spill.group(1)) if spill else 0,
+                spill_loads=int(spill.group(2)) if spill else 0)
+
+
+def resources(compiled, arch: int) -> Dict[str, int]:
+    out = _ptxas_report(compiled.asm["ptx"], arch)
+    out["n_spills"] = out["spill_stores"] + out["spill_loads"]
+    out["shared"] = int(compiled.metadata.shared)
+    out["wgmma"] = int("wgmma" in compiled.asm["ptx"])
+    return out
+
+
+def _ptr(dt):
+    return "*" + {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dt]
+
+
+def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
+                 lora_cols=(None,)) -> List[Spec]:
+    """Every kernel at each block configuration used on a GPU, at ``shape`` (default BENCH).
+
+    lora_cols: extra E_L·r widths for the route kernels (None = the shape's E_L·r)."""
+    s = dict(BENCH if shape is None else shape)
+    T, Kd, N, E_L, r, E_I, C = s["T"], s["K"], s["N"], s["E_L"], s["r"], s["E_I"], s["C"]
+    E = E_L + E_I
+    P = _ptr(dtype)
+    half = dtype != "fp32"
+    prec = "tf32" if half else "ieee"
+    specs: List[Spec] = []
+    for er in lora_cols:
+        ER = E_L * r if er is None else er
+        R = ER // E_L if er is None else er // E_L
+        RP, EP = _pad16(ER), _pad16(E)
+        bt, bk, w, st, hb = route_config(RP, interpret=False, fp32=not half)
+        specs.append(Spec(
+            "route_fwd_kernel", f"ER={ER},C={C},BT={bt},BK={bk},HB={hb}", K.route_fwd_kernel,
+            dict(x_ptr=P, xl_ptr=P, a_ptr=P, r_ptr=P, c_ptr="*fp32", s_ptr="*fp32",
+                 gates_ptr="*fp32", idx_ptr="*i64", dist_ptr="*fp32", assign_ptr="*i64",
+                 h_ptr="*fp32", hg_ptr=P, T=T, K=Kd, stride_xt=Kd, stride_xlt=Kd,
+                 stride_a=Kd, stride_r=Kd, stride_c=Kd, stride_s=Kd, scaling=2.0, lam=1.0),
+            dict(ER=ER, R=R, E=E, E_L=E_L, TOPK=s["top_k"], C=C, RP=hb, EP=EP,
+                 CP=max(1, 1 << (C - 1).bit_length()) if C else 1, HAS_XL=False, REDUCE=2,
+                 YIELD=bool(C and E_I), UPCAST=False, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk),
+            w, st))
+        bt, bk, w, st, _ = route_config(RP, interpret=False, backward=True, fp32=not half)
+        specs.append(Spec(
+            "route_bwd_kernel", f"ER={ER},BT={bt},BK={bk}", K.route_bwd_kernel,
+            dict(dy_ptr=P, b_ptr=P, h_ptr="*fp32", gates_ptr="*fp32", dgates_ptr="*fp32",
+                 dhz_ptr=P, hg_ptr=P, T=T, N=N, stride_dyt=N, stride_bn=ER,
+                 stride_dhz=ER + E, stride_dg=E, scaling=2.0),
+            dict(ER=ER, R=R, E=E, E_L=E_L, RP=RP, EP=EP, HAS_DG=False, UPCAST=False, DOT_PREC=prec,
+                 BLOCK_T=bt, BLOCK_K=bk),
+            w, st))
+    ER = E_L * r
+    for bm, bn, bk, gm, w, st in linear_configs(not half):
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
+        base = dict(a1_ptr=P, b1_ptr=P, a2_ptr=P, b2_ptr=P, a3_ptr=P, b3_ptr=P,
+                    bias_ptr=P, out_ptr=P)
+        # forward: y = [x | hg] [W | B_all]ᵀ + b   (W (N,K) read as Wᵀ: k stride 1)
+        fwd = dict(base, M=T, N=N, K1=Kd, K2=ER, K3=ER,
+                   s_a1m=Kd, s_a1k=1, s_b1k=1, s_b1n=Kd,
+                   s_a2m=ER, s_a2k=1, s_b2k=1, s_b2n=ER,
+                   s_a3m=ER, s_a3k=1, s_b3k=1, s_b3n=ER, s_om=N, s_on=1)
+        specs.append(Spec(
+            "fused_linear_kernel", f"fwd,{bm}x{bn}x{bk},w{w},s{st}", K.fused_linear_kernel,
+            fwd, dict(HAS_2=True, HAS_3=False, HAS_BIAS=True, IS_FP64=False, UPCAST=False,
+                      DOT_PREC=prec, **cfg), w, st, meta=dict(linear_fwd=True)))
+        # backward dx = [dy | dh | dz] [W ; A_all ; R]   (dhz is (T, ER+E))
+        bwd = dict(base, M=T, N=Kd, K1=N, K2=ER, K3=E,
+                   s_a1m=N, s_a1k=1, s_b1k=Kd, s_b1n=1,
+                   s_a2m=ER + E, s_a2k=1, s_b2k=Kd, s_b2n=1,
+                   s_a3m=ER + E, s_a3k=1, s_b3k=Kd, s_b3n=1, s_om=Kd, s_on=1)
+        specs.append(Spec(
+            "fused_linear_kernel", f"dx,{bm}x{bn}x{bk},w{w},s{st}", K.fused_linear_kernel,
+            bwd, dict(HAS_2=True, HAS_3=True, HAS_BIAS=False, IS_FP64=False, UPCAST=False,
+                      DOT_PREC=prec, **cfg), w, st))
+        # weight gradient dB_all = dyᵀ hg  (dy read transposed; reduction over T)
+        wg = dict(base, M=N, N=ER, K1=T, K2=T, K3=T,
+                  s_a1m=1, s_a1k=N, s_b1k=ER, s_b1n=1,
+                  s_a2m=1, s_a2k=N, s_b2k=ER, s_b2n=1,
+                  s_a3m=1, s_a3k=N, s_b3k=ER, s_b3n=1, s_om=ER, s_on=1)
+        specs.append(Spec(
+            "fused_linear_kernel", f"wgrad,{bm}x{bn}x{bk},w{w},s{st}", K.fused_linear_kernel,
+            wg, dict(HAS_2=False, HAS_3=False, HAS_BIAS=False, IS_FP64=False, UPCAST=False,
+                     DOT_PREC=prec, **cfg), w, st))
+    return specs
+
+
+def quick_specs() -> List[Spec]:
+    """The configurations the AOT test compiles (the benchmark shape, bf16): the route kernels
+    and the first two fused-linear autotune configs (forward variant)."""
+    out = []
+    for sp in kernel_specs("bf16"):
+        if sp.name != "fused_linear_kernel":
+            out.append(sp)
+        elif sp.meta.get("linear_fwd") and not sp.variant.split(",")[1].startswith("64x"):
+            out.append(sp)
+    return out
+
+
+def run(specs: List[Spec], archs=(80, 90)) -> List[Dict[str, object]]:
+    rows = []
+    for sp in specs:
+        for arch in archs:
+            k = compile_spec(sp, arch)
+            r = resources(k, arch)
+            r.update(kernel=sp.name, variant=sp.variant, arch=f"sm_{arch}",
+                     num_warps=sp.num_warps, num_stages=sp.num_stages,
+                     smem_limit=SMEM_LIMIT[arch])
+            rows.append(r)
+    return rows
+
+
+def main(argv=None) -> int:
+    """python -m slim_kernels.triton_kernels.aot [--all] : one JSON object per compile."""
+    import argparse
+    import json
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--all", action="store_true",
+                    help="every variant and config (and E_L·r = 1024 route kernels)")
+    a = ap.parse_args(argv)
+    specs = (kernel_specs("bf16", lora_cols=(None, 1024)) + kernel_specs("fp32")
+             if a.all else quick_specs())
+    for row in run(specs):
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: AOT compilation needs @triton.jit kernels")
+    raise SystemExit(main())

@@ -1,0 +1,325 @@
+"""The SLIM Triton kernels (spec section 6). Pure kernels: no torch, no launch logic.
+
+Three kernels:
+
+* ``route_fwd_kernel``: one pass over x. Per block of BLOCK_T tokens (and per RP-wide block
+  of h columns: one block up to E_L·r = 128, more above, each recomputing the small routing
+  part so the h accumulator stays in registers) the K loop computes
+  ``[h | z] = x [A_all; R]ᵀ`` (h from x_lora when given, loaded in the same loop) and, for
+  each of the C clusters, the squared distance and the one reduce of ``|x - c| * inv_std``
+  the call asks for (max, sum, or sum of squares). The epilogue picks j*, forms d, adds yielding to the identity
+  logits, does top-k (rank-count, ties to the lower index), the softmax over the kept
+  experts, and writes gates, topk_idx, distance, assign, h (fp32) and
+  ``hg = s * g ⊙ h`` (x dtype) for the fused linear kernel.
+* ``fused_linear_kernel``: ``out = Σ_seg a_seg b_seg (+ bias)`` over up to three K
+  segments with arbitrary strides, fp32 accumulation, grouped program ordering. Used for
+  ``y = [x | hg][W | B_all]ᵀ + b``, ``dx = [dy | dh | dz][W; A_all; R]`` and the weight
+  gradients (transposed strides).
+* ``route_bwd_kernel``: ``dhg = dy B_all`` (K loop over N) and the epilogue to
+  ``dg``, ``dz`` (softmax backward), ``dh = s g ⊙ dhg`` and ``hg`` (recomputed from h).
+
+UPCAST (constexpr) is set when the interpreter runs bf16/fp16: the interpreter's half
+arithmetic is wrong, so tiles are converted to fp32 right after tl.load. On a GPU the dot
+inputs stay native. DOT_PREC is "ieee" for fp32/fp64 inputs (no tf32 rounding). The
+interpreter also truncates fp32 -> bf16 on stores; ``_cast`` rounds to nearest even first.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _cast(v, ty: tl.constexpr, UPCAST: tl.constexpr):
+    """v.to(ty). Under the interpreter (UPCAST) fp32 -> bf16 truncates instead of rounding to
+    nearest even, so round the fp32 bits first (exactly what the GPU's cvt.rn does)."""
+    if UPCAST:
+        if ty == tl.bfloat16:
+            b = v.to(tl.float32).to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            v = b.to(tl.float32, bitcast=True)
+    return v.to(ty)
+
+
+@triton.jit
+def _expand_gates(g, ecol, hcol, R: tl.constexpr, E_L: tl.constexpr):
+    """(BT, EP) gates -> (BT, RP): column c of h gets the gate of its expert c // R.
+    Padded columns (c >= E_L·R) get 0. A static loop over the LoRA experts: no one-hot matrix
+    held in registers (that spilled at E_L·r = 1024)."""
+    out = tl.zeros((g.shape[0], hcol.shape[0]), dtype=g.dtype)
+    chunk = hcol // R
+    for e in tl.static_range(E_L):
+        ge = tl.sum(tl.where(ecol[None, :] == e, g, 0.0), axis=1)
+        out = tl.where(chunk[None, :] == e, ge[:, None], out)
+    return out
+
+
+@triton.jit
+def _chunk_sums(v, ecol, hcol, R: tl.constexpr, E_L: tl.constexpr):
+    """(BT, RP) -> (BT, EP): column e gets the sum of v over expert e's R columns."""
+    out = tl.zeros((v.shape[0], ecol.shape[0]), dtype=v.dtype)
+    chunk = hcol // R
+    for e in tl.static_range(E_L):
+        se = tl.sum(tl.where(chunk[None, :] == e, v, 0.0), axis=1)
+        out = tl.where(ecol[None, :] == e, se[:, None], out)
+    return out
+
+
+@triton.jit
+def route_fwd_kernel(
+    x_ptr, xl_ptr, a_ptr, r_ptr, c_ptr, s_ptr,
+    gates_ptr, idx_ptr, dist_ptr, assign_ptr, h_ptr, hg_ptr,
+    T, K,
+    stride_xt, stride_xlt, stride_a, stride_r, stride_c, stride_s,
+    scaling, lam,
+    ER: tl.constexpr, R: tl.constexpr, E: tl.constexpr, E_L: tl.constexpr,
+    TOPK: tl.constexpr, C: tl.constexpr,
+    RP: tl.constexpr, EP: tl.constexpr, CP: tl.constexpr,
+    HAS_XL: tl.constexpr, REDUCE: tl.constexpr, YIELD: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_h = tl.program_id(1)  # which RP-wide block of h columns this program owns
+    ACC = h_ptr.dtype.element_ty  # fp32 (fp64 for fp64 x)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = rows < T
+    wmask = rows < tl.where(pid_h == 0, T, 0)  # routing outputs: written by column block 0
+    rows64 = rows.to(tl.int64)
+    hcol = pid_h * RP + tl.arange(0, RP)
+    ecol = tl.arange(0, EP)
+    ccol = tl.arange(0, CP)
+    kk = tl.arange(0, BLOCK_K)
+
+    acc_h = tl.zeros((BLOCK_T, RP), dtype=ACC)
+    acc_z = tl.zeros((BLOCK_T, EP), dtype=ACC)
+    c_sq = tl.zeros((BLOCK_T, CP), dtype=ACC)
+    c_mx = tl.zeros((BLOCK_T, CP), dtype=ACC)
+    c_sm = tl.zeros((BLOCK_T, CP), dtype=ACC)
+    c_ss = tl.zeros((BLOCK_T, CP), dtype=ACC)
+
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + kk
+        kmask = ks < K
+        xm = tmask[:, None] & kmask[None, :]
+        x = tl.load(x_ptr + rows64[:, None] * stride_xt + ks[None, :], mask=xm, other=0.0)
+        a = tl.load(a_ptr + hcol[:, None] * stride_a + ks[None, :],
+                    mask=(hcol[:, None] < ER) & kmask[None, :], other=0.0)
+        rt = tl.load(r_ptr + ecol[:, None] * stride_r + ks[None, :],
+                     mask=(ecol[:, None] < E) & kmask[None, :], other=0.0)
+        if HAS_XL:
+            xl = tl.load(xl_ptr + rows64[:, None] * stride_xlt + ks[None, :], mask=xm, other=0.0)
+        else:
+            xl = x
+        if UPCAST:
+            x = x.to(tl.float32)
+            xl = xl.to(tl.float32)
+            a = a.to(tl.float32)
+            rt = rt.to(tl.float32)
+        acc_h = tl.dot(xl, tl.trans(a), acc_h, input_precision=DOT_PREC, out_dtype=ACC)
+        acc_z = tl.dot(x, tl.trans(rt), acc_z, input_precision=DOT_PREC, out_dtype=ACC)
+        if C > 0:
+            xf = x.to(ACC)
+            # CUDA-core work per element and cluster, so only what the reduce needs:
+            # masked K columns load x = c = 0 (diff 0); masked token rows are never stored
+            for c in tl.static_range(C):
+                cen = tl.load(c_ptr + c * stride_c + ks, mask=kmask, other=0.0).to(ACC)
+                isd = tl.load(s_ptr + c * stride_s + ks, mask=kmask, other=0.0).to(ACC)
+                diff = xf - cen[None, :]
+                d2 = diff * diff
+                sel = ccol[None, :] == c
+                c_sq = tl.where(sel, c_sq + tl.sum(d2, axis=1)[:, None], c_sq)
+                if REDUCE == 0:
+                    u = tl.abs(diff) * isd[None, :]
+                    c_mx = tl.where(sel, tl.maximum(c_mx, tl.max(u, axis=1)[:, None]), c_mx)
+                elif REDUCE == 1:
+                    u = tl.abs(diff) * isd[None, :]
+                    c_sm = tl.where(sel, c_sm + tl.sum(u, axis=1)[:, None], c_sm)
+                else:
+                    c_ss = tl.where(sel, c_ss + tl.sum(d2 * (isd * isd)[None, :], axis=1)[:, None],
+                                    c_ss)
+
+    # ---- epilogue: cluster choice, distance, yielding -------------------------------
+    z = acc_z
+    if C > 0:
+        sqm = tl.where(ccol[None, :] < C, c_sq, float("inf"))
+        mn = tl.min(sqm, axis=1)
+        jstar = tl.min(tl.where(sqm == mn[:, None], ccol[None, :], CP), axis=1)
+        pick = ccol[None, :] == jstar[:, None]
+        if REDUCE == 0:
+            red = tl.sum(tl.where(pick, c_mx, 0.0), axis=1)
+        elif REDUCE == 1:
+            red = tl.sum(tl.where(pick, c_sm, 0.0), axis=1) / K
+        else:
+            red = tl.sqrt(tl.sum(tl.where(pick, c_ss, 0.0), axis=1) / K)
+        d = red - 1.0
+        if YIELD:
+            ident = (ecol[None, :] >= E_L) & (ecol[None, :] < E)
+            z = tl.where(ident, z + lam * d[:, None], z)
+        tl.store(dist_ptr + rows64, d.to(dist_ptr.dtype.element_ty), mask=wmask)
+        tl.store(assign_ptr + rows64, jstar.to(tl.int64), mask=wmask)
+    else:
+        tl.store(dist_ptr + rows64, tl.zeros((BLOCK_T,), dtype=dist_ptr.dtype.element_ty),
+                 mask=wmask)
+        tl.store(assign_ptr + rows64, tl.full((BLOCK_T,), -1, dtype=tl.int64), mask=wmask)
+
+    # ---- top-k by rank count: rank_i = #{j: z_j > z_i} + #{j < i: z_j == z_i} --------
+    rank = tl.zeros((BLOCK_T, EP), dtype=tl.int32)
+    for j in tl.static_range(E):
+        zj = tl.sum(tl.where(ecol[None, :] == j, z, 0.0), axis=1)[:, None]
+        beats = (zj > z) | ((zj == z) & (ecol[None, :] > j))
+        rank += beats.to(tl.int32)
+    keep = (rank < TOPK) & (ecol[None, :] < E)
+    zk = tl.where(keep, z, float("-inf"))
+    m = tl.max(zk, axis=1)
+    p = tl.where(keep, tl.exp(zk - m[:, None]), 0.0)
+    g = p / tl.sum(p, axis=1)[:, None]
+
+    gmask = wmask[:, None] & (ecol[None, :] < E)
+    tl.store(gates_ptr + rows64[:, None] * E + ecol[None, :],
+             g.to(gates_ptr.dtype.element_ty), mask=gmask)
+    tl.store(idx_ptr + rows64[:, None] * TOPK + rank,
+             tl.zeros((BLOCK_T, EP), dtype=tl.int64) + ecol[None, :],
+             mask=wmask[:, None] & keep)
+
+    # ---- h and hg = s * g ⊙ h (each r-chunk by its gate) ------------------------------
+    hmask = tmask[:, None] & (hcol[None, :] < ER)
+    tl.store(h_ptr + rows64[:, None] * ER + hcol[None, :], acc_h, mask=hmask)
+    gexp = _expand_gates(g.to(ACC), ecol, hcol, R, E_L)
+    hg = (scaling * gexp) * acc_h
+    tl.store(hg_ptr + rows64[:, None] * ER + hcol[None, :],
+             _cast(hg, hg_ptr.dtype.element_ty, UPCAST), mask=hmask)
+
+
+@triton.jit
+def fused_linear_kernel(
+    a1_ptr, b1_ptr, a2_ptr, b2_ptr, a3_ptr, b3_ptr, bias_ptr, out_ptr,
+    M, N, K1, K2, K3,
+    s_a1m, s_a1k, s_b1k, s_b1n,
+    s_a2m, s_a2k, s_b2k, s_b2n,
+    s_a3m, s_a3k, s_b3k, s_b3n,
+    s_om, s_on,
+    HAS_2: tl.constexpr, HAS_3: tl.constexpr, HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out (M, N) = a1 b1 + a2 b2 + a3 b3 (+ bias[N]); a_i (M, K_i), b_i (K_i, N), strided."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    gid = pid // group
+    first_m = gid * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % group) % gsize)
+    pid_n = (pid % group) // gsize
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    mm = rm < M
+    nm = rn < N
+    if IS_FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ACC = acc.dtype
+
+    for k0 in range(0, K1, BLOCK_K):
+        ks = k0 + rk
+        km = ks < K1
+        a = tl.load(a1_ptr + rm[:, None] * s_a1m + ks[None, :] * s_a1k,
+                    mask=mm[:, None] & km[None, :], other=0.0)
+        b = tl.load(b1_ptr + ks[:, None] * s_b1k + rn[None, :] * s_b1n,
+                    mask=km[:, None] & nm[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+    if HAS_2:
+        for k0 in range(0, K2, BLOCK_K):
+            ks = k0 + rk
+            km = ks < K2
+            a = tl.load(a2_ptr + rm[:, None] * s_a2m + ks[None, :] * s_a2k,
+                        mask=mm[:, None] & km[None, :], other=0.0)
+            b = tl.load(b2_ptr + ks[:, None] * s_b2k + rn[None, :] * s_b2n,
+                        mask=km[:, None] & nm[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+    if HAS_3:
+        for k0 in range(0, K3, BLOCK_K):
+            ks = k0 + rk
+            km = ks < K3
+            a = tl.load(a3_ptr + rm[:, None] * s_a3m + ks[None, :] * s_a3k,
+                        mask=mm[:, None] & km[None, :], other=0.0)
+            b = tl.load(b3_ptr + ks[:, None] * s_b3k + rn[None, :] * s_b3n,
+                        mask=km[:, None] & nm[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=nm, other=0.0).to(ACC)
+        acc = acc + bias[None, :]
+    tl.store(out_ptr + rm[:, None] * s_om + rn[None, :] * s_on,
+             _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=mm[:, None] & nm[None, :])
+
+
+@triton.jit
+def route_bwd_kernel(
+    dy_ptr, b_ptr, h_ptr, gates_ptr, dgates_ptr,
+    dhz_ptr, hg_ptr,
+    T, N,
+    stride_dyt, stride_bn, stride_dhz, stride_dg,
+    scaling,
+    ER: tl.constexpr, R: tl.constexpr, E: tl.constexpr, E_L: tl.constexpr,
+    RP: tl.constexpr, EP: tl.constexpr,
+    HAS_DG: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dhg = dy B_all (K loop over N); epilogue writes dhz = [dh | dz] and hg (x dtype).
+
+    dg_e = s Σ_{c in chunk e} dhg_c h_c (+ dgates_e);  dz = g ⊙ (dg − Σ g dg);
+    dh = s g_e dhg;  hg = s g_e h.
+    """
+    pid = tl.program_id(0)
+    ACC = h_ptr.dtype.element_ty
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = rows < T
+    rows64 = rows.to(tl.int64)
+    hcol = tl.arange(0, RP)
+    ecol = tl.arange(0, EP)
+    kk = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_T, RP), dtype=ACC)
+    for n0 in range(0, N, BLOCK_K):
+        ns = n0 + kk
+        nmask = ns < N
+        dy = tl.load(dy_ptr + rows64[:, None] * stride_dyt + ns[None, :],
+                     mask=tmask[:, None] & nmask[None, :], other=0.0)
+        b = tl.load(b_ptr + ns[:, None].to(tl.int64) * stride_bn + hcol[None, :],
+                    mask=nmask[:, None] & (hcol[None, :] < ER), other=0.0)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(dy, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+
+    hmask = tmask[:, None] & (hcol[None, :] < ER)
+    emask = tmask[:, None] & (ecol[None, :] < E)
+    h = tl.load(h_ptr + rows64[:, None] * ER + hcol[None, :], mask=hmask, other=0.0).to(ACC)
+    g = tl.load(gates_ptr + rows64[:, None] * E + ecol[None, :], mask=emask, other=0.0).to(ACC)
+    dg = scaling * _chunk_sums(acc * h, ecol, hcol, R, E_L)
+    if HAS_DG:
+        dg += tl.load(dgates_ptr + rows64[:, None] * stride_dg + ecol[None, :],
+                      mask=emask, other=0.0).to(ACC)
+    dz = g * (dg - tl.sum(g * dg, axis=1)[:, None])
+    sg = scaling * _expand_gates(g, ecol, hcol, R, E_L)
+    dh = sg * acc
+    hg = sg * h
+    out_ty = dhz_ptr.dtype.element_ty
+    tl.store(dhz_ptr + rows64[:, None] * stride_dhz + hcol[None, :], _cast(dh, out_ty, UPCAST),
+             mask=hmask)
+    tl.store(dhz_ptr + rows64[:, None] * stride_dhz + ER + ecol[None, :], _cast(dz, out_ty, UPCAST),
+             mask=emask)
+    tl.store(hg_ptr + rows64[:, None] * ER + hcol[None, :], _cast(hg, out_ty, UPCAST), mask=hmask)
