@@ -100,7 +100,7 @@ def add_slim(model: nn.Module, config: SlimConfig) -> nn.Module:
 
 
 def build_model(kind: str = "mlp", seed: int = 0, slim: Optional[SlimConfig] = None,
-                base_context=None, **sizes) -> nn.Module:
+                base_context=None, backend: str = "torch", **sizes) -> nn.Module:
     """The same model on every rank: seeded construction (DDP broadcasts rank 0's anyway).
     ``base_context`` wraps the construction of the base model only (e.g.
     ``deepspeed.zero.Init(...)``, which partitions it as it is built); SLIM is added after."""
@@ -109,7 +109,7 @@ def build_model(kind: str = "mlp", seed: int = 0, slim: Optional[SlimConfig] = N
         model = TinyLM(**sizes) if kind == "mlp" else tiny_llama(**sizes)
     if slim is None:
         slim = SlimConfig(num_lora_experts=4, num_identity_experts=1, rank=4, alpha=8.0,
-                          top_k=2, num_clusters=3, cluster_momentum=0.1, backend="torch")
+                          top_k=2, num_clusters=3, cluster_momentum=0.1, backend=backend)
     return add_slim(model, slim)
 
 
@@ -218,12 +218,12 @@ def deepspeed_engine(model: nn.Module, stage: int, lr: float, batch_per_rank: in
 
 def train(engine: str = "ddp", model_kind: str = "mlp", steps: int = 10, batch_per_rank: int = 4,
           seq: int = 16, lr: float = 1e-2, seed: int = 0, vocab: int = 64,
-          save: Optional[str] = None, log: bool = True) -> Dict[str, object]:
+          save: Optional[str] = None, log: bool = True, backend: str = "auto") -> Dict[str, object]:
     """Train; returns the global loss per step and (rank 0) the path of the saved adapters.
     Works without torchrun too (one process, ``engine='none'``)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = build_model(model_kind, seed=seed, vocab=vocab).to(device)
+    model = build_model(model_kind, seed=seed, vocab=vocab, backend=backend).to(device)
     ds = None
     if engine in ("zero2", "zero3"):
         ds = deepspeed_engine(model, int(engine[-1]), lr, batch_per_rank)
@@ -276,6 +276,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seq", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="auto", help="SLIM op backend: auto | triton | cuda | cpp | torch")
     ap.add_argument("--save", default=None, help="write the full adapter state dict here (rank 0)")
     ap.add_argument("--json", default=None, help="rank 0 writes the loss history here")
     args = ap.parse_args(argv)
@@ -290,7 +291,7 @@ def main(argv=None) -> None:
         dist.init_process_group(backend)
     try:
         out = train(args.engine, args.model, args.steps, args.batch_per_rank, args.seq,
-                    args.lr, args.seed, save=args.save)
+                    args.lr, args.seed, save=args.save, backend=args.backend)
         if args.json and (not distributed or dist.get_rank() == 0):
             with open(args.json, "w") as f:
                 json.dump(out, f)
