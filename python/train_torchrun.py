@@ -33,6 +33,7 @@ from torch import nn
 
 import slim_kernels as sk
 from slim_kernels import SlimConfig, SlimLinear
+from slim_kernels.integrations.distributed import clusters_in_sync
 
 
 # ----------------------------------------------------------------------------- the model
@@ -249,6 +250,10 @@ def train(engine: str = "ddp", model_kind: str = "mlp", steps: int = 10, batch_p
         if log and rank == 0:
             print(f"step {step:4d}  loss {losses[-1]:.4f}", flush=True)
     out: Dict[str, object] = {"losses": losses, "seconds": time.time() - t0, "world": world}
+    # every rank must hold bit-identical clusters (the layers all-reduce their statistics)
+    out["clusters_in_sync"] = clusters_in_sync(model)
+    if log and rank == 0:
+        print(f"clusters bit-identical on all {world} ranks: {out['clusters_in_sync']}", flush=True)
     if save:
         if ds is not None:  # DeepSpeed: gather ZeRO-3 partitions (a no-op for ZeRO-2)
             import deepspeed

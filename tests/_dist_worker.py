@@ -201,6 +201,21 @@ def run_fsdp_bf16_case(rank: int) -> Dict[str, object]:
     return {"losses": losses, "clusters": cluster_buffers(model)}
 
 
+def clusters_in_sync_checks(rank: int):
+    """clusters_in_sync after real training (True), then with one ulp changed on rank 1 (False)."""
+    from slim_kernels.integrations.distributed import clusters_in_sync
+
+    model = recipe.build_model("mlp", seed=0, vocab=VOCAB)
+    for step in range(2):
+        recipe.lm_loss(model, recipe.shard(recipe.global_batch(step, WORLD * BATCH_PER_RANK, SEQ, VOCAB), rank, WORLD))
+    ok = clusters_in_sync(model)
+    layer = next(m for _, m in sk.slim_modules(model))
+    if rank == 1:
+        c = layer.cluster_centers
+        c[0, 0] = torch.nextafter(c[0, 0], c[0, 0] + 1)
+    return ok, clusters_in_sync(model)
+
+
 def main() -> None:
     out = sys.argv[1]
     dist.init_process_group("gloo")
@@ -217,6 +232,7 @@ def main() -> None:
         dist.destroy_process_group()
         return
     res = run_ddp_case(rank, world)
+    res["in_sync"] = clusters_in_sync_checks(rank)
     res["forward_sync"] = run_ddp_case(rank, world, forward_sync=True)
     res["checkpointing"] = run_ddp_case(rank, world, checkpointing=True)
     res["fsdp_bf16"] = run_fsdp_bf16_case(rank)

@@ -87,6 +87,12 @@ def test_cluster_buffers_bit_identical_across_ranks(ranks):
         assert torch.equal(ddp[0]["params"][k], ddp[1]["params"][k]), k
 
 
+def test_clusters_in_sync_helper(ranks):
+    ddp, _ = ranks
+    for r in range(2):
+        assert ddp[r]["in_sync"] == (True, False)  # in sync; then one ulp off on rank 1
+
+
 def test_ddp_buffer_sync_on_or_off_changes_nothing(ranks):
     ddp, _ = ranks
     for r in range(2):
@@ -154,7 +160,7 @@ def test_recipe_torchrun_smoke(tmp_path):
     import json
 
     out = json.loads(log.read_text())
-    assert out["world"] == 2 and len(out["losses"]) == 3
+    assert out["world"] == 2 and len(out["losses"]) == 3 and out["clusters_in_sync"]
     sd = torch.load(save)
     assert sd and all(k.rsplit(".", 1)[1].startswith(("lora_", "router", "cluster_")) for k in sd)
 

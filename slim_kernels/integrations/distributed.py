@@ -52,6 +52,32 @@ def full_shape(weight: torch.Tensor) -> torch.Size:
     return getattr(weight, "ds_shape", None) or weight.shape
 
 
+def clusters_in_sync(model: torch.nn.Module) -> bool:
+    """True when every rank holds bit-identical SLIM cluster buffers (centres, variances, init
+    flags) in ``model``: a cheap check for a training loop or a test (collective: call it on
+    every rank of the sync group). A bit-pattern fingerprint is compared with min/max
+    all-reduces. Always True outside torch.distributed."""
+    from ..layer import slim_modules  # late import: layer imports this module
+
+    parts = []
+    for _, m in slim_modules(model):
+        for t in (m.cluster_centers, m.cluster_vars, m.cluster_initialized):
+            t = t.detach()
+            if hasattr(t, "full_tensor"):  # a DTensor (not sharded by FSDP2, but be safe)
+                t = t.full_tensor()
+            parts.append(t.reshape(-1).to(torch.float32).view(torch.int32).to(torch.int64))
+    if not parts:
+        return True
+    bits = torch.cat(parts)
+    weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device)
+    fp = torch.stack([bits.sum(), (bits * weights).sum(), (bits * weights * weights).sum()])
+    lo, hi = fp.clone(), fp.clone()
+    if _active():
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=_GROUP)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=_GROUP)
+    return bool(torch.equal(lo, hi))
+
+
 def rank() -> int:
     return dist.get_rank(_GROUP) if _active() else 0
 
