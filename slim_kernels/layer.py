@@ -132,14 +132,25 @@ class SlimLinear(nn.Module):
             self.cluster_centers.zero_()
             self.cluster_vars.fill_(1.0)
             self.cluster_initialized.fill_(False)
+        self._init_key = self._flag_key()
 
     def _forget_cached_flag(self, *args, **kwargs) -> None:
         self._init_cached = None
         self._snapshot = None
 
+    def _flag_key(self) -> Tuple[int, int]:
+        f = self.cluster_initialized
+        return id(f), f._version
+
     def _clusters_ready(self) -> bool:
-        if getattr(self, "_init_cached", None) is None:
+        # The flag is cached (reading it is a host sync) and re-read whenever the buffer was
+        # written behind the layer's back (its version counter moved), e.g. by DDP's initial
+        # broadcast of rank 0's buffers after rank 0 alone loaded a checkpoint: a stale flag
+        # there sends the ranks into different collectives (init vs update) and hangs them.
+        key = self._flag_key()
+        if getattr(self, "_init_cached", None) is None or getattr(self, "_init_key", None) != key:
             self._init_cached = bool(self.cluster_initialized)
+            self._init_key = key
         return self._init_cached
 
     @property
@@ -330,6 +341,7 @@ class SlimLinear(nn.Module):
         self.cluster_vars.copy_(var.float()[None, :].expand(C, K))
         self.cluster_initialized.fill_(True)
         self._init_cached = True
+        self._init_key = self._flag_key()
 
     # -- aux losses and statistics --------------------------------------------------------
     def _record(self, gates: Tensor, idx: Tensor, dist: Tensor, mask: Optional[Tensor],

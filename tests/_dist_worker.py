@@ -61,8 +61,22 @@ def deepspeed_config(stage: int) -> Dict[str, object]:
             "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
 
 
+def resume_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A 'checkpoint' with initialised clusters (fixed random centres and variances)."""
+    g = torch.Generator().manual_seed(4321)
+    sd = model.state_dict()
+    for k, v in sd.items():
+        if k.endswith("cluster_centers"):
+            sd[k] = torch.randn(v.shape, generator=g)
+        elif k.endswith("cluster_vars"):
+            sd[k] = torch.rand(v.shape, generator=g) + 0.5
+        elif k.endswith("cluster_initialized"):
+            sd[k] = torch.ones_like(v)
+    return sd
+
+
 def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool = False,
-                 checkpointing: bool = False):
+                 checkpointing: bool = False, resume_on_rank0: bool = False):
     """Train STEPS steps on this rank's shard of the global batches; world=1 is the
     single-process run on the whole global batch (engine='none'). engine: none | ddp |
     zero2 | zero3 (DeepSpeed)."""
@@ -73,6 +87,8 @@ def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool 
         base_context = deepspeed.zero.Init(config_dict_or_path=deepspeed_config(3))
     model = recipe.build_model("mlp", seed=0, vocab=VOCAB, base_context=base_context)
     model.gradient_checkpointing = checkpointing
+    if resume_on_rank0 and rank == 0:  # only rank 0 loads; DDP's init sync copies it over
+        model.load_state_dict(resume_state(model))
     # ranks seeded differently on purpose (rank 0 like the single process): the cluster init
     # draws its tokens on rank 0 and broadcasts them, so the other seeds must not matter
     torch.manual_seed(1000 + rank)
@@ -235,6 +251,7 @@ def main() -> None:
     res["in_sync"] = clusters_in_sync_checks(rank)
     res["forward_sync"] = run_ddp_case(rank, world, forward_sync=True)
     res["checkpointing"] = run_ddp_case(rank, world, checkpointing=True)
+    res["resume"] = run_ddp_case(rank, world, resume_on_rank0=True)
     res["fsdp_bf16"] = run_fsdp_bf16_case(rank)
     torch.save(res, os.path.join(out, f"ddp_rank{rank}.pt"))
     torch.save(run_fsdp_case(rank, out), os.path.join(out, f"fsdp_rank{rank}.pt"))

@@ -87,6 +87,23 @@ def test_cluster_buffers_bit_identical_across_ranks(ranks):
         assert torch.equal(ddp[0]["params"][k], ddp[1]["params"][k]), k
 
 
+def test_ddp_resume_loaded_on_rank0_only(ranks):
+    """Rank 0 alone loads a checkpoint with initialised clusters; DDP's initial broadcast
+    copies the buffers to rank 1 behind the layer's back. Rank 1 must notice (the cached
+    'initialised' flag follows the buffer's version): before the fix it took the init path
+    while rank 0 took the update path, mismatched collectives and crashed or hung."""
+    import _dist_worker as w
+
+    ddp, _ = ranks
+    a, b = ddp[0]["resume"], ddp[1]["resume"]
+    ref = w.run_ddp_case(0, 1, engine="none", resume_on_rank0=True)
+    for k in a["clusters"]:
+        assert torch.equal(a["clusters"][k], b["clusters"][k]), k
+        if a["clusters"][k].is_floating_point():
+            torch.testing.assert_close(a["clusters"][k], ref["clusters"][k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(a["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-6)
+
+
 def test_clusters_in_sync_helper(ranks):
     ddp, _ = ranks
     for r in range(2):
