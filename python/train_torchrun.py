@@ -1,4 +1,4 @@
-"""Train a model with SLIM layers on many processes: torchrun + DDP or FSDP2.
+"""Train a model with SLIM layers on many processes: torchrun + DDP, FSDP2 or DeepSpeed ZeRO.
 
     torchrun --nproc_per_node 2 python/train_torchrun.py --engine ddp   --steps 20
     torchrun --nproc_per_node 2 python/train_torchrun.py --engine fsdp2 --steps 20 --save out/adapters.pt
@@ -12,9 +12,10 @@ SlimLinear. Nothing is downloaded: the data are random tokens from a seeded gene
 What SLIM needs from a data-parallel engine (spec section 2): nothing. Each SlimLinear
 all-reduces its cluster statistics (counts, sums, sums of squares) over the default process
 group inside its training forward, so every rank holds bit-identical clusters; the adapters
-(``lora_A``, ``lora_B``, ``router``) are ordinary parameters that DDP/FSDP2 synchronise.
-DDP's ``broadcast_buffers`` is therefore not needed (``False`` here, which saves one
-broadcast per step; ``True`` also works and changes nothing).
+(``lora_A``, ``lora_B``, ``router``) are ordinary parameters that the engine synchronises.
+DDP's per-forward buffer broadcast is therefore not needed (off here, which saves one
+broadcast per step; on also works and changes nothing). At the end the recipe checks that
+the clusters are bit-identical on all ranks.
 """
 from __future__ import annotations
 
