@@ -120,7 +120,8 @@ class SlimLinear(nn.Module):
         self._init_cached: Optional[bool] = False
         self._snapshot: Optional[Tuple[Tensor, Tensor, bool]] = None
         self._eval_masks: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
-        self._last_aux: Optional[Tensor] = None
+        self._aux_pending = False  # a forward ran since the last reset_aux_loss()
+        self._last_balance: Optional[Tensor] = None  # load-balance term of the last forward
         self._stats: Optional[Tensor] = None  # [tokens, identity mass, identity top-1, d sum, d n]
         if self.lora_A.device.type == "meta":
             return
@@ -133,6 +134,17 @@ class SlimLinear(nn.Module):
             self.cluster_vars.fill_(1.0)
             self.cluster_initialized.fill_(False)
         self._init_key = self._flag_key()
+
+    def _apply(self, fn, recurse=True):
+        # Cluster statistics stay fp32 (the op requires it): a dtype cast of the model
+        # (model.to(torch.bfloat16), .half()) moves them to the new device but keeps fp32.
+        keep = {n: self._buffers.get(n) for n in ("cluster_centers", "cluster_vars")}
+        super()._apply(fn, recurse)
+        for n, old in keep.items():
+            new = self._buffers.get(n)
+            if old is not None and new is not None and new.dtype != torch.float32:
+                self._buffers[n] = old.to(device=new.device, dtype=torch.float32)
+        return self
 
     def _forget_cached_flag(self, *args, **kwargs) -> None:
         self._init_cached = None
@@ -258,10 +270,15 @@ class SlimLinear(nn.Module):
             x_lora=x_lora, backend=c.backend,
         )
 
+        # The balance term is built in a checkpointed re-run too (and dropped there): non-reentrant
+        # checkpointing needs the re-run to save the same tensors as the first forward.
+        balance = self._balance_loss(gates, idx)
         if not recompute:
             mask = self._current_token_mask(T, x.device)
             if updating:
                 self._update_clusters(x2, assign, mask, centers is not None)
+            self._aux_pending = True
+            self._last_balance = balance
             self._record(gates, idx, dist, mask, centers is not None)
         return y.reshape(*lead, N)
 
@@ -346,20 +363,7 @@ class SlimLinear(nn.Module):
     # -- aux losses and statistics --------------------------------------------------------
     def _record(self, gates: Tensor, idx: Tensor, dist: Tensor, mask: Optional[Tensor],
                 had_clusters: bool) -> None:
-        c = self.config
-        E_L, E = c.num_lora_experts, c.num_experts
-        T = gates.shape[0]
-        aux = None
-        if c.l1_coef > 0:
-            r, N, K = c.rank, self.out_features, self.in_features
-            aux = c.l1_coef * (self.lora_B.abs().sum() / (r * N) + self.lora_A.abs().sum() / (r * K))
-        if c.balance_coef > 0 and T > 0:
-            sel = torch.zeros_like(gates).scatter_(1, idx, 1.0)
-            f = sel.mean(0)  # share of tokens whose top-k holds e
-            P = gates.mean(0)  # mean gate of e
-            bal = c.balance_coef * E * (f.detach() * P).sum()
-            aux = bal if aux is None else aux + bal
-        self._last_aux = aux
+        E_L = self.config.num_lora_experts
         with torch.no_grad():
             g = gates.detach().float()
             if mask is not None:
@@ -376,9 +380,44 @@ class SlimLinear(nn.Module):
             ])
             self._stats = stats if self._stats is None else self._stats + stats.to(self._stats.device)
 
+    def _balance_loss(self, gates: Tensor, idx: Tensor) -> Optional[Tensor]:
+        c = self.config
+        if c.balance_coef <= 0 or gates.shape[0] == 0:
+            return None
+        sel = torch.zeros_like(gates).scatter_(1, idx, 1.0)
+        f = sel.mean(0)  # share of tokens whose top-k holds e
+        P = gates.mean(0)  # mean gate of e
+        return c.balance_coef * c.num_experts * (f.detach() * P).sum()
+
+    def _l1_loss(self) -> Optional[Tensor]:
+        c = self.config
+        if c.l1_coef <= 0:
+            return None
+        r, N, K = c.rank, self.out_features, self.in_features
+        return c.l1_coef * (self.lora_B.abs().sum() / (r * N) + self.lora_A.abs().sum() / (r * K))
+
     def slim_aux_loss(self) -> Optional[Tensor]:
-        """This layer's auxiliary loss of the last forward (None when no term is on)."""
-        return self._last_aux
+        """This layer's auxiliary loss: the L1 term (computed now, from the parameters, so it
+        has a gradient even when the forward ran under no_grad, as in reentrant gradient
+        checkpointing) plus the load-balance term of the last forward. None when no forward
+        ran since :meth:`reset_aux_loss` or when no term is on."""
+        if not self._aux_pending:
+            return None
+        l1, bal = self._l1_loss(), self._last_balance
+        if l1 is None:
+            return bal
+        return l1 if bal is None else l1 + bal.to(l1.device)
+
+    def has_aux_loss(self) -> bool:
+        """True when :meth:`slim_aux_loss` would return a tensor (cheap)."""
+        c = self.config
+        return self._aux_pending and (c.l1_coef > 0 or self._last_balance is not None)
+
+    def reset_aux_loss(self) -> None:
+        """Forget the last forward's aux terms (integrations call this before each model
+        forward so that aux_loss(model) reflects that forward only)."""
+        self._aux_pending = False
+        self._last_balance = None
 
     def routing_stats(self, reset: bool = False) -> Dict[str, float]:
         """Since the last reset: tokens seen, mean gate mass on identity experts, share of

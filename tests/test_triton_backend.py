@@ -294,11 +294,9 @@ def test_torch_compile_fullgraph(dev):
 
     leaves = [c[k].clone().requires_grad_(True) for k in ("x", "A", "B", "R")]
     eager = [t.clone().detach().requires_grad_(True) for t in leaves]
-    # dispatch._load imports the backend module with importlib on first use, which dynamo
-    # refuses to trace (graph break -> fullgraph error); load it before compiling. See the
-    # report: dispatch should import eagerly or be hidden from dynamo.
-    from slim_kernels.ops.dispatch import backend_module
-    backend_module("triton")
+    # the backend is NOT loaded beforehand: dispatch must resolve it inside the trace
+    from slim_kernels.ops import dispatch
+    dispatch.reset_cache()
     # aot_eager: traces through dynamo + AOTAutograd (fake impls, autograd registration)
     # without inductor codegen, which keeps this test fast on CPU
     cf = torch.compile(f, fullgraph=True, backend="aot_eager")

@@ -16,6 +16,7 @@ import warnings
 from types import ModuleType
 from typing import Dict, List, Optional
 
+import torch
 from torch import Tensor
 
 _MODULES = {
@@ -61,10 +62,18 @@ def available_backends() -> List[str]:
 
 def resolve_backend(requested: str, x: Tensor) -> str:
     """The backend that will run a call on ``x`` when ``requested`` was asked for."""
+    return _resolve(requested, str(x.device), x.dtype)
+
+
+# torch.compile traces the layer's Python; importing a backend (importlib) cannot be traced, so
+# dynamo runs this function eagerly at trace time and bakes its (string) answer into the graph.
+@torch.compiler.assume_constant_result
+def _resolve(requested: str, device: str, dtype: torch.dtype) -> str:
     if requested not in ("auto",) + tuple(_MODULES):
         raise ValueError(
             f"backend={requested!r} is invalid: expected one of auto, triton, cuda, cpp, torch"
         )
+    probe = torch.empty(0, device=device, dtype=dtype)  # what the backends inspect: device, dtype
     if requested != "auto":
         mod = _load(requested)
         if isinstance(mod, str):
@@ -72,25 +81,24 @@ def resolve_backend(requested: str, x: Tensor) -> str:
                 f"backend={requested!r} was requested but cannot run: {mod}. "
                 f"To use it: {_HOW_TO_FIX[requested]}."
             )
-        why = mod.unsupported_reason(x)
+        why = mod.unsupported_reason(probe)
         if why:
             raise RuntimeError(f"backend={requested!r} cannot run this input: {why}")
         return requested
 
-    prefs = ("triton", "cuda") if x.device.type == "cuda" else ("cpp",)
-    if x.device.type not in ("cuda", "cpu"):
-        prefs = ()
+    dev_type = probe.device.type
+    prefs = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}.get(dev_type, ())
     reasons = []
     for name in prefs:
         mod = _load(name)
         if isinstance(mod, str):
             reasons.append(f"{name}: {mod}")
             continue
-        why = mod.unsupported_reason(x)
+        why = mod.unsupported_reason(probe)
         if why is None:
             return name
         reasons.append(f"{name}: {why}")
-    key = (x.device.type, tuple(reasons))
+    key = (dev_type, tuple(reasons))
     if reasons and key not in _warned:
         _warned.add(key)
         warnings.warn(
@@ -98,7 +106,7 @@ def resolve_backend(requested: str, x: Tensor) -> str:
             + "; ".join(reasons)
             + "); using the 'torch' backend (same results, slower).",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return "torch"
 

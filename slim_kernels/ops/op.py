@@ -31,7 +31,9 @@ def _slim_fwd(
     distance_reduce: str, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     mod = backend_module(backend)
-    return tuple(mod.forward(
+    # contiguous: the fake implementation promises contiguous outputs (inductor checks strides;
+    # the torch backend's top-k indices are a column slice of an argsort)
+    return tuple(t.contiguous() for t in mod.forward(
         x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
         num_lora_experts, top_k, scaling, yield_strength, distance_reduce,
     ))
@@ -67,7 +69,7 @@ def _slim_bwd(
     )
     if dx_lora is None:
         dx_lora = x.new_empty((0,))
-    return dx, dx_lora, dA, dB, dR
+    return tuple(t.contiguous() for t in (dx, dx_lora, dA, dB, dR))
 
 
 @_slim_bwd.register_fake

@@ -1,0 +1,52 @@
+"""Shared bits of the recipes: a tiny Llama built from a config (offline) or a local model,
+and a synthetic next-token dataset. Not part of the library."""
+from __future__ import annotations
+
+import torch
+
+
+def build_model(args):
+    """A causal LM: ``--model PATH`` (a local Hugging Face folder; nothing is downloaded when
+    HF_HUB_OFFLINE=1) or, with ``--tiny``, a 2-layer Llama built from a config."""
+    import transformers as tf
+
+    if args.model:
+        return tf.AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(args.seed)
+    return tf.LlamaForCausalLM(cfg)
+
+
+class SyntheticLM(torch.utils.data.Dataset):
+    """Arithmetic token sequences (start + step * i mod vocab) with some right padding: a task
+    a small model learns in a few steps. Items: input_ids, attention_mask, labels."""
+
+    def __init__(self, vocab: int, n: int = 256, seq: int = 32, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        lo = 3
+        start = torch.randint(lo, vocab, (n, 1), generator=g)
+        step = torch.randint(1, 4, (n, 1), generator=g)
+        self.ids = lo + (start + step * torch.arange(seq)) % (vocab - lo)
+        self.mask = torch.ones_like(self.ids)
+        pad = torch.randint(0, seq // 4, (n,), generator=g)
+        for i, p in enumerate(pad.tolist()):
+            if p:
+                self.mask[i, -p:] = 0
+                self.ids[i, -p:] = 0
+        self.labels = self.ids.masked_fill(self.mask == 0, -100)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def mean_loss(model, ds, n: int = 64) -> float:
+    model.eval()
+    with torch.no_grad():
+        b = {k: torch.stack([ds[i][k] for i in range(min(n, len(ds)))])
+             for k in ("input_ids", "attention_mask", "labels")}
+        return model(**b).loss.item()

@@ -1,0 +1,49 @@
+"""Tiny Hugging Face causal LMs built from configs (no downloads), for the HF tests."""
+import torch
+
+V = 61  # vocab
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **over):
+    import transformers as tf
+
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common.update(over)
+    cls = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
+    }[family]
+    if family in ("gemma2", "qwen3"):
+        common.setdefault("head_dim", 8)
+    cfg = cls[0](**common)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return cls[1](cfg).to(dtype)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3"]
+
+
+def batch(B=2, S=9, seed=1, pad_last=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (B, S), generator=g)
+    am = torch.ones(B, S, dtype=torch.long)
+    if pad_last:
+        am[-1, S - pad_last:] = 0
+        ids[-1, S - pad_last:] = 0
+    labels = ids.masked_fill(am == 0, -100)
+    return ids, am, labels
+
+
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin-waits
+    (halves the CPU time of these tests). Use as an autouse fixture body."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return n
