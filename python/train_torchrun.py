@@ -62,7 +62,10 @@ class TinyLM(nn.Module):
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.gradient_checkpointing = False  # re-run each block in backward (like HF)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # attention_mask (batch, seq), 1 = real token: no attention here, but apply_slim's
+        # hook hands it to the SLIM layers so that padding does not move their clusters
         h = self.embed(input_ids)
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -81,24 +84,10 @@ def tiny_llama(vocab: int = 64, d: int = 32, hidden: int = 48, layers: int = 2) 
     return LlamaForCausalLM(cfg)
 
 
-def swap_in_slim(model: nn.Module, config: SlimConfig) -> nn.Module:
-    """Replace every nn.Linear whose attribute name is in ``config.target_modules`` by a
-    SlimLinear around it, freeze everything else. Returns ``model``.
-
-    TODO(hf): this is a stand-in for ``slim_kernels.apply_slim(model, config)`` (branch hf);
-    when it lands, ``add_slim`` below calls it instead (one line).
-    """
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if name in config.target_modules and isinstance(child, nn.Linear):
-                setattr(parent, name, SlimLinear.from_linear(child, config))
-    return model
-
-
 def add_slim(model: nn.Module, config: SlimConfig) -> nn.Module:
-    return swap_in_slim(model, config)  # later: sk.apply_slim(model, config)
+    """Swap the projections named in ``config.target_modules`` for SlimLinear, freeze the rest
+    (quietly: every rank runs this)."""
+    return sk.apply_slim(model, config, verbose=False)
 
 
 def build_model(kind: str = "mlp", seed: int = 0, slim: Optional[SlimConfig] = None,
@@ -110,8 +99,10 @@ def build_model(kind: str = "mlp", seed: int = 0, slim: Optional[SlimConfig] = N
     with base_context if base_context is not None else contextlib.nullcontext():
         model = TinyLM(**sizes) if kind == "mlp" else tiny_llama(**sizes)
     if slim is None:
+        targets = ("up_proj", "down_proj") if kind == "mlp" else SlimConfig().target_modules
         slim = SlimConfig(num_lora_experts=4, num_identity_experts=1, rank=4, alpha=8.0,
-                          top_k=2, num_clusters=3, cluster_momentum=0.1, backend=backend)
+                          top_k=2, num_clusters=3, cluster_momentum=0.1, backend=backend,
+                          target_modules=targets)
     return add_slim(model, slim)
 
 
@@ -121,8 +112,9 @@ def blocks_of(model: nn.Module) -> nn.ModuleList:
     return inner.layers
 
 
-def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids)
+def logits_of(model: nn.Module, input_ids: torch.Tensor,
+              attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    out = model(input_ids, attention_mask=attention_mask)
     return out.logits if hasattr(out, "logits") else out
 
 
@@ -142,8 +134,10 @@ def shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return batch[rank * n: (rank + 1) * n]
 
 
-def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    logits = logits_of(model, ids[:, :-1])
+def lm_loss(model: nn.Module, ids: torch.Tensor,
+            attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Next-token loss over all positions; ``attention_mask`` marks the real input tokens."""
+    logits = logits_of(model, ids[:, :-1], attention_mask)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
 
 

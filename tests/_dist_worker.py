@@ -109,8 +109,7 @@ def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool 
     for step in range(STEPS):
         ids = recipe.shard(recipe.global_batch(step, WORLD * BATCH_PER_RANK, SEQ, VOCAB), rank, world)
         mask = recipe.shard(step_mask(step), rank, world)
-        with sk.token_mask(mask):
-            loss = recipe.lm_loss(ds or model, ids)
+        loss = recipe.lm_loss(ds or model, ids, attention_mask=mask)  # apply_slim's hook
         if ds is not None:
             ds.backward(loss)
             ds.step()
