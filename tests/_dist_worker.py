@@ -24,6 +24,7 @@ import slim_kernels as sk  # noqa: E402
 from slim_kernels import SlimLinear  # noqa: E402
 
 STEPS, BATCH_PER_RANK, SEQ, VOCAB = 5, 2, 12, 64
+OUT_DIR = [""]  # set by main()
 WORLD = 2  # the global batch is always WORLD * BATCH_PER_RANK sequences
 
 
@@ -129,6 +130,13 @@ def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool 
         res["partitioned"] = (layer.weight.numel(), layer.lora_A.numel())  # 0, 0 outside forward
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
             res["params"] = adapter_params(model)
+        slim_dir = os.path.join(OUT_DIR[0], f"{engine}_slim")
+        sk.save_slim(model, slim_dir)  # every rank: gathers the partitions, rank 0 writes
+        dist.barrier()
+        if rank == 0:
+            from safetensors.torch import load_file
+
+            res["save_slim_file"] = load_file(os.path.join(slim_dir, "slim_adapter.safetensors"))
     else:
         res["params"] = adapter_params(model)
     return res
@@ -191,6 +199,23 @@ def run_fsdp_case(rank: int, out: str) -> Dict[str, object]:
         res["y_after"] = recipe.logits_of(fresh, probe).detach().clone()
     res["sd_saved"] = sd
     res["sd_reloaded"] = recipe.full_adapter_state_dict(fresh)
+
+    # the library's own format: save_slim on every rank (gathers the DTensors, rank 0
+    # writes), load_slim onto a plain base model on every rank, then shard it
+    slim_dir = os.path.join(out, "fsdp_slim")
+    sk.save_slim(model, slim_dir)
+    dist.barrier()
+    torch.manual_seed(0)
+    base = recipe.TinyLM(vocab=VOCAB)
+    sk.load_slim(base, slim_dir)
+    recipe.wrap(base, "fsdp2", torch.device("cpu"))
+    base.eval()
+    with torch.no_grad():
+        res["y_load_slim"] = recipe.logits_of(base, probe).detach().clone()
+    if rank == 0:
+        from safetensors.torch import load_file
+
+        res["save_slim_file"] = load_file(os.path.join(slim_dir, "slim_adapter.safetensors"))
     return res
 
 
@@ -232,7 +257,7 @@ def clusters_in_sync_checks(rank: int):
 
 
 def main() -> None:
-    out = sys.argv[1]
+    out = OUT_DIR[0] = sys.argv[1]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == WORLD, world

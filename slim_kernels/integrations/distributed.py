@@ -8,7 +8,8 @@ with one rank) these are no-ops.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -76,6 +77,35 @@ def clusters_in_sync(model: torch.nn.Module) -> bool:
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=_GROUP)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=_GROUP)
     return bool(torch.equal(lo, hi))
+
+
+def full_cpu_tensors(layers: Iterable[Tuple[str, torch.nn.Module]],
+                     names: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """``{f"{layer}.{name}": full CPU copy}`` of the named tensors of SLIM layers, gathering
+    what a data-parallel engine has sharded: FSDP2 ``DTensor`` parameters (``full_tensor``)
+    and DeepSpeed ZeRO-3 partitions (``deepspeed.zero.GatheredParameters``). Collective
+    whenever something is sharded: then every rank must call it."""
+    layers = list(layers)
+    zero3 = [getattr(m, n) for _, m in layers for n in names if hasattr(getattr(m, n), "ds_id")]
+    ctx = contextlib.nullcontext()
+    if zero3:
+        import deepspeed  # only reached when the model is a DeepSpeed ZeRO-3 model
+
+        ctx = deepspeed.zero.GatheredParameters(zero3)
+    out: Dict[str, torch.Tensor] = {}
+    with ctx:
+        for lname, m in layers:
+            for n in names:
+                t = getattr(m, n).detach()
+                if hasattr(t, "full_tensor"):  # DTensor (FSDP2): all-gather the shards
+                    t = t.full_tensor()
+                out[f"{lname}.{n}"] = t.to("cpu", copy=True).contiguous()  # outlives the gather
+    return out
+
+
+def is_main_process() -> bool:
+    """Global rank 0, or not distributed: the process that writes shared files."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def rank() -> int:
