@@ -1,7 +1,7 @@
 """Train a model with SLIM layers on many processes: torchrun + DDP, FSDP2 or DeepSpeed ZeRO.
 
     torchrun --nproc_per_node 2 python/train_torchrun.py --engine ddp   --steps 20
-    torchrun --nproc_per_node 2 python/train_torchrun.py --engine fsdp2 --steps 20 --save out/adapters.pt
+    torchrun --nproc_per_node 2 python/train_torchrun.py --engine fsdp2 --steps 20 --save out/slim
     torchrun --nproc_per_node 2 python/train_torchrun.py --engine zero3 --steps 20   # pip install deepspeed
 
 On CPU it uses the gloo backend, on GPUs nccl (one process per GPU). The model is a small
@@ -150,8 +150,9 @@ def is_adapter_key(model: nn.Module, key: str) -> bool:
 
 
 def full_adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The SLIM adapters as full (unsharded) CPU tensors; works for plain, DDP and FSDP2
-    models (collective: call it on every rank)."""
+    """The SLIM adapters as full (unsharded) CPU tensors through torch.distributed.checkpoint
+    (an alternative to ``sk.save_slim`` when you keep torch/DCP checkpoints); works for plain,
+    DDP and FSDP2 models (collective: call it on every rank; rank 0 gets the tensors)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -250,18 +251,10 @@ def train(engine: str = "ddp", model_kind: str = "mlp", steps: int = 10, batch_p
     if log and rank == 0:
         print(f"clusters bit-identical on all {world} ranks: {out['clusters_in_sync']}", flush=True)
     if save:
-        if ds is not None:  # DeepSpeed: gather ZeRO-3 partitions (a no-op for ZeRO-2)
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(model.parameters())):
-                sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                      if is_adapter_key(model, k)}
-        else:
-            sd = full_adapter_state_dict(model)
+        # every rank calls it: FSDP2 / ZeRO-3 shards are gathered, global rank 0 writes
+        sk.save_slim(model, save)
         if rank == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(save)), exist_ok=True)
-            torch.save(sd, save)
-            print(f"saved {len(sd)} adapter tensors to {save}", flush=True)
+            print(f"saved the SLIM adapters to {save}/ (load with slim_kernels.load_slim)", flush=True)
         out["saved"] = save
     return out
 
@@ -277,7 +270,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="auto", help="SLIM op backend: auto | triton | cuda | cpp | torch")
-    ap.add_argument("--save", default=None, help="write the full adapter state dict here (rank 0)")
+    ap.add_argument("--save", default=None, help="folder for slim_kernels.save_slim (rank 0 writes)")
     ap.add_argument("--json", default=None, help="rank 0 writes the loss history here")
     args = ap.parse_args(argv)
 
