@@ -83,6 +83,10 @@ def test_wheel_installs_offline_and_runs(tmp_path):
         names = z.namelist()
     assert "slim_kernels/__init__.py" in names and "slim_kernels/layer.py" in names
     assert not any(n.startswith(("tests/", "python/")) for n in names)
+    # package data: the demo's embedded base model must travel with the wheel (offline nodes)
+    for f in glob.glob(os.path.join(ROOT, "slim_kernels", "demo", "base_model", "*")):
+        rel = os.path.relpath(f, ROOT).replace(os.sep, "/")
+        assert rel in names, f"{rel} is missing from the wheel"
 
     built = _compiled(glob.glob(str(src / "build" / "**" / "slim_kernels" / "**" / "*"), recursive=True))
     in_tree = _compiled(glob.glob(os.path.join(ROOT, "slim_kernels", "**", "*"), recursive=True))
