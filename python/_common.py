@@ -2,7 +2,26 @@
 and a synthetic next-token dataset. Not part of the library."""
 from __future__ import annotations
 
+import argparse
+
 import torch
+
+
+def parse_recipe_args(doc: str, output_dir: str, argv=None) -> argparse.Namespace:
+    """The command line the single-process recipes share."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tiny", action="store_true", help="build a 2-layer Llama from a config")
+    src.add_argument("--model", help="local Hugging Face model folder")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--output-dir", default=output_dir)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
 
 
 def build_model(args):

@@ -9,32 +9,19 @@ load_slim onto a fresh base model (bit-exact), and disable_slim for a before/aft
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import SyntheticLM, build_model, mean_loss  # noqa: E402
+from _common import SyntheticLM, build_model, mean_loss, parse_recipe_args  # noqa: E402
 
 import slim_kernels as sk  # noqa: E402
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--tiny", action="store_true", help="build a 2-layer Llama from a config")
-    src.add_argument("--model", help="local Hugging Face model folder")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--output-dir", default="runs/slim_hf_trainer")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return parse_recipe_args(__doc__, "runs/slim_hf_trainer", argv)
 
 
 def main(argv=None) -> dict:

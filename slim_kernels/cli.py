@@ -1,4 +1,4 @@
-"""``slim-kernels`` command line: info | example | demo (the forgetting benchmark)."""
+"""``slim-kernels`` command line: info | example | bench | demo (the forgetting benchmark)."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +24,18 @@ def _cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import os
+
+    # the Triton interpreter must be on before any @triton.jit runs, when triton is
+    # explicitly asked for on a machine without CUDA
+    if args.providers and "slim_triton" in args.providers and (args.device or "cpu") == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .bench import main_from_args
+
+    return main_from_args(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo.benchmark import run_from_args
 
@@ -38,11 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("example", help="train one SLIM layer for a few steps and show its routing")
     s.add_argument("--steps", type=int, default=30)
     s.set_defaults(func=_cmd_example)
-    s = sub.add_parser("demo", help="forgetting benchmark: fine-tune the embedded base on a new "
-                                    "task with LoRA, SLIM and ablations; table, plot, JSON")
-    from .demo.benchmark import add_arguments
+    s = sub.add_parser(
+        "bench", help="time and memory of the SLIM op against unfused baselines (CSV, plots)",
+        description="Benchmark the SLIM op (every available backend) against the frozen base "
+                    "linear, eager loop / dense einsum / torch.compile baselines and PEFT LoRA. "
+                    "Writes one CSV, PNG plots and prints each provider's ratio to base.")
+    from .bench import add_arguments
 
     add_arguments(s)
+    s.set_defaults(func=_cmd_bench)
+    s = sub.add_parser("demo", help="forgetting benchmark: fine-tune the embedded base on a new "
+                                    "task with LoRA, SLIM and ablations; table, plot, JSON")
+    from .demo.benchmark import add_arguments as add_demo_arguments
+
+    add_demo_arguments(s)
     s.set_defaults(func=_cmd_demo)
     return p
 

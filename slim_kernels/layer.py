@@ -91,7 +91,8 @@ class SlimLinear(nn.Module):
         if not isinstance(config, SlimConfig):
             raise TypeError(f"config must be a SlimConfig, got {type(config).__name__}")
         self.config = config
-        self.out_features, self.in_features = weight.shape
+        # full_shape: a linear built under deepspeed.zero.Init is already partitioned
+        self.out_features, self.in_features = _dist.full_shape(weight)
         weight.requires_grad_(False)
         if bias is not None:
             bias.requires_grad_(False)
@@ -132,6 +133,7 @@ class SlimLinear(nn.Module):
             self.cluster_centers.zero_()
             self.cluster_vars.fill_(1.0)
             self.cluster_initialized.fill_(False)
+        self._init_key = self._flag_key()
 
     def _apply(self, fn, recurse=True):
         # Cluster statistics stay fp32 (the op requires it): a dtype cast of the model
@@ -148,9 +150,19 @@ class SlimLinear(nn.Module):
         self._init_cached = None
         self._snapshot = None
 
+    def _flag_key(self) -> Tuple[int, int]:
+        f = self.cluster_initialized
+        return id(f), f._version
+
     def _clusters_ready(self) -> bool:
-        if getattr(self, "_init_cached", None) is None:
+        # The flag is cached (reading it is a host sync) and re-read whenever the buffer was
+        # written behind the layer's back (its version counter moved), e.g. by DDP's initial
+        # broadcast of rank 0's buffers after rank 0 alone loaded a checkpoint: a stale flag
+        # there sends the ranks into different collectives (init vs update) and hangs them.
+        key = self._flag_key()
+        if getattr(self, "_init_cached", None) is None or getattr(self, "_init_key", None) != key:
             self._init_cached = bool(self.cluster_initialized)
+            self._init_key = key
         return self._init_cached
 
     @property
@@ -306,32 +318,47 @@ class SlimLinear(nn.Module):
 
     @torch.no_grad()
     def _init_clusters(self, xs: Tensor) -> None:
-        """Centres: C distinct random tokens of rank 0's first batch; variances: the batch's
-        per-channel variance over all ranks. Needs at least max(C, 2) tokens on rank 0."""
+        """Centres: C distinct random tokens of the *global* first batch; variances: its
+        per-channel variance. Needs at least max(C, 2) tokens over all ranks.
+
+        The global batch is every rank's tokens concatenated in rank order. Rank 0 draws C
+        distinct indices into it (a generator seeded from ``torch.initial_seed()``, not the
+        global RNG) and broadcasts them; the rank that holds a picked token contributes it and
+        an all-reduce assembles the centres. So the ranks agree whatever their seeds, any rank
+        may hold few or no tokens, and a single process fed the concatenated global batch
+        (with rank 0's seed) picks exactly the same tokens: the init does not depend on how
+        the batch is split across ranks.
+        """
         C = self.config.num_clusters
         T, K = xs.shape
-        enough = torch.tensor([1.0 if T >= max(C, 2) else 0.0], device=xs.device)
-        _dist.broadcast_(enough)
-        if enough.item() == 0.0:
-            return  # stay uninitialised; try again on the next batch
+        W, me = _dist.world_size(), _dist.rank()
+        dev = xs.device
         xd = xs.double()
-        packed = torch.cat([
-            torch.tensor([float(T)], dtype=torch.float64, device=xs.device),
-            xd.sum(0), (xd * xd).sum(0),
-        ])
-        _dist.all_reduce_sum_(packed)
-        n = packed[0]
-        mean = packed[1: 1 + K] / n
-        var = (packed[1 + K:] / n - mean * mean).clamp_min(0.0)
+        counts = torch.zeros(W, dtype=torch.float64, device=dev)
+        counts[me] = float(T)
+        packed = torch.cat([counts, xd.sum(0), (xd * xd).sum(0)])
+        _dist.all_reduce_sum_(packed)  # tokens per rank, sums and sums of squares
+        per_rank = packed[:W].round().long().tolist()
+        total = sum(per_rank)
+        if total < max(C, 2):
+            return  # stay uninitialised (on every rank); try again on the next batch
+        n = packed[:W].sum()
+        mean = packed[W: W + K] / n
+        var = (packed[W + K:] / n - mean * mean).clamp_min(0.0)
         # the RNG is not the global one: a checkpointed re-run must draw the same numbers
         gen = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
-        pick = torch.randperm(T, generator=gen)[:C].to(xs.device) if T else None
-        centers = xs[pick].float() if T >= C else torch.zeros(C, K, device=xs.device)
-        _dist.broadcast_(centers)
+        pick = torch.randperm(total, generator=gen)[:C].to(dev)
+        _dist.broadcast_(pick)  # rank 0's draw (ranks may be seeded differently)
+        local = pick - sum(per_rank[:me])
+        mine = (local >= 0) & (local < T)
+        centers = torch.zeros(C, K, dtype=torch.float32, device=dev)
+        centers[mine] = xs[local[mine]].float()
+        _dist.all_reduce_sum_(centers)  # exact: one rank holds each row, the others add 0
         self.cluster_centers.copy_(centers)
         self.cluster_vars.copy_(var.float()[None, :].expand(C, K))
         self.cluster_initialized.fill_(True)
         self._init_cached = True
+        self._init_key = self._flag_key()
 
     # -- aux losses and statistics --------------------------------------------------------
     def _record(self, gates: Tensor, idx: Tensor, dist: Tensor, mask: Optional[Tensor],

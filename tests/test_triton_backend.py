@@ -263,6 +263,11 @@ def test_unsupported_inputs_raise_clearly():
     else:
         assert "TRITON_INTERPRET" in tb.unsupported_reason(x)
     assert tb.unavailable_reason() is None
+    assert "limit of 1024" in tb.unsupported_reason(x, lora_cols=1025, num_experts=10)
+    assert "limit of 256" in tb.unsupported_reason(x, lora_cols=64, num_experts=257)
+    from slim_kernels.ops.dispatch import resolve_backend
+    with pytest.raises(RuntimeError, match="limit of 1024"):  # explicit: a clear error
+        resolve_backend("triton", x, 1025, 10)
     ER = 1025
     with pytest.raises(ValueError, match="exceeds 1024"):
         tb.forward(x, None, torch.zeros(3, 4), None, torch.zeros(ER, 4), torch.zeros(3, ER),

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..config import SlimConfig
 from ..layer import slim_modules
+from . import distributed as _dist
 from .hf import _summary, _swap_in, _unwrap, plan_slim
 
 __all__ = ["save_slim", "load_slim", "SlimLoadError", "ADAPTER_FILE", "CONFIG_FILE", "FORMAT_VERSION"]
@@ -52,7 +53,11 @@ def _dtype_name(dt: torch.dtype) -> str:
 
 def save_slim(model: nn.Module, path: PathLike) -> None:
     """Write the SLIM adapters, routers and cluster buffers of ``model`` to the folder ``path``
-    (created if needed): ``slim_adapter.safetensors`` and ``slim_config.json``."""
+    (created if needed): ``slim_adapter.safetensors`` and ``slim_config.json``.
+
+    Data parallel: under torch.distributed only global rank 0 writes. With FSDP2 or DeepSpeed
+    ZeRO-3 the tensors are gathered first, so call it on every rank then (with DDP or
+    ZeRO-1/2, calling it on rank 0 alone is fine too)."""
     from safetensors.torch import save_file
 
     from .. import __version__
@@ -67,10 +72,10 @@ def save_slim(model: nn.Module, path: PathLike) -> None:
         if m.config != config:
             raise ValueError(f"save_slim: SlimLinear {name!r} has another SlimConfig than "
                              f"{layers[0][0]!r}; one adapter file holds one config")
-    tensors: Dict[str, Tensor] = {}
-    for name, m in layers:
-        for t in TENSORS:
-            tensors[f"{name}.{t}"] = getattr(m, t).detach().cpu().contiguous()
+    # full tensors even when FSDP2 / DeepSpeed ZeRO-3 shard them (then a collective)
+    tensors: Dict[str, Tensor] = _dist.full_cpu_tensors(layers, TENSORS)
+    if not _dist.is_main_process():
+        return  # under torch.distributed only global rank 0 writes
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

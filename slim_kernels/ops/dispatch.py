@@ -2,7 +2,7 @@
 
 Backends: ``triton`` (fused kernels, CUDA), ``cuda`` (csrc CUDA route kernels + cuBLAS),
 ``cpp`` (csrc CPU kernels), ``torch`` (stacked PyTorch, any device). Each backend module
-exposes ``NAME``, ``unavailable_reason()``, ``unsupported_reason(x)``, ``forward(...)`` and
+exposes ``NAME``, ``unavailable_reason()``, ``unsupported_reason(x, lora_cols, num_experts)``, ``forward(...)`` and
 ``backward(...)`` with the signatures of :mod:`slim_kernels.ops.torch_backend`.
 
 ``auto`` picks, for CUDA tensors: triton, else cuda, else torch; for CPU tensors: cpp, else
@@ -60,15 +60,16 @@ def available_backends() -> List[str]:
     return [n for n in ("triton", "cuda", "cpp", "torch") if not isinstance(_load(n), str)]
 
 
-def resolve_backend(requested: str, x: Tensor) -> str:
-    """The backend that will run a call on ``x`` when ``requested`` was asked for."""
-    return _resolve(requested, str(x.device), x.dtype)
+def resolve_backend(requested: str, x: Tensor, lora_cols: int = 0, num_experts: int = 0) -> str:
+    """The backend that will run a call on ``x`` (with E_L·r = ``lora_cols`` LoRA columns and
+    ``num_experts`` router rows) when ``requested`` was asked for."""
+    return _resolve(requested, str(x.device), x.dtype, int(lora_cols), int(num_experts))
 
 
 # torch.compile traces the layer's Python; importing a backend (importlib) cannot be traced, so
 # dynamo runs this function eagerly at trace time and bakes its (string) answer into the graph.
 @torch.compiler.assume_constant_result
-def _resolve(requested: str, device: str, dtype: torch.dtype) -> str:
+def _resolve(requested: str, device: str, dtype: torch.dtype, lora_cols: int, num_experts: int) -> str:
     if requested not in ("auto",) + tuple(_MODULES):
         raise ValueError(
             f"backend={requested!r} is invalid: expected one of auto, triton, cuda, cpp, torch"
@@ -79,9 +80,9 @@ def _resolve(requested: str, device: str, dtype: torch.dtype) -> str:
         if isinstance(mod, str):
             raise RuntimeError(
                 f"backend={requested!r} was requested but cannot run: {mod}. "
-                f"To use it: {_HOW_TO_FIX[requested]}."
+                f"To use it: {_HOW_TO_FIX[requested]}"
             )
-        why = mod.unsupported_reason(probe)
+        why = mod.unsupported_reason(probe, lora_cols, num_experts)
         if why:
             raise RuntimeError(f"backend={requested!r} cannot run this input: {why}")
         return requested
@@ -94,7 +95,7 @@ def _resolve(requested: str, device: str, dtype: torch.dtype) -> str:
         if isinstance(mod, str):
             reasons.append(f"{name}: {mod}")
             continue
-        why = mod.unsupported_reason(probe)
+        why = mod.unsupported_reason(probe, lora_cols, num_experts)
         if why is None:
             return name
         reasons.append(f"{name}: {why}")

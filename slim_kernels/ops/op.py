@@ -173,7 +173,7 @@ def slim_linear_op(
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError("SLIM keeps the base weight and bias frozen: call "
                          "weight.requires_grad_(False) (and bias) before training")
-    name = resolve_backend(backend, x)
+    name = resolve_backend(backend, x, R, E)
     y, gates, idx, d, assign, _h = _slim_fwd(
         x.contiguous(), None if x_lora is None else x_lora.contiguous(), weight, bias,
         lora_A.contiguous(), lora_B.contiguous(), router.contiguous(), centers, inv_std,

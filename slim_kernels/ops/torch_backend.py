@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..reference import cluster_distance, topk_softmax
+from ..reference import topk_softmax
 
 NAME = "torch"
 
@@ -25,8 +25,28 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def unsupported_reason(x: Tensor) -> Optional[str]:
+def unsupported_reason(x: Tensor, lora_cols: int = 0, num_experts: int = 0) -> Optional[str]:
     return None
+
+
+@torch.no_grad()
+def cluster_distance(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str):
+    """As :func:`slim_kernels.reference.cluster_distance`, without its (T, C, K) temporary:
+    squared distances by one GEMM (||x||² − 2 x·c + ||c||²), then the normalised distance to
+    the chosen centre only."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
+    c = centers.to(acc)
+    sq = (xf * xf).sum(1, keepdim=True) - 2.0 * (xf @ c.t()) + (c * c).sum(1)[None, :]
+    assign = sq.argmin(dim=1)
+    u = (xf - c[assign]).abs_().mul_(inv_std.to(acc)[assign])
+    if reduce == "max":
+        r = u.amax(dim=1) if u.shape[1] > 0 else u.sum(dim=1)
+    elif reduce == "mean":
+        r = u.mean(dim=1)
+    else:
+        r = u.square_().mean(dim=1).sqrt_()
+    return r - 1.0, assign
 
 
 def route(

@@ -47,12 +47,19 @@ _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def unavailable_reason() -> Optional[str]:
     if _IMPORT_ERROR is not None:
         return f"triton does not import ({_IMPORT_ERROR})"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "no CUDA device is available (and TRITON_INTERPRET=1 is not set)"
     return None
 
 
-def unsupported_reason(x: Tensor) -> Optional[str]:
+def unsupported_reason(x: Tensor, lora_cols: int = 0, num_experts: int = 0) -> Optional[str]:
     if _IMPORT_ERROR is not None:
         return f"triton does not import ({_IMPORT_ERROR})"
+    if lora_cols > MAX_LORA_COLS:
+        return (f"num_lora_experts * rank = {lora_cols} exceeds the triton backend's "
+                f"limit of {MAX_LORA_COLS}")
+    if num_experts > MAX_EXPERTS:
+        return f"{num_experts} experts exceed the triton backend's limit of {MAX_EXPERTS}"
     if x.device.type == "cuda":
         if x.dtype not in _GPU_DTYPES:
             return f"dtype {x.dtype} is not supported on CUDA (use float32, bfloat16 or float16)"

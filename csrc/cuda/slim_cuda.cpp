@@ -1,0 +1,169 @@
+// Host binding of the CUDA backend: the GEMMs through ATen (cuBLAS), the route epilogues
+// through the torch-free kernels of slim_route.cu. Built only into a CUDA extension
+// (setup.py, SLIM_KERNELS_WITH_CUDA).
+//
+// Forward:  [h | z] = x [A_all; R]ᵀ (one GEMM; two when x_lora is given)
+//           route_forward -> gates, idx, d, assign, h (acc), hg = s g ⊙ h
+//           y = x Wᵀ + b, then y += hg B_allᵀ into the same output (addmm_, beta = 1)
+// Backward: dhg = dy B_all;  route_backward -> dz, dh, hg
+//           dB = dyᵀ hg, dA = dhᵀ x_lora, dR = dzᵀ x, dx = dy W + dz R (+ dh A_all)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "slim_cuda.h"
+
+namespace slim_cuda {
+namespace {
+
+DType dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kF32;
+    case at::kDouble: return kF64;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    default: TORCH_CHECK(false, "slim_kernels_C (cuda): unsupported dtype ", t);
+  }
+}
+
+void check(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "slim_kernels_C (cuda): ", what, " failed: ",
+              cudaGetErrorString(err));
+}
+
+std::vector<at::Tensor> cuda_forward(const at::Tensor& x_, const c10::optional<at::Tensor>& x_lora,
+                                     const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                     const at::Tensor& lora_A_, const at::Tensor& lora_B_,
+                                     const at::Tensor& router_,
+                                     const c10::optional<at::Tensor>& centers,
+                                     const c10::optional<at::Tensor>& inv_std,
+                                     int64_t EL, int64_t top_k, double scaling,
+                                     double yield_strength, int64_t reduce, int64_t /*mode*/) {
+  TORCH_CHECK(x_.is_cuda(), "slim_kernels_C.cuda_forward: x must be a CUDA tensor");
+  c10::cuda::CUDAGuard guard(x_.device());
+  auto x = x_.contiguous();
+  auto A = lora_A_.contiguous();
+  auto B = lora_B_.contiguous();
+  auto Rw = router_.contiguous();
+  const int64_t T = x.size(0), K = x.size(1), E = Rw.size(0), R = A.size(0);
+  TORCH_CHECK(EL >= 1 && R % EL == 0, "lora_A rows must be num_lora_experts x rank");
+  TORCH_CHECK(E <= kMaxExperts, "the cuda backend handles at most ", kMaxExperts, " experts");
+  TORCH_CHECK(reduce >= 0 && reduce <= 2, "reduce must be 0 (max), 1 (mean), 2 (rms)");
+  const int64_t r = R / EL;
+  auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto aopt = x.options().dtype(acc);
+  at::Tensor hz, h_in, z_in;
+  int64_t ld_h, ld_z;
+  if (x_lora.has_value()) {
+    h_in = at::mm(x_lora->contiguous(), A.t());
+    z_in = at::mm(x, Rw.t());
+    ld_h = R;
+    ld_z = E;
+  } else {
+    hz = at::mm(x, at::cat({A, Rw}, 0).t());  // one pass over x for both products
+    h_in = hz;
+    z_in = hz;
+    ld_h = ld_z = R + E;
+  }
+  const bool clusters = centers.has_value() && centers->size(0) > 0;
+  at::Tensor c, s;
+  if (clusters) {
+    c = centers->to(x.device(), at::kFloat).contiguous();
+    s = inv_std->to(x.device(), at::kFloat).contiguous();
+  }
+  auto h = at::empty({T, R}, aopt);
+  auto gates = at::empty({T, E}, aopt);
+  auto idx = at::empty({T, top_k}, x.options().dtype(at::kLong));
+  auto dist = at::empty({T}, aopt);
+  auto assign = at::empty({T}, x.options().dtype(at::kLong));
+  auto hg = at::empty({T, R}, x.options());
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  check(route_forward(dtype_code(x.scalar_type()), T, K, E, EL, r, clusters ? c.size(0) : 0,
+                      top_k, scaling, yield_strength, static_cast<int>(reduce), x.data_ptr(),
+                      h_in.data_ptr(), ld_h,
+                      static_cast<const char*>(z_in.data_ptr()) +
+                          (x_lora.has_value() ? 0 : R * x.element_size()),
+                      ld_z, clusters ? c.data_ptr<float>() : nullptr,
+                      clusters ? s.data_ptr<float>() : nullptr, h.data_ptr(), gates.data_ptr(),
+                      idx.data_ptr<int64_t>(), dist.data_ptr(), assign.data_ptr<int64_t>(),
+                      hg.data_ptr(), stream),
+        "route_forward");
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  y.addmm_(hg, B.t());  // the gated expand accumulated into the same output
+  return {y, gates, idx, dist, assign, h};
+}
+
+std::vector<at::Tensor> cuda_backward(const at::Tensor& dy_, const c10::optional<at::Tensor>& dgates,
+                                      const at::Tensor& x_, const c10::optional<at::Tensor>& x_lora,
+                                      const at::Tensor& weight, const at::Tensor& lora_A_,
+                                      const at::Tensor& lora_B_, const at::Tensor& router_,
+                                      const at::Tensor& gates_, const at::Tensor& h_, int64_t EL,
+                                      double scaling, int64_t /*mode*/) {
+  TORCH_CHECK(x_.is_cuda(), "slim_kernels_C.cuda_backward: x must be a CUDA tensor");
+  c10::cuda::CUDAGuard guard(x_.device());
+  auto x = x_.contiguous();
+  auto dy = dy_.to(x.scalar_type()).contiguous();
+  auto A = lora_A_.contiguous();
+  auto B = lora_B_.contiguous();
+  auto Rw = router_.contiguous();
+  const int64_t T = x.size(0), E = Rw.size(0), R = A.size(0);
+  TORCH_CHECK(E <= kMaxExperts, "the cuda backend handles at most ", kMaxExperts, " experts");
+  const int64_t r = R / EL;
+  auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto gates = gates_.to(acc).contiguous();
+  auto h = h_.to(acc).contiguous();
+  at::Tensor dg;
+  if (dgates.has_value() && dgates->numel() > 0) dg = dgates->to(acc).contiguous();
+  auto dhg = at::mm(dy, B);
+  auto dh = at::empty({T, R}, x.options());
+  auto dz = at::empty({T, E}, x.options());
+  auto hg = at::empty({T, R}, x.options());
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  check(route_backward(dtype_code(x.scalar_type()), T, E, EL, r, scaling, dhg.data_ptr(),
+                       h.data_ptr(), gates.data_ptr(), dg.defined() ? dg.data_ptr() : nullptr,
+                       dh.data_ptr(), dz.data_ptr(), hg.data_ptr(), stream),
+        "route_backward");
+  auto xa = x_lora.has_value() ? x_lora->contiguous() : x;
+  auto dB = at::mm(dy.t(), hg);
+  auto dA = at::mm(dh.t(), xa);
+  auto dR = at::mm(dz.t(), x);
+  auto dx = at::mm(dy, weight);
+  dx.addmm_(dz, Rw);
+  at::Tensor dx_lora;
+  if (x_lora.has_value()) {
+    dx_lora = at::mm(dh, A);
+  } else {
+    dx.addmm_(dh, A);
+    dx_lora = at::empty({0}, x.options());
+  }
+  return {dx, dx_lora, dA, dB, dR};
+}
+
+bool cuda_built() { return true; }
+
+}  // namespace
+}  // namespace slim_cuda
+
+TORCH_LIBRARY_FRAGMENT(slim_kernels_C, m) {
+  m.def(
+      "cuda_forward(Tensor x, Tensor? x_lora, Tensor weight, Tensor? bias, Tensor lora_A, "
+      "Tensor lora_B, Tensor router, Tensor? centers, Tensor? inv_std, int num_lora_experts, "
+      "int top_k, float scaling, float yield_strength, int reduce, int mode) -> Tensor[]");
+  m.def(
+      "cuda_backward(Tensor dy, Tensor? dgates, Tensor x, Tensor? x_lora, Tensor weight, "
+      "Tensor lora_A, Tensor lora_B, Tensor router, Tensor gates, Tensor h, "
+      "int num_lora_experts, float scaling, int mode) -> Tensor[]");
+  m.def("cuda_built() -> bool", &slim_cuda::cuda_built);
+}
+
+TORCH_LIBRARY_IMPL(slim_kernels_C, CUDA, m) {
+  m.impl("cuda_forward", &slim_cuda::cuda_forward);
+  m.impl("cuda_backward", &slim_cuda::cuda_backward);
+}

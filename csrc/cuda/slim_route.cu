@@ -1,0 +1,280 @@
+// SLIM route and route-backward kernels (backend "cuda"). No torch header here: raw
+// pointers and explicit half / bfloat16 conversions (torch compiles .cu files with
+// -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ and friends).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "slim_cuda.h"
+
+namespace slim_cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(float v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <typename T> __device__ __forceinline__ T from_acc(double v);
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+
+__device__ __forceinline__ float dev_exp(float v) { return expf(v); }
+__device__ __forceinline__ double dev_exp(double v) { return exp(v); }
+__device__ __forceinline__ float dev_sqrt(float v) { return sqrtf(v); }
+__device__ __forceinline__ double dev_sqrt(double v) { return sqrt(v); }
+
+// block-wide sum / max; every thread gets the result. shm: kThreads / 32 slots.
+template <typename A>
+__device__ A block_sum(A v, A* shm) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) shm[warp] = v;
+  __syncthreads();
+  A s = 0;
+  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) s += shm[w];
+  return s;
+}
+
+template <typename A>
+__device__ A block_max(A v, A* shm) {
+  for (int o = 16; o > 0; o >>= 1) {
+    A u = __shfl_xor_sync(0xffffffffu, v, o);
+    v = u > v ? u : v;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) shm[warp] = v;
+  __syncthreads();
+  A s = shm[0];
+  for (int w = 1; w < (int)(blockDim.x >> 5); ++w) s = shm[w] > s ? shm[w] : s;
+  return s;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+route_forward_kernel(int64_t K, int E, int EL, int r, int C, int top_k,
+                     typename Acc<T>::type scaling, typename Acc<T>::type yield_strength,
+                     int reduce, const T* __restrict__ x, const T* __restrict__ h_in,
+                     int64_t ld_h, const T* __restrict__ z_in, int64_t ld_z,
+                     const float* __restrict__ centers, const float* __restrict__ inv_std,
+                     typename Acc<T>::type* __restrict__ h_out,
+                     typename Acc<T>::type* __restrict__ gates, int64_t* __restrict__ idx,
+                     typename Acc<T>::type* __restrict__ dist, int64_t* __restrict__ assign,
+                     T* __restrict__ hg) {
+  using A = typename Acc<T>::type;
+  __shared__ A red[kThreads / 32];
+  __shared__ A g_sh[kMaxExperts];
+  __shared__ A d_sh;
+  const int64_t t = blockIdx.x;
+  const T* xr = x + t * K;
+
+  A d = 0;
+  if (centers != nullptr && C > 0) {
+    // j* = argmin_j ||x - c_j||² (ties: lower index)
+    A best = 0;
+    int bj = 0;
+    for (int j = 0; j < C; ++j) {
+      const float* c = centers + (int64_t)j * K;
+      A s = 0;
+      for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+        A df = to_acc(xr[k]) - (A)c[k];
+        s += df * df;
+      }
+      s = block_sum(s, red);
+      if (j == 0 || s < best) {
+        best = s;
+        bj = j;
+      }
+    }
+    const float* c = centers + (int64_t)bj * K;
+    const float* sd = inv_std + (int64_t)bj * K;
+    A v = 0;
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      A df = to_acc(xr[k]) - (A)c[k];
+      A u = (df < 0 ? -df : df) * (A)sd[k];
+      if (reduce == 0) v = u > v ? u : v;
+      else if (reduce == 1) v += u;
+      else v += u * u;
+    }
+    if (reduce == 0) {
+      v = block_max(v, red);
+    } else {
+      v = block_sum(v, red);
+      v = v / (A)K;
+      if (reduce == 2) v = dev_sqrt(v);
+    }
+    d = v - (A)1;
+    if (threadIdx.x == 0) {
+      dist[t] = d;
+      assign[t] = bj;
+    }
+  } else if (threadIdx.x == 0) {
+    dist[t] = 0;
+    assign[t] = -1;
+  }
+
+  if (threadIdx.x == 0) {
+    A z[kMaxExperts];
+    for (int e = 0; e < E; ++e) {
+      z[e] = to_acc(z_in[t * ld_z + e]);
+      if (e >= EL && centers != nullptr && C > 0) z[e] += yield_strength * d;
+    }
+    int64_t* it = idx + t * top_k;
+    A zmax = z[0];
+    for (int i = 0; i < E; ++i) {
+      int rank = 0;
+      for (int j = 0; j < E; ++j) rank += (z[j] > z[i]) || (j < i && z[j] == z[i]);
+      if (rank < top_k) {
+        it[rank] = i;
+        if (rank == 0) zmax = z[i];
+      }
+      g_sh[i] = 0;
+    }
+    A sum = 0;
+    for (int q = 0; q < top_k; ++q) {
+      A e = dev_exp(z[it[q]] - zmax);
+      g_sh[it[q]] = e;
+      sum += e;
+    }
+    for (int q = 0; q < top_k; ++q) g_sh[it[q]] /= sum;
+    for (int e = 0; e < E; ++e) gates[t * E + e] = g_sh[e];
+  }
+  __syncthreads();
+  const int R = EL * r;
+  for (int j = threadIdx.x; j < R; j += blockDim.x) {
+    const A hv = to_acc(h_in[t * ld_h + j]);
+    h_out[t * R + j] = hv;
+    hg[t * R + j] = from_acc<T>(scaling * g_sh[j / r] * hv);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+route_backward_kernel(int E, int EL, int r, typename Acc<T>::type scaling,
+                      const T* __restrict__ dhg, const typename Acc<T>::type* __restrict__ h,
+                      const typename Acc<T>::type* __restrict__ gates,
+                      const typename Acc<T>::type* __restrict__ dgates, T* __restrict__ dh,
+                      T* __restrict__ dz, T* __restrict__ hg) {
+  using A = typename Acc<T>::type;
+  __shared__ A g_sh[kMaxExperts];
+  __shared__ A dg_sh[kMaxExperts];
+  const int64_t t = blockIdx.x;
+  const int R = EL * r;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    g_sh[e] = gates[t * E + e];
+    dg_sh[e] = dgates != nullptr ? dgates[t * E + e] : (A)0;
+  }
+  __syncthreads();
+  // one warp per LoRA expert chunk: dg_e = s Σ dhg h
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int e = warp; e < EL; e += nwarps) {
+    A s = 0;
+    for (int j = lane; j < r; j += 32) {
+      const int64_t o = t * R + (int64_t)e * r + j;
+      s += to_acc(dhg[o]) * h[o];
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) dg_sh[e] += scaling * s;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    A dot = 0;
+    for (int e = 0; e < E; ++e) dot += g_sh[e] * dg_sh[e];
+    for (int e = 0; e < E; ++e) dz[t * E + e] = from_acc<T>(g_sh[e] * (dg_sh[e] - dot));
+  }
+  for (int j = threadIdx.x; j < R; j += blockDim.x) {
+    const int64_t o = t * R + j;
+    const A sg = scaling * g_sh[j / r];
+    dh[o] = from_acc<T>(sg * to_acc(dhg[o]));
+    hg[o] = from_acc<T>(sg * h[o]);
+  }
+}
+
+template <typename T>
+cudaError_t launch_forward(int64_t T_, int64_t K, int64_t E, int64_t EL, int64_t r, int64_t C,
+                           int64_t top_k, double scaling, double yield_strength, int reduce,
+                           const void* x, const void* h_in, int64_t ld_h, const void* z_in,
+                           int64_t ld_z, const float* centers, const float* inv_std,
+                           void* h_out, void* gates, int64_t* idx, void* dist, int64_t* assign,
+                           void* hg, cudaStream_t stream) {
+  using A = typename Acc<T>::type;
+  if (T_ == 0) return cudaSuccess;
+  route_forward_kernel<T><<<(unsigned)T_, kThreads, 0, stream>>>(
+      K, (int)E, (int)EL, (int)r, (int)C, (int)top_k, (A)scaling, (A)yield_strength, reduce,
+      static_cast<const T*>(x), static_cast<const T*>(h_in), ld_h, static_cast<const T*>(z_in),
+      ld_z, centers, inv_std, static_cast<A*>(h_out), static_cast<A*>(gates), idx,
+      static_cast<A*>(dist), assign, static_cast<T*>(hg));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_backward(int64_t T_, int64_t E, int64_t EL, int64_t r, double scaling,
+                            const void* dhg, const void* h, const void* gates,
+                            const void* dgates, void* dh, void* dz, void* hg,
+                            cudaStream_t stream) {
+  using A = typename Acc<T>::type;
+  if (T_ == 0) return cudaSuccess;
+  route_backward_kernel<T><<<(unsigned)T_, kThreads, 0, stream>>>(
+      (int)E, (int)EL, (int)r, (A)scaling, static_cast<const T*>(dhg),
+      static_cast<const A*>(h), static_cast<const A*>(gates), static_cast<const A*>(dgates),
+      static_cast<T*>(dh), static_cast<T*>(dz), static_cast<T*>(hg));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t route_forward(DType dtype, int64_t T, int64_t K, int64_t E, int64_t EL, int64_t r,
+                          int64_t C, int64_t top_k, double scaling, double yield_strength,
+                          int reduce, const void* x, const void* h_in, int64_t ld_h,
+                          const void* z_in, int64_t ld_z, const float* centers,
+                          const float* inv_std, void* h_out, void* gates, int64_t* idx,
+                          void* dist, int64_t* assign, void* hg, cudaStream_t stream) {
+  if (E > kMaxExperts || E < 1 || top_k < 1 || top_k > E) return cudaErrorInvalidValue;
+  if (T > 2147483647LL) return cudaErrorInvalidValue;
+#define SLIM_FWD(TT)                                                                       \
+  return launch_forward<TT>(T, K, E, EL, r, C, top_k, scaling, yield_strength, reduce, x, \
+                            h_in, ld_h, z_in, ld_z, centers, inv_std, h_out, gates, idx,  \
+                            dist, assign, hg, stream)
+  switch (dtype) {
+    case kF32: SLIM_FWD(float);
+    case kF64: SLIM_FWD(double);
+    case kF16: SLIM_FWD(__half);
+    case kBF16: SLIM_FWD(__nv_bfloat16);
+  }
+#undef SLIM_FWD
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t route_backward(DType dtype, int64_t T, int64_t E, int64_t EL, int64_t r,
+                           double scaling, const void* dhg, const void* h, const void* gates,
+                           const void* dgates, void* dh, void* dz, void* hg,
+                           cudaStream_t stream) {
+  if (E > kMaxExperts || E < 1) return cudaErrorInvalidValue;
+  if (T > 2147483647LL) return cudaErrorInvalidValue;
+#define SLIM_BWD(TT) \
+  return launch_backward<TT>(T, E, EL, r, scaling, dhg, h, gates, dgates, dh, dz, hg, stream)
+  switch (dtype) {
+    case kF32: SLIM_BWD(float);
+    case kF64: SLIM_BWD(double);
+    case kF16: SLIM_BWD(__half);
+    case kBF16: SLIM_BWD(__nv_bfloat16);
+  }
+#undef SLIM_BWD
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace slim_cuda

@@ -1,0 +1,97 @@
+"""Backend ``cpp``: the CPU kernels of csrc/cpu (extension ``slim_kernels._C``).
+
+Same interface, shapes and dtypes as :mod:`slim_kernels.ops.torch_backend`; it runs the route
+step fused per block of tokens (LoRA-A and router products, cluster distances, yielding,
+top-k, softmax, gating) and writes y once: the base GEMM, then the gated expand accumulated
+into the same rows.
+
+Only the experts each token selected are computed (``SLIM_KERNELS_CPP_MODE=sparse``, the
+default): with top-2 of 10 experts that is at most a quarter of the LoRA FLOPs, and gathering
+the tokens of an expert inside a cache-resident block costs little on a CPU. ``dense``
+computes every LoRA expert for every token (the GPU cut); kept for comparison. ``h`` of the
+unselected experts is returned as 0 in sparse mode; the backward never reads it (their gate,
+hence every term they enter, is 0).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _ext
+
+NAME = "cpp"
+
+_REDUCE = {"max": 0, "mean": 1, "rms": 2}
+_SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_MODES = {"dense": 0, "sparse": 1, "dense-fused": 2, "sparse-fused": 3}
+
+
+def _mode() -> int:
+    """Mode flags for the kernels: SLIM_KERNELS_CPP_MODE, and SLIM_KERNELS_CPP_BLOCK (tokens
+    per block, 0 = the kernels' default) in bits 8 and up."""
+    name = os.environ.get("SLIM_KERNELS_CPP_MODE", "sparse").strip().lower() or "sparse"
+    if name not in _MODES:
+        raise ValueError(
+            f"SLIM_KERNELS_CPP_MODE={name!r} is invalid: expected one of {', '.join(_MODES)}"
+        )
+    block = os.environ.get("SLIM_KERNELS_CPP_BLOCK", "").strip()
+    try:
+        blk = int(block) if block else 0
+    except ValueError:
+        blk = -1
+    if not 0 <= blk <= 4096:
+        raise ValueError(f"SLIM_KERNELS_CPP_BLOCK={block!r} is invalid: expected 1..4096 tokens")
+    return _MODES[name] | (blk << 8)
+
+
+def unavailable_reason() -> Optional[str]:
+    why = _ext.load()
+    if why is not None:
+        return why
+    if not _ext.has_op("forward"):
+        return "slim_kernels._C was built without the CPU kernels (torch.ops.slim_kernels_C.forward)"
+    return None
+
+
+def unsupported_reason(x: Tensor, lora_cols: int = 0, num_experts: int = 0) -> Optional[str]:
+    if x.device.type != "cpu":
+        return f"the cpp backend runs on CPU tensors, got a tensor on {x.device}"
+    if x.dtype not in _SUPPORTED:
+        return f"the cpp backend supports float32/float64/bfloat16/float16, got {x.dtype}"
+    return None
+
+
+def forward(
+    x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+    lora_A: Tensor, lora_B: Tensor, router: Tensor,
+    centers: Optional[Tensor], inv_std: Optional[Tensor],
+    num_lora_experts: int, top_k: int, scaling: float, yield_strength: float,
+    distance_reduce: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if distance_reduce not in _REDUCE:
+        raise ValueError(
+            f"distance_reduce={distance_reduce!r} is invalid: expected one of max, mean, rms"
+        )
+    y, gates, idx, d, assign, h = torch.ops.slim_kernels_C.forward(
+        x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
+        int(num_lora_experts), int(top_k), float(scaling), float(yield_strength),
+        _REDUCE[distance_reduce], _mode(),
+    )
+    return y, gates, idx, d, assign, h
+
+
+def backward(
+    dy: Tensor, dgates: Optional[Tensor], x: Tensor, x_lora: Optional[Tensor],
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, router: Tensor,
+    gates: Tensor, h: Tensor, num_lora_experts: int, scaling: float,
+) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
+    """The chain rule of :func:`slim_kernels.ops.torch_backend.backward`, restricted to the
+    selected experts in sparse mode (unselected ones have g = 0, so dh, hg and dz vanish)."""
+    dx, dx_lora, dA, dB, dR = torch.ops.slim_kernels_C.backward(
+        dy, dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,
+        int(num_lora_experts), float(scaling), _mode() & ~2,
+    )
+    return dx, (dx_lora if x_lora is not None else None), dA, dB, dR

@@ -1,0 +1,287 @@
+"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2`` (gloo, CPU).
+
+    torchrun --nproc_per_node 2 tests/_dist_worker.py OUT_DIR [deepspeed]
+
+Writes, per rank, ``ddp_rank{r}.pt`` and ``fsdp_rank{r}.pt`` into OUT_DIR; the test process
+compares them with each other and with a single-process run (:func:`run_ddp_case` with
+``world=1``, which this module also serves).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
+
+import train_torchrun as recipe  # noqa: E402
+import slim_kernels as sk  # noqa: E402
+from slim_kernels import SlimLinear  # noqa: E402
+
+STEPS, BATCH_PER_RANK, SEQ, VOCAB = 5, 2, 12, 64
+OUT_DIR = [""]  # set by main()
+WORLD = 2  # the global batch is always WORLD * BATCH_PER_RANK sequences
+
+
+def step_mask(step: int) -> torch.Tensor:
+    """Padding mask of the step's *global* batch (True: real token). Step 0: rank 0's half is
+    all padding, so the clusters initialise from rank 1's tokens only (T=0 on rank 0); step 1:
+    rank 1's half is all padding (an EMA update with T=0 on rank 1); then random lengths."""
+    n = WORLD * BATCH_PER_RANK
+    m = torch.ones(n, SEQ, dtype=torch.bool)
+    if step == 0:
+        m[:BATCH_PER_RANK] = False
+    elif step == 1:
+        m[BATCH_PER_RANK:] = False
+    else:
+        g = torch.Generator().manual_seed(99 + step)
+        lengths = torch.randint(1, SEQ + 1, (n,), generator=g)
+        m = torch.arange(SEQ)[None, :] < lengths[:, None]
+    return m
+
+
+def cluster_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in recipe.unwrap(model).state_dict().items()
+            if ".cluster_" in k}
+
+
+def adapter_params(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in recipe.unwrap(model).named_parameters() if p.requires_grad}
+
+
+def deepspeed_config(stage: int) -> Dict[str, object]:
+    return {"train_micro_batch_size_per_gpu": BATCH_PER_RANK, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage,
+                                  # partition even tiny parameters (default keeps < 1e5 whole)
+                                  "stage3_param_persistence_threshold": 0},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+
+
+def resume_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A 'checkpoint' with initialised clusters (fixed random centres and variances)."""
+    g = torch.Generator().manual_seed(4321)
+    sd = model.state_dict()
+    for k, v in sd.items():
+        if k.endswith("cluster_centers"):
+            sd[k] = torch.randn(v.shape, generator=g)
+        elif k.endswith("cluster_vars"):
+            sd[k] = torch.rand(v.shape, generator=g) + 0.5
+        elif k.endswith("cluster_initialized"):
+            sd[k] = torch.ones_like(v)
+    return sd
+
+
+def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool = False,
+                 checkpointing: bool = False, resume_on_rank0: bool = False):
+    """Train STEPS steps on this rank's shard of the global batches; world=1 is the
+    single-process run on the whole global batch (engine='none'). engine: none | ddp |
+    zero2 | zero3 (DeepSpeed)."""
+    base_context = None
+    if engine == "zero3init":  # the base model is partitioned while it is built
+        import deepspeed
+
+        base_context = deepspeed.zero.Init(config_dict_or_path=deepspeed_config(3))
+    model = recipe.build_model("mlp", seed=0, vocab=VOCAB, base_context=base_context)
+    model.gradient_checkpointing = checkpointing
+    if resume_on_rank0 and rank == 0:  # only rank 0 loads; DDP's init sync copies it over
+        model.load_state_dict(resume_state(model))
+    # ranks seeded differently on purpose (rank 0 like the single process): the cluster init
+    # draws its tokens on rank 0 and broadcasts them, so the other seeds must not matter
+    torch.manual_seed(1000 + rank)
+    if engine == "ddp":
+        kw = recipe.ddp_no_buffer_sync()
+        if forward_sync:
+            kw = {k: True for k in kw}
+        model = nn.parallel.DistributedDataParallel(model, **kw)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ds = None
+    if engine.startswith("zero"):
+        import deepspeed
+
+        ds, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=params,
+                                             config=deepspeed_config(int(engine[4])))
+    losses = []
+    for step in range(STEPS):
+        ids = recipe.shard(recipe.global_batch(step, WORLD * BATCH_PER_RANK, SEQ, VOCAB), rank, world)
+        mask = recipe.shard(step_mask(step), rank, world)
+        loss = recipe.lm_loss(ds or model, ids, attention_mask=mask)  # apply_slim's hook
+        if ds is not None:
+            ds.backward(loss)
+            ds.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        g = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(g)
+        losses.append(g.item() / world)
+    res = {"losses": losses, "clusters": cluster_buffers(model)}
+    if engine in ("zero3", "zero3init"):
+        import deepspeed
+
+        layer = next(m for _, m in sk.slim_modules(model))
+        res["partitioned"] = (layer.weight.numel(), layer.lora_A.numel())  # 0, 0 outside forward
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            res["params"] = adapter_params(model)
+        slim_dir = os.path.join(OUT_DIR[0], f"{engine}_slim")
+        sk.save_slim(model, slim_dir)  # every rank: gathers the partitions, rank 0 writes
+        dist.barrier()
+        if rank == 0:
+            from safetensors.torch import load_file
+
+            res["save_slim_file"] = load_file(os.path.join(slim_dir, "slim_adapter.safetensors"))
+    else:
+        res["params"] = adapter_params(model)
+    return res
+
+
+def run_fsdp_case(rank: int, out: str) -> Dict[str, object]:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    res: Dict[str, object] = {}
+    model = recipe.build_model("mlp", seed=0, vocab=VOCAB)
+    seen = []
+
+    def pre_hook(mod, args):  # runs inside the block's forward, after FSDP2 has gathered
+        seen.append((type(mod.weight).__name__, isinstance(mod.weight, DTensor),
+                     tuple(mod.weight.shape), isinstance(mod.lora_A, DTensor)))
+
+    for _, m in sk.slim_modules(model):
+        m.register_forward_pre_hook(pre_hook)
+    recipe.wrap(model, "fsdp2", torch.device("cpu"))
+    layer = next(m for _, m in sk.slim_modules(model))
+    res["outside"] = (isinstance(layer.weight, DTensor), tuple(layer.weight.to_local().shape),
+                      tuple(layer.weight.shape), isinstance(layer.lora_A, DTensor),
+                      isinstance(layer.cluster_centers, DTensor))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    for step in range(12):
+        ids = recipe.shard(recipe.global_batch(step, WORLD * BATCH_PER_RANK, SEQ, VOCAB), rank, WORLD)
+        loss = recipe.lm_loss(model, ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        g = loss.detach().clone()
+        dist.all_reduce(g)
+        losses.append(g.item() / WORLD)
+    res["losses"] = losses
+    res["inside"] = seen[0]
+    res["clusters"] = cluster_buffers(model)
+
+    # save the full adapters (rank 0 writes), reload them into a fresh sharded model
+    sd = recipe.full_adapter_state_dict(model)
+    path = os.path.join(out, "fsdp_adapters.pt")
+    if rank == 0:
+        torch.save(sd, path)
+    dist.barrier()
+    probe = recipe.global_batch(1000, WORLD * BATCH_PER_RANK, SEQ, VOCAB)[:, :-1]
+    model.eval()
+    with torch.no_grad():
+        res["y_before"] = recipe.logits_of(model, probe).detach().clone()
+
+    fresh = recipe.build_model("mlp", seed=0, vocab=VOCAB)
+    torch.manual_seed(7)
+    for _, m in sk.slim_modules(fresh):  # different adapters, clusters uninitialised
+        m.reset_slim_parameters()
+        nn.init.normal_(m.lora_B, std=0.1)
+    recipe.wrap(fresh, "fsdp2", torch.device("cpu"))
+    recipe.load_adapter_state_dict(fresh, torch.load(path))
+    fresh.eval()
+    with torch.no_grad():
+        res["y_after"] = recipe.logits_of(fresh, probe).detach().clone()
+    res["sd_saved"] = sd
+    res["sd_reloaded"] = recipe.full_adapter_state_dict(fresh)
+
+    # the library's own format: save_slim on every rank (gathers the DTensors, rank 0
+    # writes), load_slim onto a plain base model on every rank, then shard it
+    slim_dir = os.path.join(out, "fsdp_slim")
+    sk.save_slim(model, slim_dir)
+    dist.barrier()
+    torch.manual_seed(0)
+    base = recipe.TinyLM(vocab=VOCAB)
+    sk.load_slim(base, slim_dir)
+    recipe.wrap(base, "fsdp2", torch.device("cpu"))
+    base.eval()
+    with torch.no_grad():
+        res["y_load_slim"] = recipe.logits_of(base, probe).detach().clone()
+    if rank == 0:
+        from safetensors.torch import load_file
+
+        res["save_slim_file"] = load_file(os.path.join(slim_dir, "slim_adapter.safetensors"))
+    return res
+
+
+def run_fsdp_bf16_case(rank: int) -> Dict[str, object]:
+    """FSDP2 with a bf16 MixedPrecisionPolicy: the op sees bf16 gathered weights, the cluster
+    buffers stay fp32 and identical on the ranks."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = recipe.build_model("mlp", seed=0, vocab=VOCAB)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in recipe.blocks_of(model):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    for step in range(6):
+        ids = recipe.shard(recipe.global_batch(step, WORLD * BATCH_PER_RANK, SEQ, VOCAB), rank, WORLD)
+        loss = recipe.lm_loss(model, ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {"losses": losses, "clusters": cluster_buffers(model)}
+
+
+def clusters_in_sync_checks(rank: int):
+    """clusters_in_sync after real training (True), then with one ulp changed on rank 1 (False)."""
+    from slim_kernels.integrations.distributed import clusters_in_sync
+
+    model = recipe.build_model("mlp", seed=0, vocab=VOCAB)
+    for step in range(2):
+        recipe.lm_loss(model, recipe.shard(recipe.global_batch(step, WORLD * BATCH_PER_RANK, SEQ, VOCAB), rank, WORLD))
+    ok = clusters_in_sync(model)
+    layer = next(m for _, m in sk.slim_modules(model))
+    if rank == 1:
+        c = layer.cluster_centers
+        c[0, 0] = torch.nextafter(c[0, 0], c[0, 0] + 1)
+    return ok, clusters_in_sync(model)
+
+
+def main() -> None:
+    out = OUT_DIR[0] = sys.argv[1]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == WORLD, world
+    if sys.argv[2:] == ["deepspeed"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")  # reuses the group above
+        res = {e: run_ddp_case(rank, world, engine=e) for e in ("zero2", "zero3", "zero3init")}
+        torch.save(res, os.path.join(out, f"ds_rank{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+    res = run_ddp_case(rank, world)
+    res["in_sync"] = clusters_in_sync_checks(rank)
+    res["forward_sync"] = run_ddp_case(rank, world, forward_sync=True)
+    res["checkpointing"] = run_ddp_case(rank, world, checkpointing=True)
+    res["resume"] = run_ddp_case(rank, world, resume_on_rank0=True)
+    res["fsdp_bf16"] = run_fsdp_bf16_case(rank)
+    torch.save(res, os.path.join(out, f"ddp_rank{rank}.pt"))
+    torch.save(run_fsdp_case(rank, out), os.path.join(out, f"fsdp_rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The benchmark suite: correctness of every baseline (a wrong baseline gives a wrong ratio),
+the CSV schema, the plots, and pytest-benchmark timing entries.
+
+The timing entries are marked ``benchmark`` and skipped unless ``--run-benchmarks``
+(tests/conftest.py); run them with
+
+    python -m pytest tests/test_bench_entries.py --run-benchmarks --benchmark-columns=median,iqr
+
+No test here asserts a time: the machine is shared and noisy.
+"""
+import csv
+import os
+
+import pytest
+import torch
+
+from slim_kernels import bench
+
+TINY = bench.Case(K=48, N=40, T=37, num_lora_experts=3, num_identity_experts=2, rank=4,
+                  top_k=2, num_clusters=3)
+FAST_PROVIDERS = ["base", "eager_loop", "eager_dense", "peft_lora"]
+
+
+def _grads(inp, leaves):
+    return [None if t.grad is None else t.grad.detach().clone() for t in leaves]
+
+
+def _reference_grads(inp, provider):
+    """fp64 autograd gradients of the reference output w.r.t. x, A_all, B_all, router."""
+    ref = bench.make_inputs(inp.case, dtype=torch.float64, seed=0)
+    leaves = [ref.x, ref.lora_A, ref.lora_B, ref.router]
+    if provider == "base":
+        y = torch.nn.functional.linear(ref.x, ref.weight, ref.bias)
+    else:
+        from slim_kernels.reference import slim_reference
+
+        c = ref.case
+        if provider == "peft_lora":
+            y = torch.nn.functional.linear(ref.x, ref.weight, ref.bias) + \
+                c.scaling * (ref.x @ ref.lora_A.t()) @ ref.lora_B.t()
+        else:
+            E_L, r, K, N = c.num_lora_experts, c.rank, c.K, c.N
+            y, _, _, _ = slim_reference(
+                ref.x, ref.weight, ref.bias, ref.lora_A.view(E_L, r, K),
+                ref.lora_B.view(N, E_L, r).permute(1, 0, 2), ref.router, top_k=c.top_k,
+                scaling=c.scaling, yield_strength=c.yield_strength,
+                distance_reduce=c.distance_reduce, centers=ref.centers,
+                cluster_vars=ref.cluster_vars, cluster_eps=ref.cluster_eps)
+    y.backward(ref.dy)
+    return y.detach(), _grads(ref, leaves)
+
+
+def _check_provider(name, build):
+    inp = bench.make_inputs(TINY, dtype=torch.float32, seed=0)
+    runner = build(inp)
+    y = runner.fwd()
+    ref_y, ref_g = _reference_grads(inp, name)
+    scale = ref_y.abs().max().item()
+    err = (y.double() - ref_y).abs().max().item()
+    assert err <= 1e-5 * scale + 1e-6, f"{name}: forward max error {err:.3g} (scale {scale:.3g})"
+
+    for t in runner.leaves:
+        t.grad = None
+    y.backward(inp.dy)
+    if name == "peft_lora":
+        # peft owns copies of A and B; compare dx and its LoRA grads
+        lora = [p for p in runner.leaves[1:]]
+        got = [inp.x.grad] + [p.grad for p in lora]
+        by_shape = {tuple(g.shape): g for g in ref_g[1:3]}
+        want = [ref_g[0]] + [by_shape[tuple(p.shape)] for p in lora]
+    else:
+        got = [inp.x.grad, inp.lora_A.grad, inp.lora_B.grad, inp.router.grad]
+        want = ref_g
+    for i, (g, w) in enumerate(zip(got, want)):
+        if w is None:
+            assert g is None or name == "base", f"{name}: grad {i} should be None"
+            continue
+        assert g is not None, f"{name}: grad {i} missing"
+        s = w.abs().max().item() + 1e-12
+        e = (g.double() - w).abs().max().item()
+        assert e <= 1e-4 * s + 1e-6, f"{name}: grad {i} max error {e:.3g} (scale {s:.3g})"
+
+
+def test_tiny_routing_is_not_degenerate():
+    inp = bench.make_inputs(TINY, dtype=torch.float64)
+    gates, idx = bench._eager_route(inp.x, inp.router, inp.centers, inp.inv_std, TINY)
+    E_L = TINY.num_lora_experts
+    sel_lora = (idx < E_L).any(1)
+    # some tokens use LoRA experts, some are routed only to identity experts
+    assert sel_lora.any() and (idx >= E_L).any()
+
+
+@pytest.mark.parametrize("name", FAST_PROVIDERS + ["slim_*"])
+def test_provider_matches_fp64_reference(name):
+    builders, skipped = bench.providers_for("cpu")
+    if name == "slim_*":
+        fused = [n for n in builders if n.startswith("slim_")]
+        assert fused, "no slim_<backend> provider found (slim_torch always exists)"
+        for n in fused:
+            _check_provider(n, builders[n])
+        return
+    if name not in builders:
+        pytest.skip(skipped.get(name, f"{name} unavailable"))
+    try:
+        _check_provider(name, builders[name])
+    except bench.Skip as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.slow
+def test_compiled_dense_matches_fp64_reference():
+    builders, _ = bench.providers_for("cpu")
+    try:
+        _check_provider("compiled_dense", builders["compiled_dense"])
+    except bench.Skip as e:  # pragma: no cover
+        pytest.skip(str(e))
+
+
+def test_providers_pick_up_new_backends(monkeypatch):
+    import slim_kernels.ops.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "available_backends", lambda: ["triton", "cpp", "torch"])
+    builders, skipped = bench.providers_for("cpu")
+    assert "slim_cpp" in builders and "slim_torch" in builders
+    assert "slim_triton" not in builders and "slim_triton" in skipped
+    assert list(builders)[0] == "base"
+    builders, _ = bench.providers_for("cpu", ["slim_triton", "eager_loop"])
+    assert set(builders) == {"base", "slim_triton", "eager_loop"}
+
+
+def test_flop_floor_matches_spec():
+    c = bench.Case(K=4096, N=4096, T=1)  # E_L·r = 128, E = 10
+    assert bench.flop_floor(c, "forward") == pytest.approx(1.0649, abs=1e-4)  # "about 6.5 %"
+    assert bench.flop_floor(c, "backward") == pytest.approx(1.1299, abs=1e-4)
+    f, b = bench.flop_floor(c, "forward"), bench.flop_floor(c, "backward")
+    assert bench.flop_floor(c, "forward+backward") == pytest.approx((f + b) / 2)
+
+
+def test_bench_tiny_run_writes_the_schema(tmp_path):
+    cases = [bench.Case(K=64, N=48, T=t, num_lora_experts=3, rank=4) for t in (16, 33)]
+    # peft_lora is left out here only because importing peft (and transformers) takes ~15 s
+    res = bench.run_bench(cases, "T", providers=["eager_loop", "eager_dense", "slim_torch"], reps=2,
+                          warmup=1, progress=False)
+    path = bench.write_csv(res.rows, str(tmp_path / "b.csv"))
+    with open(path, newline="") as f:
+        rd = csv.reader(f)
+        header = next(rd)
+        body = list(rd)
+    assert header == ["kernel", "provider", "mode", "metric", "x", "y_50", "y_20", "y_80",
+                      "device", "dtype", "versions"]
+    rows = bench.read_csv(path)
+    assert len(body) == len(rows) > 0
+    provs = {r["provider"] for r in rows}
+    assert {"base", "slim_torch", "eager_loop", "eager_dense"} <= provs
+    for r in rows:
+        assert r["mode"] in bench.MODES
+        assert r["metric"] in ("time_ms", "cpu_ms", "peak_MB", "saved_MB")
+        assert r["x"] in ("16", "33")
+        assert r["device"] == "cpu" and r["dtype"] == "float32"
+        assert "torch=" in r["versions"]
+        lo, mid, hi = float(r["y_20"]), float(r["y_50"]), float(r["y_80"])
+        assert 0 <= lo <= mid <= hi
+    # every provider has time and memory in every mode, saved_MB in forward
+    for p in provs:
+        for m in bench.MODES:
+            got = {r["metric"] for r in rows if r["provider"] == p and r["mode"] == m}
+            assert {"time_ms", "cpu_ms", "peak_MB"} <= got
+    # the base forward allocates its output (T x N fp32) and nothing else of note
+    b = [r for r in rows if r["provider"] == "base" and r["mode"] == "forward"
+         and r["metric"] == "peak_MB" and r["x"] == "33"][0]
+    assert float(b["y_50"]) == pytest.approx(33 * 48 * 4 / 2**20, rel=0.01)
+    table = bench.summary_table(rows)
+    assert "FLOP floor" in table and "slim_torch" in table
+    assert "FLOP floor" in bench.markdown_table(rows)
+    pngs = bench.plot_csv(path, str(tmp_path))
+    assert len(pngs) == 5 and all(os.path.getsize(p) > 1000 for p in pngs)
+
+
+def test_cli_bench_parses_and_runs(tmp_path, capsys):
+    from slim_kernels.cli import main
+
+    rc = main(["bench", "--shapes", "40x24", "--T", "8", "--reps", "1", "--warmup", "1",
+               "--providers", "eager_loop,slim_torch", "--modes", "forward",
+               "--out", str(tmp_path), "--no-plot", "--no-progress", "--lora-experts", "2",
+               "--rank", "4"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "slim_torch" in out and "eager_loop" in out
+    assert (tmp_path / "bench_T_cpu_float32.csv").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cli_bench_cuda_without_gpu_says_so(tmp_path, capsys):
+    from slim_kernels.cli import main
+
+    assert main(["bench", "--device", "cuda", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# pytest-benchmark entries (skipped unless --run-benchmarks)
+# ---------------------------------------------------------------------------------------
+_ENTRY_CASE = bench.Case(K=1024, N=1024, T=256)
+_ENTRY_PROVIDERS = ["base", "slim_torch", "eager_loop", "eager_dense", "peft_lora"]
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("mode", bench.MODES)
+@pytest.mark.parametrize("provider", _ENTRY_PROVIDERS)
+def test_bench_entry(benchmark, provider, mode):
+    builders, skipped = bench.providers_for("cpu")
+    if provider not in builders:
+        pytest.skip(skipped.get(provider, "unavailable"))
+    inp = bench.make_inputs(_ENTRY_CASE)
+    try:
+        runner = builders[provider](inp)
+    except bench.Skip as e:
+        pytest.skip(str(e))
+    prep, timed = bench._step(runner, mode, inp.dy)
+    benchmark.group = f"slim_linear 1024x1024 T=256 {mode}"
+    benchmark.pedantic(timed, setup=prep, rounds=10, warmup_rounds=2, iterations=1)
+
