@@ -87,6 +87,32 @@ std::vector<acc_t> whole_as_acc(const at::Tensor& t) {
   return out;
 }
 
+// The router and LoRA factors in the accumulation dtype: the tensors' own data for fp32/fp64,
+// a converted copy for half types. Not copyable (the pointers may point into its buffers).
+template <typename acc_t, typename scalar_t>
+struct SmallWeights {
+  std::vector<acc_t> Rbuf, Abuf, Bbuf;
+  const acc_t* R;
+  const acc_t* A;
+  const acc_t* B;
+  SmallWeights(const at::Tensor& router, const at::Tensor& lora_A, const at::Tensor& lora_B) {
+    if constexpr (is_acc_v<scalar_t>) {
+      R = router.data_ptr<acc_t>();
+      A = lora_A.data_ptr<acc_t>();
+      B = lora_B.data_ptr<acc_t>();
+    } else {
+      Rbuf = whole_as_acc<acc_t, scalar_t>(router);
+      Abuf = whole_as_acc<acc_t, scalar_t>(lora_A);
+      Bbuf = whole_as_acc<acc_t, scalar_t>(lora_B);
+      R = Rbuf.data();
+      A = Abuf.data();
+      B = Bbuf.data();
+    }
+  }
+  SmallWeights(const SmallWeights&) = delete;
+  SmallWeights& operator=(const SmallWeights&) = delete;
+};
+
 // gather rows idx[0..n) (block-local) of a (TB, L) matrix into out (n, L)
 template <typename acc_t>
 void gather_rows(const acc_t* src, int64_t L, const std::vector<int64_t>& idx, acc_t* out) {
@@ -207,22 +233,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
   if (s.T == 0) return {y, gates, idx, dist, assign, h};
 
   // the small weights in the acc dtype (direct for fp32/fp64)
-  std::vector<acc_t> Rbuf, Abuf, Bbuf;
-  const acc_t* Rp;
-  const acc_t* Ap;
-  const acc_t* Bp;
-  if constexpr (is_acc_v<scalar_t>) {
-    Rp = router.data_ptr<acc_t>();
-    Ap = lora_A.data_ptr<acc_t>();
-    Bp = lora_B.data_ptr<acc_t>();
-  } else {
-    Rbuf = whole_as_acc<acc_t, scalar_t>(router);
-    Abuf = whole_as_acc<acc_t, scalar_t>(lora_A);
-    Bbuf = whole_as_acc<acc_t, scalar_t>(lora_B);
-    Rp = Rbuf.data();
-    Ap = Abuf.data();
-    Bp = Bbuf.data();
-  }
+  const SmallWeights<acc_t, scalar_t> small(router, lora_A, lora_B);
+  const acc_t* Rp = small.R;
+  const acc_t* Ap = small.A;
+  const acc_t* Bp = small.B;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* xlp = x_lora.has_value() ? x_lora->data_ptr<scalar_t>() : nullptr;
   const scalar_t* Wp = weight.data_ptr<scalar_t>();
@@ -379,22 +393,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const c10::optional<
             at::zeros_like(router)};
   }
 
-  std::vector<acc_t> Rbuf, Abuf, Bbuf;
-  const acc_t* Rp;
-  const acc_t* Ap;
-  const acc_t* Bp;
-  if constexpr (is_acc_v<scalar_t>) {
-    Rp = router.data_ptr<acc_t>();
-    Ap = lora_A.data_ptr<acc_t>();
-    Bp = lora_B.data_ptr<acc_t>();
-  } else {
-    Rbuf = whole_as_acc<acc_t, scalar_t>(router);
-    Abuf = whole_as_acc<acc_t, scalar_t>(lora_A);
-    Bbuf = whole_as_acc<acc_t, scalar_t>(lora_B);
-    Rp = Rbuf.data();
-    Ap = Abuf.data();
-    Bp = Bbuf.data();
-  }
+  const SmallWeights<acc_t, scalar_t> small(router, lora_A, lora_B);
+  const acc_t* Rp = small.R;
+  const acc_t* Ap = small.A;
+  const acc_t* Bp = small.B;
   const scalar_t* dyp = dy.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* xlp = has_xl ? x_lora->data_ptr<scalar_t>() : nullptr;
