@@ -146,3 +146,23 @@ def test_symbols_task_and_tuned_arm():
     assert set(m["routing"]["by_task"]) == set(GENERAL_TASKS) | {"symbols"}
     with pytest.raises(ValueError):
         B.run_benchmark(["slim"], task="nope", **TINY)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "-1"], "--steps: expected an integer >= 1"),
+    (["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+    (["--lr", "nan"], "--lr: expected a finite number >= 0"),
+    (["--methods", "bogus"], "--methods: unknown or empty ['bogus']"),
+    (["--slim", "{bad"], "--slim: not valid JSON"),
+    (["--slim", '{"rank": 0}'], "SlimConfig.rank=0 is invalid"),
+    (["--model", "/nonexistent/dir"], "is not a directory"),
+])
+def test_demo_cli_bad_arguments_fail_clearly(argv, message, capsys, tmp_path):
+    from slim_kernels.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--out", str(tmp_path / "out"), *argv])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err + (exc.value.code if isinstance(exc.value.code, str) else "")
+    assert message in err
+    assert not (tmp_path / "out").exists()  # failed before any work

@@ -36,9 +36,11 @@ eval every 30 steps); the whole demo took 264 s of CPU here (under 5 minutes).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import sys
 import random
 import time
 from dataclasses import replace
@@ -311,29 +313,65 @@ def write_outputs(report: Dict, out_dir) -> Dict[str, str]:
 
 
 def main(argv=None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="slim-kernels demo",
                                  description="forgetting benchmark: LoRA vs SLIM vs ablations")
     add_arguments(ap)
     return run_from_args(ap.parse_args(argv))
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return v
+
+
+def _json_object(text: str) -> dict:
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of SlimConfig fields, got {text!r}")
+    return v
+
+
+def _model_spec(text: str) -> str:
+    if text != "smollm2" and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a directory (a local Hugging Face model folder) nor 'smollm2'")
+    return text
+
+
 def add_arguments(ap) -> None:
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help=f"comma list from {','.join(DEFAULT_METHODS)}")
-    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (120; 60 with --model)")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=_positive_int, default=None,
+                    help="fine-tuning steps (120; 60 with --model)")
+    ap.add_argument("--lr", type=_nonneg_float, default=1e-3)
+    ap.add_argument("--batch-size", type=_positive_int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-n", type=int, default=64, help="held-out examples per task")
-    ap.add_argument("--eval-every", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-n", type=_positive_int, default=64, help="held-out examples per task")
+    ap.add_argument("--eval-every", type=_positive_int, default=30)
+    ap.add_argument("--threads", type=_positive_int, default=1)
     ap.add_argument("--out", default="demo_out")
     ap.add_argument("--base", default=None, help="another tiny-base checkpoint dir")
-    ap.add_argument("--slim", default=None,
+    ap.add_argument("--slim", type=_json_object, default=None,
                     help="JSON of SlimConfig overrides for the SLIM arms, e.g. '{\"yield_strength\": 4}'")
-    ap.add_argument("--model", default=None,
+    ap.add_argument("--model", type=_model_spec, default=None,
                     help="a local Hugging Face causal-LM dir (or 'smollm2') instead of the embedded base")
     ap.add_argument("--task", default=NEW_TASK, choices=list(NEW_TASKS),
                     help="the new task: caesar (inputs = copy's) or symbols (unseen input symbols)")
@@ -342,7 +380,20 @@ def add_arguments(ap) -> None:
 
 def run_from_args(a) -> int:
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    overrides = json.loads(a.slim) if a.slim else None
+    overrides = a.slim
+    # check the methods and the SlimConfig overrides before any model is loaded or trained
+    if a.model:
+        from .real_model import method_specs as specs_for
+    else:
+        specs_for = method_specs
+    try:
+        specs = specs_for(overrides)
+    except (ValueError, TypeError) as e:
+        sys.exit(f"slim-kernels demo: error: --slim: {e}")
+    unknown = [m for m in methods if m not in specs]
+    if unknown or not methods:
+        sys.exit(f"slim-kernels demo: error: --methods: unknown or empty {unknown or methods}; "
+                 f"known: {', '.join(specs)}")
     if a.model:
         from .real_model import run_real_model
 
