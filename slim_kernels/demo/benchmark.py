@@ -382,12 +382,8 @@ def run_from_args(a) -> int:
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     overrides = a.slim
     # check the methods and the SlimConfig overrides before any model is loaded or trained
-    if a.model:
-        from .real_model import method_specs as specs_for
-    else:
-        specs_for = method_specs
     try:
-        specs = specs_for(overrides)
+        specs = method_specs(overrides)
     except (ValueError, TypeError) as e:
         sys.exit(f"slim-kernels demo: error: --slim: {e}")
     unknown = [m for m in methods if m not in specs]
