@@ -24,7 +24,6 @@ from . import _ext
 
 NAME = "cpp"
 
-_REDUCE = {"max": 0, "mean": 1, "rms": 2}
 _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _MODES = {"dense": 0, "sparse": 1, "dense-fused": 2, "sparse-fused": 3}
 
@@ -71,14 +70,10 @@ def forward(
     num_lora_experts: int, top_k: int, scaling: float, yield_strength: float,
     distance_reduce: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if distance_reduce not in _REDUCE:
-        raise ValueError(
-            f"distance_reduce={distance_reduce!r} is invalid: expected one of max, mean, rms"
-        )
     y, gates, idx, d, assign, h = torch.ops.slim_kernels_C.forward(
         x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
         int(num_lora_experts), int(top_k), float(scaling), float(yield_strength),
-        _REDUCE[distance_reduce], _mode(),
+        _ext.reduce_code(distance_reduce), _mode(),
     )
     return y, gates, idx, d, assign, h
 

@@ -20,7 +20,6 @@ from . import _ext
 
 NAME = "cuda"
 
-_REDUCE = {"max": 0, "mean": 1, "rms": 2}
 _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 MAX_EXPERTS = 64  # csrc/cuda/slim_cuda.h kMaxExperts
 
@@ -55,17 +54,13 @@ def forward(
     num_lora_experts: int, top_k: int, scaling: float, yield_strength: float,
     distance_reduce: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if distance_reduce not in _REDUCE:
-        raise ValueError(
-            f"distance_reduce={distance_reduce!r} is invalid: expected one of max, mean, rms"
-        )
     if router.shape[0] > MAX_EXPERTS:
         raise ValueError(f"the cuda backend handles at most {MAX_EXPERTS} experts, "
                          f"got {router.shape[0]}; use backend='torch' or 'triton'")
     y, gates, idx, d, assign, h = torch.ops.slim_kernels_C.cuda_forward(
         x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
         int(num_lora_experts), int(top_k), float(scaling), float(yield_strength),
-        _REDUCE[distance_reduce], 0,
+        _ext.reduce_code(distance_reduce), 0,
     )
     return y, gates, idx, d, assign, h
 
