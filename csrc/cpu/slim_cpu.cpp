@@ -191,6 +191,20 @@ struct Shapes {
   int64_t T, K, N, E, EL, r, R, C, k;
 };
 
+// the sizes every pass needs, read off the op's tensors (C and k are set by the forward)
+Shapes op_shapes(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& router,
+                 const at::Tensor& lora_A, int64_t EL) {
+  Shapes s{};
+  s.T = x.size(0);
+  s.K = x.size(1);
+  s.N = weight.size(0);
+  s.E = router.size(0);
+  s.EL = EL;
+  s.R = lora_A.size(0);
+  s.r = s.R / EL;
+  return s;
+}
+
 template <typename scalar_t>
 std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& x_lora,
                                      const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -201,14 +215,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
                                      int64_t top_k, double scaling, double yield_strength,
                                      int64_t reduce, int64_t mode) {
   using acc_t = typename AccOf<scalar_t>::type;
-  Shapes s;
-  s.T = x.size(0);
-  s.K = x.size(1);
-  s.N = weight.size(0);
-  s.E = router.size(0);
-  s.EL = EL;
-  s.R = lora_A.size(0);
-  s.r = s.R / EL;
+  Shapes s = op_shapes(x, weight, router, lora_A, EL);
   s.k = top_k;
   const bool has_clusters = centers.has_value() && centers->size(0) > 0;
   s.C = has_clusters ? centers->size(0) : 0;
@@ -373,14 +380,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const c10::optional<
                                       const at::Tensor& gates, const at::Tensor& h, int64_t EL,
                                       double scaling, int64_t mode) {
   using acc_t = typename AccOf<scalar_t>::type;
-  Shapes s;
-  s.T = x.size(0);
-  s.K = x.size(1);
-  s.N = weight.size(0);
-  s.E = router.size(0);
-  s.EL = EL;
-  s.R = lora_A.size(0);
-  s.r = s.R / EL;
+  Shapes s = op_shapes(x, weight, router, lora_A, EL);
   const bool sparse = mode & kSparse;
   const bool has_xl = x_lora.has_value();
   const int64_t kTokenBlock = token_block(mode);
