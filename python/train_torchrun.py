@@ -199,6 +199,22 @@ def wrap(model: nn.Module, engine: str, device: torch.device) -> nn.Module:
     raise ValueError(f"--engine {engine!r}: expected ddp, fsdp2, zero2, zero3 or none")
 
 
+def optimizer_step(loss: torch.Tensor, opt, ds=None, world: int = 1) -> float:
+    """Backward and one optimizer step (through the DeepSpeed engine ``ds`` when given);
+    returns the loss averaged over the ranks."""
+    if ds is not None:
+        ds.backward(loss)
+        ds.step()
+    else:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    g = loss.detach().clone()
+    if world > 1:
+        dist.all_reduce(g)
+    return g.item() / world
+
+
 def deepspeed_engine(model: nn.Module, stage: int, lr: float, batch_per_rank: int):
     """DeepSpeed ZeRO-``stage`` around ``model`` with a torch AdamW (no compiled DeepSpeed ops
     needed). On CPU set DS_ACCELERATOR=cpu (this recipe does) and use the gloo backend."""
@@ -221,7 +237,7 @@ def train(engine: str = "ddp", model_kind: str = "mlp", steps: int = 10, batch_p
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = build_model(model_kind, seed=seed, vocab=vocab, backend=backend).to(device)
-    ds = None
+    ds = opt = None
     if engine in ("zero2", "zero3"):
         ds = deepspeed_engine(model, int(engine[-1]), lr, batch_per_rank)
     else:
@@ -232,17 +248,7 @@ def train(engine: str = "ddp", model_kind: str = "mlp", steps: int = 10, batch_p
     for step in range(steps):
         ids = shard(global_batch(step, batch_per_rank * world, seq, vocab), rank, world).to(device)
         loss = lm_loss(ds or model, ids) + sk.aux_loss(unwrap(model))
-        if ds is not None:
-            ds.backward(loss)
-            ds.step()
-        else:
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        g = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(g)
-        losses.append(g.item() / world)
+        losses.append(optimizer_step(loss, opt, ds, world))
         if log and rank == 0:
             print(f"step {step:4d}  loss {losses[-1]:.4f}", flush=True)
     out: Dict[str, object] = {"losses": losses, "seconds": time.time() - t0, "world": world}

@@ -111,17 +111,7 @@ def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool 
         ids = recipe.shard(recipe.global_batch(step, WORLD * BATCH_PER_RANK, SEQ, VOCAB), rank, world)
         mask = recipe.shard(step_mask(step), rank, world)
         loss = recipe.lm_loss(ds or model, ids, attention_mask=mask)  # apply_slim's hook
-        if ds is not None:
-            ds.backward(loss)
-            ds.step()
-        else:
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        g = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(g)
-        losses.append(g.item() / world)
+        losses.append(recipe.optimizer_step(loss, opt, ds, world))
     res = {"losses": losses, "clusters": cluster_buffers(model)}
     if engine in ("zero3", "zero3init"):
         import deepspeed
@@ -165,13 +155,7 @@ def run_fsdp_case(rank: int, out: str) -> Dict[str, object]:
     losses = []
     for step in range(12):
         ids = recipe.shard(recipe.global_batch(step, WORLD * BATCH_PER_RANK, SEQ, VOCAB), rank, WORLD)
-        loss = recipe.lm_loss(model, ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        g = loss.detach().clone()
-        dist.all_reduce(g)
-        losses.append(g.item() / WORLD)
+        losses.append(recipe.optimizer_step(recipe.lm_loss(model, ids), opt, world=WORLD))
     res["losses"] = losses
     res["inside"] = seen[0]
     res["clusters"] = cluster_buffers(model)
