@@ -262,7 +262,30 @@ def train(engine: str = "ddp", model_kind: str = "mlp", steps: int = 10, batch_p
         if rank == 0:
             print(f"saved the SLIM adapters to {save}/ (load with slim_kernels.load_slim)", flush=True)
         out["saved"] = save
+    if ds is not None:
+        # release ZeRO's hooks, partitioned buffers and its references to the process groups
+        # now, not in whatever order the interpreter tears objects down at exit
+        ds.destroy()
     return out
+
+
+def shutdown(deepspeed_used: bool, ok: bool = True) -> None:
+    """Tear the process group down in order: every rank has finished its collectives (the
+    barrier, skipped after an error, where a peer may never reach it), then the groups are destroyed while the process is still whole. DeepSpeed keeps
+    references to its own groups; ``deepspeed.comm.destroy_process_group`` drops them too, so
+    no ProcessGroup is left for interpreter shutdown to destroy (a native abort seen once in
+    CI as "terminate called without an active exception" after a ZeRO-3 run had finished)."""
+    import gc
+
+    gc.collect()
+    if ok:
+        dist.barrier()
+    if deepspeed_used:
+        import deepspeed.comm as ds_comm
+
+        ds_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
 
 
 def main(argv=None) -> None:
@@ -288,15 +311,17 @@ def main(argv=None) -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
+    ok = False
     try:
         out = train(args.engine, args.model, args.steps, args.batch_per_rank, args.seq,
                     args.lr, args.seed, save=args.save, backend=args.backend)
         if args.json and (not distributed or dist.get_rank() == 0):
             with open(args.json, "w") as f:
                 json.dump(out, f)
+        ok = True
     finally:
-        if distributed:
-            dist.destroy_process_group()
+        if distributed and dist.is_initialized():
+            shutdown(args.engine.startswith("zero"), ok)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,8 @@ def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool 
             res["save_slim_file"] = load_file(os.path.join(slim_dir, "slim_adapter.safetensors"))
     else:
         res["params"] = adapter_params(model)
+    if ds is not None:
+        ds.destroy()  # as the recipe does: release ZeRO's hooks and group references now
     return res
 
 
@@ -252,8 +254,7 @@ def main() -> None:
         deepspeed.init_distributed(dist_backend="gloo")  # reuses the group above
         res = {e: run_ddp_case(rank, world, engine=e) for e in ("zero2", "zero3", "zero3init")}
         torch.save(res, os.path.join(out, f"ds_rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
+        recipe.shutdown(deepspeed_used=True)
         return
     res = run_ddp_case(rank, world)
     res["in_sync"] = clusters_in_sync_checks(rank)
@@ -263,8 +264,7 @@ def main() -> None:
     res["fsdp_bf16"] = run_fsdp_bf16_case(rank)
     torch.save(res, os.path.join(out, f"ddp_rank{rank}.pt"))
     torch.save(run_fsdp_case(rank, out), os.path.join(out, f"fsdp_rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    recipe.shutdown(deepspeed_used=False)
 
 
 if __name__ == "__main__":
