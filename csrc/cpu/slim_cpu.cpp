@@ -6,8 +6,8 @@
 // inputs, fp32 otherwise; bf16/fp16 blocks are converted to fp32 before any arithmetic.
 //
 // Forward, per block of TB tokens (one pass over the block; everything stays in cache):
-//   z   = x_b Rᵀ                                    (TB, E)  one small GEMM
-//   d   = reduce_k |x - c_{j*}| inv_std_{j*} - 1,  j* = argmin_j ||x - c_j||²
+//   z   = x_b Rᵀ, x_b·c_j                           (TB, E+C)  one small GEMM
+//   d   = reduce_k |x - c_{j*}| inv_std_{j*} - 1,  j* = argmin_j ||c_j||² - 2 x·c_j
 //   z_i += lam * d  (identity experts);  top-k (ties: lower index);  softmax over the kept
 //   for each LoRA expert e: the tokens of the block that selected it (sparse mode) or all
 //   of them (dense mode): h_e = x_e A_eᵀ, hg_e = s g_e h_e, y[tokens] += hg_e B_eᵀ.
@@ -121,20 +121,19 @@ void gather_rows(const acc_t* src, int64_t L, const std::vector<int64_t>& idx, a
 }
 
 // Cluster distance of one token (spec section 2), as slim_kernels.reference.cluster_distance.
+// The assignment argmin_j ||x - c_j||² is taken as argmin_j (||c_j||² - 2 x·c_j) (||x||² is
+// the same for every j), with the dot products x·c_j computed by the route GEMM (the centres
+// are stacked under the router rows), as the torch backend does; then one pass over the
+// chosen centre for the reduce. dots[j] = x·c_j, strided by dot_stride; csq[j] = ||c_j||².
 template <typename acc_t>
-void cluster_distance_row(const acc_t* x, const float* centers, const float* inv_std, int64_t C,
-                          int64_t K, int64_t reduce, acc_t* d_out, int64_t* assign_out) {
+void cluster_distance_row(const acc_t* x, const acc_t* dots, int64_t dot_stride, const acc_t* csq,
+                          const float* centers, const float* inv_std, int64_t C, int64_t K,
+                          int64_t reduce, acc_t* d_out, int64_t* assign_out) {
   int64_t best = 0;
   acc_t best_sq = std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < C; ++j) {
-    const float* c = centers + j * K;
-    acc_t sq = 0;
-#pragma omp simd reduction(+ : sq)
-    for (int64_t k = 0; k < K; ++k) {
-      acc_t df = x[k] - static_cast<acc_t>(c[k]);
-      sq += df * df;
-    }
-    if (j == 0 || sq < best_sq) {
+    const acc_t sq = csq[j] - acc_t(2) * dots[j * dot_stride];
+    if (j == 0 || sq < best_sq) {  // ties: the lower index
       best_sq = sq;
       best = j;
     }
@@ -241,7 +240,6 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
 
   // the small weights in the acc dtype (direct for fp32/fp64)
   const SmallWeights<acc_t, scalar_t> small(router, lora_A, lora_B);
-  const acc_t* Rp = small.R;
   const acc_t* Ap = small.A;
   const acc_t* Bp = small.B;
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -250,6 +248,25 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
   const scalar_t* bp = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
   const float* cp = has_clusters ? centers->data_ptr<float>() : nullptr;
   const float* sp = has_clusters ? inv_std->data_ptr<float>() : nullptr;
+  // route GEMM operand: the router rows, then (with clusters) the centres in the acc dtype,
+  // so one skinny GEMM gives the logits and the dot products x·c_j; csq = ||c_j||²
+  const int64_t RC_rows = s.E + s.C;
+  std::vector<acc_t> RCbuf, csq(static_cast<size_t>(s.C));
+  const acc_t* RCp = small.R;
+  if (has_clusters) {
+    RCbuf.resize(static_cast<size_t>(RC_rows * s.K));
+    std::copy(small.R, small.R + s.E * s.K, RCbuf.begin());
+    for (int64_t j = 0; j < s.C; ++j) {
+      acc_t* dst = RCbuf.data() + (s.E + j) * s.K;
+      acc_t sq = 0;
+      for (int64_t k = 0; k < s.K; ++k) {
+        dst[k] = static_cast<acc_t>(cp[j * s.K + k]);
+        sq += dst[k] * dst[k];
+      }
+      csq[j] = sq;
+    }
+    RCp = RCbuf.data();
+  }
   scalar_t* yp = y.data_ptr<scalar_t>();
   acc_t* gp = gates.data_ptr<acc_t>();
   int64_t* ip = idx.data_ptr<int64_t>();
@@ -277,9 +294,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
       // ---- route: logits, distance, yielding, top-k, softmax
       // zᵀ = R x_bᵀ (E, tb): this orientation of the skinny GEMM measured 1.6x faster in MKL
       // than x_b Rᵀ (tb, E)
-      zt.resize(static_cast<size_t>(s.E * tb));
+      zt.resize(static_cast<size_t>(RC_rows * tb));
       z.resize(static_cast<size_t>(tb * s.E));
-      gemm(false, true, s.E, tb, s.K, acc_t(1), Rp, s.K, xb, s.K, acc_t(0), zt.data(), tb);
+      gemm(false, true, RC_rows, tb, s.K, acc_t(1), RCp, s.K, xb, s.K, acc_t(0), zt.data(), tb);
       for (int64_t e = 0; e < s.E; ++e)
         for (int64_t i = 0; i < tb; ++i) z[i * s.E + e] = zt[e * tb + i];
       for (auto& v : sel) v.clear();
@@ -287,7 +304,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
         const int64_t t = t0 + i;
         acc_t* zi = z.data() + i * s.E;
         if (has_clusters) {
-          cluster_distance_row<acc_t>(xb + i * s.K, cp, sp, s.C, s.K, reduce, dp + t, ap + t);
+          cluster_distance_row<acc_t>(xb + i * s.K, zt.data() + s.E * tb + i, tb, csq.data(), cp,
+                                      sp, s.C, s.K, reduce, dp + t, ap + t);
           if (do_yield)
             for (int64_t e = s.EL; e < s.E; ++e) zi[e] += lam * dp[t];
         } else {
