@@ -13,7 +13,8 @@
   (fact accuracy after / before) when the base gets any fact right.
 
 This path is meant for a quick look, not a paper number: for MMLU / GSM8K / PIQA use
-lm-evaluation-harness on the model with and without ``disable_slim`` (docs/README_demo_section.md).
+lm-evaluation-harness on the model with and without ``disable_slim`` (README, "Measuring
+forgetting on real models with lm-evaluation-harness").
 """
 from __future__ import annotations
 
