@@ -39,11 +39,3 @@ def batch(B=2, S=9, seed=1, pad_last=3):
         ids[-1, S - pad_last:] = 0
     labels = ids.masked_fill(am == 0, -100)
     return ids, am, labels
-
-
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin-waits
-    (halves the CPU time of these tests). Use as an autouse fixture body."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    return n

@@ -12,14 +12,7 @@ from hf_models import FAMILIES, V, batch, tiny_model
 
 pytest.importorskip("transformers")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    from hf_models import one_thread
-
-    n = one_thread()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CFG = dict(num_lora_experts=2, num_identity_experts=2, rank=4, backend="torch")

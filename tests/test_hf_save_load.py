@@ -12,14 +12,7 @@ from test_hf import CFG, _snapshot, assert_unchanged, randomise_B, slim
 
 pytest.importorskip("safetensors")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    from hf_models import one_thread
-
-    n = one_thread()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

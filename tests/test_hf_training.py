@@ -12,14 +12,7 @@ from test_hf import randomise_B, slim
 
 transformers = pytest.importorskip("transformers")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    from hf_models import one_thread
-
-    n = one_thread()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic_dataset(n=32, S=12, seed=0):

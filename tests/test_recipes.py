@@ -4,18 +4,10 @@ import math
 import os
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    from hf_models import one_thread
-
-    n = one_thread()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "python")
