@@ -18,6 +18,8 @@ forgetting on real models with lm-evaluation-harness").
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import random
 import time
@@ -186,6 +188,19 @@ def _target_modules(model, wanted) -> Tuple[str, ...]:
     return found
 
 
+@contextlib.contextmanager
+def _hf_progress_bars(enabled: bool):
+    """transformers' own progress bars on or off for the block, restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
 def run_real_model(spec: str, methods: Sequence[str] = ("lora", "slim"), steps: int = 60,
                    lr: float = 1e-3, batch_size: int = 8, seed: int = 0, eval_n: int = 32,
                    eval_every: int = 0, threads: int = 1, progress: bool = True,
@@ -198,26 +213,24 @@ def run_real_model(spec: str, methods: Sequence[str] = ("lora", "slim"), steps: 
     from .benchmark import method_specs
     from .finetune import count_trainable, finetune, set_full_finetune
 
-    torch.set_num_threads(threads)
-    t_wall, t_cpu = time.time(), time.process_time()
-    t0 = time.time()
-    model0, tok = load_real_model(spec)
-    load_s = time.time() - t0
     specs = method_specs(slim_overrides)
     unknown = [m for m in methods if m not in specs]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {list(specs)}")
+    torch.set_num_threads(threads)
+    t_wall, t_cpu = time.time(), time.process_time()
+    t0 = time.time()
+    with _hf_progress_bars(progress):  # transformers' weight-loading bar (its GGUF bar ignores it)
+        model0, tok = load_real_model(spec)
+    load_s = time.time() - t0
     test_pairs = caesar_pairs(eval_n, "test", 12345)
     before = measure(model0, tok, test_pairs)
-    state0 = {k: v.clone() for k, v in model0.state_dict().items()}
-    del model0
     results = []
     for name in methods:
         tw, tc = time.time(), time.process_time()
         random.seed(seed)
         torch.manual_seed(seed)
-        model, _ = load_real_model(spec)
-        model.load_state_dict(state0)
+        model = copy.deepcopy(model0)  # every arm starts from the same loaded base
         s = specs[name]
         if s == "full":
             n_train = set_full_finetune(model, modules=_target_modules(model, specs["slim"].target_modules))
