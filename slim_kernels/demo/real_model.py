@@ -190,15 +190,18 @@ def _target_modules(model, wanted) -> Tuple[str, ...]:
 
 @contextlib.contextmanager
 def _hf_progress_bars(enabled: bool):
-    """transformers' own progress bars on or off for the block, restored after."""
+    """With ``enabled=False``, transformers' own progress bars off for the block (restored
+    after); with True, left as the user set them."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    if not enabled:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
 
 
 def run_real_model(spec: str, methods: Sequence[str] = ("lora", "slim"), steps: int = 60,
