@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from slim_kernels.ops import slim_linear_op  # noqa: E402
-from slim_kernels.ops import cpp_backend  # noqa: E402
+from slim_kernels.ops.backends import cpp as cpp_backend  # noqa: E402
 
 
 def main(argv=None):

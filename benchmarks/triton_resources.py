@@ -24,7 +24,7 @@ def main():
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     sys.path.insert(0, str(ROOT))
     import triton
-    from slim_kernels.triton_kernels import aot
+    import triton_aot as aot
 
     specs = aot.kernel_specs("bf16", lora_cols=(None, 1024)) + aot.kernel_specs("fp32")
     dtypes = ["bf16"] * len(aot.kernel_specs("bf16", lora_cols=(None, 1024)))

@@ -15,7 +15,7 @@ Public API:
     disable_slim(model)               context: run the base model exactly
     SlimAuxLossMixin, with_slim_aux   for trainers that compute their own loss (TRL SFTTrainer)
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .config import SlimConfig
 from .layer import SlimLinear, aux_loss, routing_stats, slim_modules, token_mask

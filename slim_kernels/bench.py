@@ -625,7 +625,7 @@ def _quantiles(v: List[float]) -> Tuple[float, float, float]:
 def versions_string(device: str) -> str:
     import importlib.metadata as md
 
-    from . import __version__
+    from ._version import __version__
 
     v = [f"slim_kernels={__version__}", f"torch={torch.__version__}",
          f"python={platform.python_version()}"]

@@ -37,9 +37,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo.benchmark import run_from_args
+    from .demo.cli import check_arguments, run_from_args
 
-    return run_from_args(args)
+    return run_from_args(args, check_arguments(args.parser, args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_bench)
     s = sub.add_parser("demo", help="forgetting benchmark: fine-tune the embedded base on a new "
                                     "task with LoRA, SLIM and ablations; table, plot, JSON")
-    from .demo.benchmark import add_arguments as add_demo_arguments
+    from .demo.cli import add_arguments as add_demo_arguments
 
     add_demo_arguments(s)
-    s.set_defaults(func=_cmd_demo)
+    s.set_defaults(func=_cmd_demo, parser=s)
     return p
 
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import SlimConfig
-from .integrations import distributed as _dist
+from . import cluster_sync as _dist
 from .ops import slim_linear_op
-from .reference import cluster_batch_stats, merge_masks
+from .routing import cluster_batch_stats, merge_masks
 
 __all__ = ["SlimLinear", "aux_loss", "routing_stats", "token_mask", "slim_modules"]
 

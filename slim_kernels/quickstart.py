@@ -5,13 +5,15 @@
 import torch
 from torch import nn
 
-import slim_kernels as sk
+from .config import SlimConfig
+from .layer import SlimLinear, aux_loss
+from .ops import available_backends
 
 
 def main(steps: int = 30, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     base = nn.Linear(64, 48)
-    layer = sk.SlimLinear.from_linear(base, sk.SlimConfig(num_lora_experts=4, rank=8, l1_coef=1e-3))
+    layer = SlimLinear.from_linear(base, SlimConfig(num_lora_experts=4, rank=8, l1_coef=1e-3))
     opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
     target = nn.Linear(64, 48)  # a new "task": map x to another linear function
     x_task = torch.randn(256, 64)
@@ -19,7 +21,7 @@ def main(steps: int = 30, seed: int = 0) -> dict:
     layer.train()
     losses = []
     for _ in range(steps):
-        loss = nn.functional.mse_loss(layer(x_task), y_task) + sk.aux_loss(layer)
+        loss = nn.functional.mse_loss(layer(x_task), y_task) + aux_loss(layer)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -31,7 +33,7 @@ def main(steps: int = 30, seed: int = 0) -> dict:
         in_domain = layer.routing_stats(reset=True)
         layer(x_ood)
         out_domain = layer.routing_stats(reset=True)
-    print(f"backend(s) here: {sk.available_backends()}")
+    print(f"backend(s) here: {available_backends()}")
     print(f"task loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps")
     print(f"identity routing mass  in-domain: {in_domain['identity_mass']:.3f}  "
           f"(mean distance {in_domain['mean_distance']:+.2f})")

@@ -2,9 +2,9 @@
 
 This module *defines the truth*. Every backend (torch, cpp, cuda, triton) is tested against
 :func:`slim_reference`. It is written for clarity, not speed: a loop over experts exactly as
-SLIM_SPEC.md section 1 states the layer, differentiated by autograd.
+``docs/method.md`` §1 states the layer, differentiated by autograd.
 
-Conventions (shared with every backend, see :mod:`slim_kernels.ops`):
+Conventions (shared with every backend, see :mod:`slim_kernels.ops.backends`):
 
 * ``x`` is (T, K); ``weight`` (N, K); ``bias`` (N,) or None.
 * ``lora_A`` (E_L, r, K) and ``lora_B`` (E_L, N, r): the *masked* factors A'_i, B'_i
@@ -24,13 +24,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = [
-    "cluster_distance",
-    "topk_softmax",
-    "slim_reference",
-    "cluster_batch_stats",
-    "merge_masks",
-]
+__all__ = ["slim_reference"]
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -42,7 +36,7 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 def cluster_distance(
     x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str
 ) -> Tuple[Tensor, Tensor]:
-    """Out-of-domain distance of each token (spec section 2).
+    """Out-of-domain distance of each token (``docs/method.md`` §2).
 
     ``j* = argmin_j ||x - c_j||²`` (ties: lower index), then
     ``d = reduce_k(|x_k - c_{j*,k}| * inv_std_{j*,k}) - 1`` with reduce max | mean | rms,
@@ -70,25 +64,15 @@ def cluster_distance(
 
 
 def topk_softmax(z: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """Top-k then softmax over the kept logits (spec section 1, step 3).
+    """Top-k then softmax over the kept logits (``docs/method.md`` §1, step 3).
 
-    Ties: the lower index wins. Expert i is kept iff
-    ``#{j: z_j > z_i} + #{j < i: z_j == z_i} < k``.
-    Returns (dense gates (T, E) with zeros for unselected experts, indices (T, k) int64 of the
-    selected experts in decreasing gate order, ties by lower index).
+    The k largest logits are kept, ties to the lower index: a stable descending sort keeps
+    equal logits in index order. Returns (dense gates (T, E), zero for unselected experts;
+    the selected indices (T, k) int64 in decreasing order, ties by lower index).
     """
-    T, E = z.shape
-    zi = z[:, :, None]  # i
-    zj = z[:, None, :]  # j
-    lower = torch.ones(E, E, dtype=torch.bool, device=z.device).tril(-1)  # [i, j]: j < i
-    rank = (zj > zi).sum(-1) + ((zj == zi) & lower).sum(-1)  # (T, E)
-    keep = rank < k
-    neg_inf = torch.full_like(z, float("-inf"))
-    zk = torch.where(keep, z, neg_inf)
-    gates = torch.softmax(zk, dim=-1) if T > 0 else torch.zeros_like(z)
-    gates = torch.where(keep, gates, torch.zeros_like(gates))
-    # selected indices ordered by rank (rank is a permutation of 0..E-1 per token)
-    order = torch.argsort(rank, dim=-1)[:, :k]
+    order = torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :k]
+    keep = torch.zeros_like(z, dtype=torch.bool).scatter_(1, order, True)
+    gates = torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1).masked_fill(~keep, 0.0)
     return gates, order
 
 
@@ -136,35 +120,3 @@ def slim_reference(
         delta = (xa @ lora_A[i].t()) @ lora_B[i].t()  # B'_i A'_i x
         y = y + (scaling * gates[:, i : i + 1] * delta.to(acc)).to(x.dtype)
     return y, gates, d, assign
-
-
-@torch.no_grad()
-def cluster_batch_stats(x: Tensor, assign: Tensor, num_clusters: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-cluster (count, sum, sum of squares) of the tokens assigned to it, in fp64.
-
-    These are what data parallel all-reduces before the EMA update (spec section 2).
-    """
-    K = x.shape[-1]
-    xd = x.detach().to(torch.float64)
-    counts = torch.zeros(num_clusters, dtype=torch.float64, device=x.device)
-    sums = torch.zeros(num_clusters, K, dtype=torch.float64, device=x.device)
-    sumsq = torch.zeros(num_clusters, K, dtype=torch.float64, device=x.device)
-    if x.shape[0] > 0:
-        counts.index_add_(0, assign, torch.ones_like(assign, dtype=torch.float64))
-        sums.index_add_(0, assign, xd)
-        sumsq.index_add_(0, assign, xd * xd)
-    return counts, sums, sumsq
-
-
-def merge_masks(
-    num_experts: int, out_features: int, in_features: int, drop: float,
-    generator: Optional[torch.Generator] = None, device=None,
-) -> Tuple[Tensor, Tensor]:
-    """Dynamic-merging masks (spec section 3): per expert, keep-masks of B's rows (E_L, N)
-    and A's columns (E_L, K), each dropped independently at ``1 - sqrt(1 - drop)`` so that
-    an entry of B'A' survives with probability ``1 - drop``. Returned as float 0/1 tensors.
-    """
-    q = 1.0 - (1.0 - drop) ** 0.5
-    rows = (torch.rand(num_experts, out_features, generator=generator, device=device) >= q).float()
-    cols = (torch.rand(num_experts, in_features, generator=generator, device=device) >= q).float()
-    return rows, cols

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slim_kernels.ops import cpp_backend, slim_linear_op
+from slim_kernels.ops import slim_linear_op
+from slim_kernels.ops.backends import cpp as cpp_backend
 from slim_kernels.ops.dispatch import resolve_backend
 from slim_kernels.reference import slim_reference
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slim_kernels.ops import cuda_backend, slim_linear_op
+from slim_kernels.ops import slim_linear_op
+from slim_kernels.ops.backends import cuda as cuda_backend
 from slim_kernels.reference import slim_reference
 
 _why = cuda_backend.unavailable_reason()

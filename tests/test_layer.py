@@ -8,7 +8,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import slim_kernels as sk
-from slim_kernels.reference import merge_masks, slim_reference
+from slim_kernels.reference import slim_reference
+from slim_kernels.routing import merge_masks
 
 CFG = dict(num_lora_experts=3, num_identity_experts=2, rank=5, backend="torch")
 

@@ -2,7 +2,7 @@
 
 The interpreter (TRITON_INTERPRET=1, set by conftest.py) turns @triton.jit functions into
 interpreted ones that cannot be compiled, so the compile runs in a subprocess without it:
-``python -m slim_kernels.triton_kernels.aot`` compiles the route kernels and the first two
+``python benchmarks/triton_aot.py`` compiles the route kernels and the first two
 fused-linear autotune configs at the benchmark shape (bf16, T=8192, K=N=4096, E_L·r=128) for
 both targets (8 compiles). The full table (every config and variant, E_L·r = 1024, fp32) is
 written by ``benchmarks/triton_resources.py`` to ``benchmarks/triton_resources.csv``.
@@ -32,7 +32,7 @@ def test_aot_compile_sm80_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-m", "slim_kernels.triton_kernels.aot"], cwd=ROOT,
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_aot.py")], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]

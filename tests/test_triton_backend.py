@@ -17,7 +17,7 @@ import torch
 import slim_kernels
 from slim_kernels.reference import slim_reference
 
-tb = pytest.importorskip("slim_kernels.triton_kernels.backend")
+tb = pytest.importorskip("slim_kernels.ops.backends.triton.launch")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICES = [

@@ -49,47 +49,16 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..integrations.hf import apply_slim
 from .evaluate import EVAL_SEED, exact_match, heldout_set
 from .finetune import count_trainable, finetune, new_task_batches, set_full_finetune
+from .methods import DEFAULT_METHODS, method_specs
 from .tasks import ALL_TASKS, GENERAL_TASKS, NEW_TASK, NEW_TASKS
 
-__all__ = ["RETENTION_TASKS", "method_specs", "retention", "run_benchmark", "format_table",
-           "write_plot", "main", "DEFAULT_METHODS"]
+__all__ = ["RETENTION_TASKS", "retention", "run_benchmark", "format_table", "write_plot"]
 
 # general skills that count in the retention: recall is excluded, the base is at chance on it
 RETENTION_TASKS = tuple(t for t in GENERAL_TASKS if t != "recall")
-
-DEFAULT_METHODS = ("lora", "slim", "slim-tuned", "slim-no-identity", "slim-no-yield", "slim+merge",
-                   "full")
-
-# The demo's own SLIM settings, picked (on seed 0, task symbols) after the defaults failed to
-# separate the tasks: 16 clusters tracking the fine-tuning inputs 10x faster (momentum 0.1), so
-# that in-domain tokens sit near a centre (d ~ 0), and a 4x stronger yield. The same for every
-# seed and task; the defaults are always run beside them.
-TUNED_SLIM = {"yield_strength": 4.0, "cluster_momentum": 0.1, "num_clusters": 16}
-
-
-def method_specs(slim_overrides: Optional[Dict] = None) -> Dict[str, object]:
-    """name -> "full" or a SlimConfig. ``slim_overrides`` changes the SLIM arms (not LoRA's)."""
-    from slim_kernels import SlimConfig
-
-    base = SlimConfig(backend="torch" if not torch.cuda.is_available() else "auto")
-    slim = replace(base, **(slim_overrides or {}))
-    rank = base.num_lora_experts * base.rank
-    lora = replace(base, num_lora_experts=1, num_identity_experts=0, top_k=1, num_clusters=0,
-                   rank=rank, alpha=base.scaling * rank, merge_drop=0.0, l1_coef=0.0,
-                   balance_coef=0.0)
-    return {
-        "lora": lora,
-        "slim": slim,
-        "slim-tuned": replace(slim, **TUNED_SLIM),
-        "slim-no-identity": replace(slim, num_identity_experts=0,
-                                    top_k=min(slim.top_k, slim.num_lora_experts)),
-        "slim-no-yield": replace(slim, num_clusters=0),
-        "slim+merge": replace(slim, merge_drop=0.3),
-        "full": "full",
-    }
-
 
 def retention(before: Dict[str, float], after: Dict[str, float],
               tasks: Sequence[str] = RETENTION_TASKS) -> float:
@@ -101,7 +70,7 @@ def retention(before: Dict[str, float], after: Dict[str, float],
 def _eval_all(model, data, tasks=None, routing: bool = False):
     """Accuracy per task (every task of ``data`` by default); with ``routing``, also SLIM
     routing stats per task and layer."""
-    from slim_kernels import routing_stats
+    from ..layer import routing_stats
 
     tasks = list(data) if tasks is None else tasks
     acc, route = {}, {}
@@ -149,12 +118,10 @@ def _routing_summary(route: Dict[str, Dict[str, Dict[str, float]]], task: str = 
 
 
 def _prepare(model, spec):
-    import slim_kernels as sk
-
     if spec == "full":
         n = set_full_finetune(model)
         return model, n
-    sk.apply_slim(model, spec, verbose=False)
+    apply_slim(model, spec, verbose=False)
     return model, count_trainable(model)
 
 
@@ -290,126 +257,3 @@ def write_plot(report: Dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _json_default(o):
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    return str(o)
-
-
-def write_outputs(report: Dict, out_dir) -> Dict[str, str]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    jp, pp = out / "demo_results.json", out / "demo_plot.png"
-    jp.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
-    if report.get("real_model"):
-        from .real_model import write_plot as rp
-
-        rp(report, pp)
-    else:
-        write_plot(report, pp)
-    return {"json": str(jp), "png": str(pp)}
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="slim-kernels demo",
-                                 description="forgetting benchmark: LoRA vs SLIM vs ablations")
-    add_arguments(ap)
-    return run_from_args(ap.parse_args(argv))
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
-
-
-def _json_object(text: str) -> dict:
-    try:
-        v = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
-    if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object of SlimConfig fields, got {text!r}")
-    return v
-
-
-def _model_spec(text: str) -> str:
-    if text != "smollm2" and not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a directory (a local Hugging Face model folder) nor 'smollm2'")
-    return text
-
-
-def add_arguments(ap) -> None:
-    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                    help=f"comma list from {','.join(DEFAULT_METHODS)}")
-    ap.add_argument("--steps", type=_positive_int, default=None,
-                    help="fine-tuning steps (120; 60 with --model)")
-    ap.add_argument("--lr", type=_nonneg_float, default=1e-3)
-    ap.add_argument("--batch-size", type=_positive_int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-n", type=_positive_int, default=64, help="held-out examples per task")
-    ap.add_argument("--eval-every", type=_positive_int, default=30)
-    ap.add_argument("--threads", type=_positive_int, default=1)
-    ap.add_argument("--out", default="demo_out")
-    ap.add_argument("--base", default=None, help="another tiny-base checkpoint dir")
-    ap.add_argument("--slim", type=_json_object, default=None,
-                    help="JSON of SlimConfig overrides for the SLIM arms, e.g. '{\"yield_strength\": 4}'")
-    ap.add_argument("--model", type=_model_spec, default=None,
-                    help="a local Hugging Face causal-LM dir (or 'smollm2') instead of the embedded base")
-    ap.add_argument("--task", default=NEW_TASK, choices=list(NEW_TASKS),
-                    help="the new task: caesar (inputs = copy's) or symbols (unseen input symbols)")
-    ap.add_argument("--no-progress", action="store_true")
-
-
-def run_from_args(a) -> int:
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    overrides = a.slim
-    # check the methods and the SlimConfig overrides before any model is loaded or trained
-    try:
-        specs = method_specs(overrides)
-    except (ValueError, TypeError) as e:
-        sys.exit(f"slim-kernels demo: error: --slim: {e}")
-    unknown = [m for m in methods if m not in specs]
-    if unknown or not methods:
-        sys.exit(f"slim-kernels demo: error: --methods: unknown or empty {unknown or methods}; "
-                 f"known: {', '.join(specs)}")
-    if a.model:
-        from .real_model import run_real_model
-
-        report = run_real_model(a.model, methods=methods, steps=a.steps or 60, lr=a.lr,
-                                batch_size=min(a.batch_size, 8), seed=a.seed,
-                                threads=a.threads, progress=not a.no_progress,
-                                slim_overrides=overrides)
-        from .real_model import format_table as ft
-        table = ft(report)
-    else:
-        report = run_benchmark(methods, steps=a.steps or 120, lr=a.lr, batch_size=a.batch_size,
-                               seed=a.seed, eval_n=a.eval_n, eval_every=a.eval_every,
-                               threads=a.threads, progress=not a.no_progress,
-                               base_path=a.base, slim_overrides=overrides, task=a.task)
-        table = format_table(report)
-    paths = write_outputs(report, a.out)
-    print(table)
-    print(f"wrote {paths['json']} and {paths['png']}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

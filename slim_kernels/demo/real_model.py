@@ -211,9 +211,9 @@ def run_real_model(spec: str, methods: Sequence[str] = ("lora", "slim"), steps: 
     """Fine-tune ``spec`` on Caesar text with each method; caesar accuracy, perplexity, facts."""
     from dataclasses import replace
 
-    import slim_kernels as sk
+    from ..integrations.hf import apply_slim
 
-    from .benchmark import method_specs
+    from .methods import method_specs
     from .finetune import count_trainable, finetune, set_full_finetune
 
     specs = method_specs(slim_overrides)
@@ -239,7 +239,7 @@ def run_real_model(spec: str, methods: Sequence[str] = ("lora", "slim"), steps: 
             n_train = set_full_finetune(model, modules=_target_modules(model, specs["slim"].target_modules))
         else:
             s = replace(s, target_modules=_target_modules(model, s.target_modules))
-            sk.apply_slim(model, s, verbose=False)
+            apply_slim(model, s, verbose=False)
             n_train = count_trainable(model)
         rng = random.Random(f"real:{seed}")
         train_words = [w for w, _ in generate_examples("caesar", 4096, seed=seed, split="train")]

@@ -1,10 +1,8 @@
-"""Data-parallel synchronisation of the SLIM cluster statistics (spec section 2).
+"""Helpers for data-parallel training code: check that every rank holds the same SLIM
+clusters, gather sharded SLIM tensors, find the process that writes files.
 
-Every rank must hold identical clusters: counts, sums and sums of squares are all-reduced
-before each EMA update (as SyncBatchNorm does), and the initial centres are C random tokens of
-the global first batch (all ranks' tokens in rank order; rank 0 draws the indices and
-broadcasts them, the rank holding each token contributes it). Outside torch.distributed (or
-with one rank) these are no-ops.
+The sync itself happens inside the layer (:mod:`slim_kernels.cluster_sync`); choose its
+process group with :func:`set_cluster_sync_group`.
 """
 from __future__ import annotations
 
@@ -14,52 +12,15 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-_GROUP = None  # None: the default (WORLD) group
-
-
-def set_cluster_sync_group(group) -> None:
-    """Use ``group`` instead of the default process group for the cluster sync."""
-    global _GROUP
-    _GROUP = group
-
-
-def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(_GROUP) > 1
-
-
-def world_size() -> int:
-    return dist.get_world_size(_GROUP) if _active() else 1
-
-
-def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks (identity on one process)."""
-    if _active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_GROUP)
-    return t
-
-
-def broadcast_(t: torch.Tensor, src_rank: int = 0) -> torch.Tensor:
-    """In-place broadcast from the group's rank ``src_rank`` (identity on one process)."""
-    if _active():
-        src = dist.get_global_rank(_GROUP, src_rank) if _GROUP is not None else src_rank
-        dist.broadcast(t, src=src, group=_GROUP)
-    return t
-
-
-def full_shape(weight: torch.Tensor) -> torch.Size:
-    """The logical shape of a (possibly partitioned) parameter: DeepSpeed ZeRO-3 leaves an
-    empty tensor in ``.data`` and keeps the real shape in ``ds_shape``; FSDP2's DTensors
-    already report their global shape."""
-    return getattr(weight, "ds_shape", None) or weight.shape
-
+from ..cluster_sync import active as _active, set_cluster_sync_group  # noqa: F401  (re-exported)
+from ..cluster_sync import group as _group
+from ..layer import slim_modules
 
 def clusters_in_sync(model: torch.nn.Module) -> bool:
     """True when every rank holds bit-identical SLIM cluster buffers (centres, variances, init
     flags) in ``model``: a cheap check for a training loop or a test (collective: call it on
     every rank of the sync group). A bit-pattern fingerprint is compared with min/max
     all-reduces. Always True outside torch.distributed."""
-    from ..layer import slim_modules  # late import: layer imports this module
-
     parts = []
     for _, m in slim_modules(model):
         for t in (m.cluster_centers, m.cluster_vars, m.cluster_initialized):
@@ -74,8 +35,8 @@ def clusters_in_sync(model: torch.nn.Module) -> bool:
     fp = torch.stack([bits.sum(), (bits * weights).sum(), (bits * weights * weights).sum()])
     lo, hi = fp.clone(), fp.clone()
     if _active():
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=_GROUP)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=_GROUP)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=_group())
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=_group())
     return bool(torch.equal(lo, hi))
 
 
@@ -108,9 +69,3 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def rank() -> int:
-    return dist.get_rank(_GROUP) if _active() else 0
-
-
-def group() -> Optional[object]:
-    return _GROUP

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -34,6 +35,8 @@ from torch import Tensor, nn
 
 from ..config import SlimConfig
 from ..layer import SlimLinear, aux_loss, slim_modules, token_mask
+
+logger = logging.getLogger("slim_kernels")
 
 __all__ = [
     "FUSED_PROJECTIONS",
@@ -165,8 +168,8 @@ def _get_parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
     return model, name
 
 
-def _swap_in(model: nn.Module, config: SlimConfig, names: Sequence[str],
-             add_aux_to_loss: bool, then=None) -> List[Tuple[str, SlimLinear]]:
+def swap_in(model: nn.Module, config: SlimConfig, names: Sequence[str],
+            add_aux_to_loss: bool, then=None) -> List[Tuple[str, SlimLinear]]:
     """Mutate: wrap ``names``, freeze the rest, install the hooks, call ``then(layers)``.
     All or nothing: on any error the model is put back as it was."""
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -196,7 +199,7 @@ def _swap_in(model: nn.Module, config: SlimConfig, names: Sequence[str],
         raise
 
 
-def _summary(model: nn.Module, names: List[str], config: SlimConfig) -> SlimSummary:
+def summarize(model: nn.Module, names: List[str], config: SlimConfig) -> SlimSummary:
     seen = set()
     total = trainable = 0
     for p in model.parameters():
@@ -216,8 +219,8 @@ def apply_slim(model: nn.Module, config: Optional[SlimConfig] = None, verbose: b
     for :class:`SlimLinear` (same weight/bias tensors), freeze every other parameter and
     return ``model``.
 
-    The summary (layers swapped, trainable parameters and their share) is printed when
-    ``verbose`` and kept as ``model.slim_summary`` (a :class:`SlimSummary`).
+    The summary (layers swapped, trainable parameters and their share) is logged (logger
+    ``slim_kernels``, level INFO) when ``verbose`` and kept as ``model.slim_summary`` (a :class:`SlimSummary`).
 
     With ``add_aux_to_loss`` (default), in training mode, whenever the model returns a loss
     (labels given), ``outputs.loss`` includes :func:`slim_kernels.aux_loss`; when the trainer
@@ -237,11 +240,11 @@ def apply_slim(model: nn.Module, config: Optional[SlimConfig] = None, verbose: b
     if getattr(model, "_slim_state", None) is not None:
         raise RuntimeError("apply_slim was already called on this model (it has SLIM hooks)")
     names = plan_slim(model, config)
-    _swap_in(model, config, names, add_aux_to_loss)
-    summary = _summary(model, names, config)
+    swap_in(model, config, names, add_aux_to_loss)
+    summary = summarize(model, names, config)
     model.slim_summary = summary
     if verbose:
-        print(summary)
+        logger.info("%s", summary)
     return model
 
 
@@ -410,7 +413,7 @@ def disable_slim(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # -- trainers that compute their own loss ---------------------------------------------------
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside DDP / accelerate / torch.compile wrappers."""
     inner = model
     for _ in range(8):
@@ -437,7 +440,7 @@ class SlimAuxLossMixin:
         if not model.training:
             return res
         loss, outputs = res if return_outputs else (res, None)
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         st = getattr(inner, "_slim_state", None)
         if st is not None and (not st.add_aux_to_loss or st.disabled):
             return res

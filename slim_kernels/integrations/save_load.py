@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Dict, List, Union
 
@@ -25,7 +26,9 @@ from torch import Tensor, nn
 from ..config import SlimConfig
 from ..layer import slim_modules
 from . import distributed as _dist
-from .hf import _summary, _swap_in, _unwrap, plan_slim
+from .hf import plan_slim, summarize, swap_in, unwrap_model
+
+logger = logging.getLogger("slim_kernels")
 
 __all__ = ["save_slim", "load_slim", "SlimLoadError", "ADAPTER_FILE", "CONFIG_FILE", "FORMAT_VERSION"]
 
@@ -60,9 +63,9 @@ def save_slim(model: nn.Module, path: PathLike) -> None:
     ZeRO-1/2, calling it on rank 0 alone is fine too)."""
     from safetensors.torch import save_file
 
-    from .. import __version__
+    from .._version import __version__
 
-    model = _unwrap(model)  # names as in the plain model, not torch.compile's / DDP's wrapper
+    model = unwrap_model(model)  # names as in the plain model, not torch.compile's / DDP's wrapper
     layers = list(slim_modules(model))
     if not layers:
         raise ValueError(f"save_slim: {type(model).__name__} has no SlimLinear layers "
@@ -221,7 +224,7 @@ def load_slim(model: nn.Module, path: PathLike, verbose: bool = False, *,
     model's dtype if it differs from the saved one; then results are exact only up to that
     cast). Errors (:class:`SlimLoadError`, ``FileNotFoundError``) name the module and tensor;
     they are raised before anything changes, so the model is then left as it was."""
-    outer, model = model, _unwrap(model)
+    outer, model = model, unwrap_model(model)
     meta, config, tensors = _read(path)
     modules = _validate(model, meta, config, tensors, path)
 
@@ -235,8 +238,8 @@ def load_slim(model: nn.Module, path: PathLike, verbose: bool = False, *,
                     raise RuntimeError(f"load_slim: module {name!r}: state dict mismatch "
                                        f"{bad} {res.unexpected_keys}")
 
-    _swap_in(model, config, modules, add_aux_to_loss, then=load_tensors)
-    model.slim_summary = _summary(model, modules, config)
+    swap_in(model, config, modules, add_aux_to_loss, then=load_tensors)
+    model.slim_summary = summarize(model, modules, config)
     if verbose:
-        print(model.slim_summary)
+        logger.info("%s", model.slim_summary)
     return outer

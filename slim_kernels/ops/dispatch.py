@@ -1,9 +1,8 @@
 """The one dispatch point: which backend runs a SLIM op call.
 
 Backends: ``triton`` (fused kernels, CUDA), ``cuda`` (csrc CUDA route kernels + cuBLAS),
-``cpp`` (csrc CPU kernels), ``torch`` (stacked PyTorch, any device). Each backend module
-exposes ``NAME``, ``unavailable_reason()``, ``unsupported_reason(x, lora_cols, num_experts)``, ``forward(...)`` and
-``backward(...)`` with the signatures of :mod:`slim_kernels.ops.torch_backend`.
+``cpp`` (csrc CPU kernels), ``torch`` (stacked PyTorch, any device). Each backend follows
+the interface written down in :mod:`slim_kernels.ops.backends`.
 
 ``auto`` picks, for CUDA tensors: triton, else cuda, else torch; for CPU tensors: cpp, else
 torch. Falling back to ``torch`` under ``auto`` warns once (results are the same op, only
@@ -19,12 +18,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-_MODULES = {
-    "triton": "slim_kernels.triton_kernels.backend",
-    "cuda": "slim_kernels.ops.cuda_backend",
-    "cpp": "slim_kernels.ops.cpp_backend",
-    "torch": "slim_kernels.ops.torch_backend",
-}
+from .backends import NAMES
+
+_MODULES = {name: f"slim_kernels.ops.backends.{name}" for name in NAMES}
 _HOW_TO_FIX = {
     "triton": "install triton (pip install triton) and run on a CUDA device",
     "cuda": "build the CUDA extension on a CUDA torch: SLIM_KERNELS_BUILD_CUDA=1 "
@@ -57,7 +53,7 @@ def backend_module(name: str) -> ModuleType:
 
 def available_backends() -> List[str]:
     """Backends that can run in this process (on some device), in order of preference."""
-    return [n for n in ("triton", "cuda", "cpp", "torch") if not isinstance(_load(n), str)]
+    return [n for n in NAMES if not isinstance(_load(n), str)]
 
 
 def resolve_backend(requested: str, x: Tensor, lora_cols: int = 0, num_experts: int = 0) -> str:

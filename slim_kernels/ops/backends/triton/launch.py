@@ -1,6 +1,6 @@
 """Backend ``triton``: the fused SLIM kernels of spec section 6 and their launchers.
 
-Same interface as :mod:`slim_kernels.ops.torch_backend` (``NAME``, ``unavailable_reason``,
+Same interface as :mod:`slim_kernels.ops.backends.torch` (``NAME``, ``unavailable_reason``,
 ``unsupported_reason``, ``forward``, ``backward``); the op boundary
 (:mod:`slim_kernels.ops.op`, torch custom ops ``slim_kernels::slim_fwd`` / ``slim_bwd`` with
 autograd and fake implementations) calls them, so ``torch.compile(fullgraph=True)`` sees one
@@ -69,7 +69,7 @@ def unsupported_reason(x: Tensor, lora_cols: int = 0, num_experts: int = 0) -> O
             return ("CPU tensors run only under the Triton interpreter: set TRITON_INTERPRET=1 "
                     "before importing slim_kernels")
         if not _INTERPRET:
-            return ("TRITON_INTERPRET=1 was set after slim_kernels.triton_kernels was imported; "
+            return ("TRITON_INTERPRET=1 was set after slim_kernels.ops.backends.triton was imported; "
                     "set it before the import")
         if x.dtype not in _GPU_DTYPES + (torch.float64,):
             return f"dtype {x.dtype} is not supported (use float32, bfloat16, float16 or float64)"

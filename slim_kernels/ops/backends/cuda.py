@@ -4,7 +4,7 @@ Forward: ``[h | z] = x [A_all; R]ᵀ`` in one GEMM, the route kernel (cluster di
 yielding, top-k, softmax, gating) writes gates/indices/distance and ``hg``; then
 ``y = x Wᵀ + b`` and ``y += hg B_allᵀ`` into the same output. Backward: ``dhg = dy B_all``,
 the route-backward kernel (``dg``, softmax/top-k backward to ``dz``, ``dh``), then the weight
-and input GEMMs. Same interface as :mod:`slim_kernels.ops.torch_backend`.
+and input GEMMs. Same interface as :mod:`slim_kernels.ops.backends.torch`.
 
 Available only when ``slim_kernels._C`` was built on a CUDA torch
 (``SLIM_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .``).
@@ -70,7 +70,7 @@ def backward(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, router: Tensor,
     gates: Tensor, h: Tensor, num_lora_experts: int, scaling: float,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
-    """Chain rule of :func:`slim_kernels.ops.torch_backend.backward`; the per-token epilogue
+    """Chain rule of :func:`slim_kernels.ops.backends.torch.backward`; the per-token epilogue
     (dg, dz, dh, hg) runs in the route-backward kernel."""
     dx, dx_lora, dA, dB, dR = torch.ops.slim_kernels_C.cuda_backward(
         dy, dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,

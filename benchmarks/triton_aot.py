@@ -21,10 +21,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import kernels as K
-from .backend import _pad16, linear_configs, route_config
+from slim_kernels.ops.backends.triton import kernels as K
+from slim_kernels.ops.backends.triton.launch import _pad16, linear_configs, route_config
 
-# the benchmark shape of the issue: T=8192, K=N=4096, E_L=8, r=16, E_I=2, top_k=2, C=4
+# the benchmark shape: T=8192, K=N=4096, E_L=8, r=16, E_I=2, top_k=2, C=4
 BENCH = dict(T=8192, K=4096, N=4096, E_L=8, r=16, E_I=2, top_k=2, C=4)
 SMEM_LIMIT = {80: 166912, 90: 232448}  # max dynamic shared memory per block (bytes)
 
@@ -202,7 +202,7 @@ def run(specs: List[Spec], archs=(80, 90)) -> List[Dict[str, object]]:
 
 
 def main(argv=None) -> int:
-    """python -m slim_kernels.triton_kernels.aot [--all] : one JSON object per compile."""
+    """python benchmarks/triton_aot.py [--all] : one JSON object per compile."""
     import argparse
     import json
     ap = argparse.ArgumentParser()

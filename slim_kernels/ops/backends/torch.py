@@ -2,7 +2,7 @@
 written out by hand. It is the fallback on any device and the template every other backend
 follows: same arguments, same outputs, same saved tensors (see :mod:`slim_kernels.ops.op`).
 
-Forward (spec section 6), with A_all (E_L·r, K), B_all (N, E_L·r):
+Forward (``docs/method.md`` §6), with A_all (E_L·r, K), B_all (N, E_L·r):
     h  = x_lora A_allᵀ                       (T, E_L·r)
     z  = x Rᵀ (+ lam·d on identity experts)   (T, E)
     g  = softmax over top-k(z)                (T, E), zero off the top-k
@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..reference import topk_softmax
+from ...routing import acc_dtype, cluster_distance, topk_softmax
 
 NAME = "torch"
 
@@ -29,26 +29,6 @@ def unsupported_reason(x: Tensor, lora_cols: int = 0, num_experts: int = 0) -> O
     return None
 
 
-@torch.no_grad()
-def cluster_distance(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str):
-    """As :func:`slim_kernels.reference.cluster_distance`, without its (T, C, K) temporary:
-    squared distances by one GEMM (||x||² − 2 x·c + ||c||²), then the normalised distance to
-    the chosen centre only."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(acc)
-    c = centers.to(acc)
-    sq = (xf * xf).sum(1, keepdim=True) - 2.0 * (xf @ c.t()) + (c * c).sum(1)[None, :]
-    assign = sq.argmin(dim=1)
-    u = (xf - c[assign]).abs_().mul_(inv_std.to(acc)[assign])
-    if reduce == "max":
-        r = u.amax(dim=1) if u.shape[1] > 0 else u.sum(dim=1)
-    elif reduce == "mean":
-        r = u.mean(dim=1)
-    else:
-        r = u.square_().mean(dim=1).sqrt_()
-    return r - 1.0, assign
-
-
 def route(
     x: Tensor, x_lora: Optional[Tensor], lora_A: Tensor, router: Tensor,
     centers: Optional[Tensor], inv_std: Optional[Tensor],
@@ -56,7 +36,7 @@ def route(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """h (fp32), gates (fp32), top-k indices, distance (fp32), assign."""
     T = x.shape[0]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x)
     xa = x if x_lora is None else x_lora
     h = (xa @ lora_A.t()).to(acc)
     z = (x @ router.t()).to(acc)
@@ -110,7 +90,7 @@ def backward(
     T = x.shape[0]
     E_L = num_lora_experts
     rank = lora_A.shape[0] // E_L
-    acc = torch.float64 if dt == torch.float64 else torch.float32
+    acc = acc_dtype(x)
     g = gates.to(acc)
     gexp = _expand_gates(g, E_L, rank)
     hg = (scaling * gexp * h.to(acc)).to(dt)

@@ -1,6 +1,6 @@
 """Backend ``cpp``: the CPU kernels of csrc/cpu (extension ``slim_kernels._C``).
 
-Same interface, shapes and dtypes as :mod:`slim_kernels.ops.torch_backend`; it runs the route
+Same interface, shapes and dtypes as :mod:`slim_kernels.ops.backends.torch`; it runs the route
 step fused per block of tokens (LoRA-A and router products, cluster distances, yielding,
 top-k, softmax, gating) and writes y once: the base GEMM, then the gated expand accumulated
 into the same rows.
@@ -83,7 +83,7 @@ def backward(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, router: Tensor,
     gates: Tensor, h: Tensor, num_lora_experts: int, scaling: float,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
-    """The chain rule of :func:`slim_kernels.ops.torch_backend.backward`, restricted to the
+    """The chain rule of :func:`slim_kernels.ops.backends.torch.backward`, restricted to the
     selected experts in sparse mode (unselected ones have g = 0, so dh, hg and dz vanish)."""
     dx, dx_lora, dA, dB, dR = torch.ops.slim_kernels_C.backward(
         dy, dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,

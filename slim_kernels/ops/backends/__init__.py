@@ -1,0 +1,53 @@
+"""The backends of the SLIM op, as peers: ``torch``, ``cpp``, ``cuda`` and ``triton``.
+
+Every backend is a module (or package) with this interface, the one the op boundary
+(:mod:`slim_kernels.ops.op`) and the dispatch point (:mod:`slim_kernels.ops.dispatch`) use:
+
+``NAME: str``
+    The backend's name, as ``SlimConfig(backend=...)`` spells it.
+``unavailable_reason() -> Optional[str]``
+    None when the backend can run in this process (on some device), else why not.
+``unsupported_reason(x, lora_cols, num_experts) -> Optional[str]``
+    None when it can run a call on a tensor like ``x`` (its device and dtype matter, not its
+    values) with E_L·r = ``lora_cols`` and E = ``num_experts``, else why not.
+``forward(x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
+num_lora_experts, top_k, scaling, yield_strength, distance_reduce)``
+    -> ``(y, gates, topk_idx, distance, assign, h)``.
+``backward(dy, dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,
+num_lora_experts, scaling)``
+    -> ``(dx, dx_lora or None, dA_all, dB_all, dRouter)``.
+
+Shapes, in the stacked layout of ``docs/method.md`` §6: x, x_lora (T, K); weight (N, K);
+bias (N,) or None; lora_A = A_all (E_L·r, K); lora_B = B_all (N, E_L·r); router (E, K);
+centers, inv_std (C, K) fp32 or None (no yielding). Outputs: y (T, N) in x's dtype; gates
+(T, E), distance (T,) and h (T, E_L·r) in the accumulation dtype (fp64 for fp64 x, else
+fp32); topk_idx (T, k) and assign (T,) int64 (assign = -1 without clusters).
+
+Tensor arguments may be any strided views: the op boundary passes x, x_lora, lora_A, lora_B
+and router contiguous, but weight, bias, centers and inv_std as the caller gave them, so
+every backend reads those through their strides (the conformance suite checks each in turn).
+"""
+from typing import Optional, Protocol, Tuple
+
+from torch import Tensor
+
+NAMES = ("triton", "cuda", "cpp", "torch")  # the order ``auto`` prefers on a device that has them
+
+
+class Backend(Protocol):
+    """The interface above, for type checkers."""
+
+    NAME: str
+
+    def unavailable_reason(self) -> Optional[str]: ...
+
+    def unsupported_reason(self, x: Tensor, lora_cols: int = 0,
+                           num_experts: int = 0) -> Optional[str]: ...
+
+    def forward(self, x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
+                num_lora_experts, top_k, scaling, yield_strength, distance_reduce
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]: ...
+
+    def backward(self, dy, dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,
+                 num_lora_experts, scaling
+                 ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor]: ...

@@ -1,0 +1,107 @@
+"""Routing and clustering helpers shared by the layer and the backends (production code).
+
+* :func:`topk_softmax`: top-k then softmax over the kept logits (``docs/method.md`` §1.3).
+* :func:`cluster_distance`: nearest centre and the out-of-domain distance (§2), with the
+  squared distances from one GEMM (``||x||² − 2 x·c + ||c||²``), no (T, C, K) temporary.
+* :func:`cluster_batch_stats`: per-cluster count, sum and sum of squares (what data parallel
+  all-reduces before the sliding update, §2).
+* :func:`merge_masks`: the dynamic-merging row/column keep-masks (§3).
+
+:mod:`slim_kernels.reference` does not use any of these: it is written independently, so that
+the tests compare two implementations rather than one with itself.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["acc_dtype", "cluster_batch_stats", "cluster_distance", "merge_masks", "topk_softmax"]
+
+REDUCES = ("max", "mean", "rms")
+
+
+def acc_dtype(t: Tensor) -> torch.dtype:
+    """Accumulation dtype of the routing maths: fp64 stays fp64, everything else fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def check_reduce(reduce: str) -> str:
+    if reduce not in REDUCES:
+        raise ValueError(f"distance_reduce={reduce!r} is invalid: expected one of max, mean, rms")
+    return reduce
+
+
+def topk_softmax(z: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Top-k then softmax over the kept logits.
+
+    Ties: the lower index wins. Expert i is kept iff
+    ``#{j: z_j > z_i} + #{j < i: z_j == z_i} < k``.
+    Returns (dense gates (T, E) with zeros for unselected experts, indices (T, k) int64 of the
+    selected experts in decreasing gate order, ties by lower index).
+    """
+    T, E = z.shape
+    zi = z[:, :, None]  # i
+    zj = z[:, None, :]  # j
+    lower = torch.ones(E, E, dtype=torch.bool, device=z.device).tril(-1)  # [i, j]: j < i
+    rank = (zj > zi).sum(-1) + ((zj == zi) & lower).sum(-1)  # (T, E)
+    keep = rank < k
+    neg_inf = torch.full_like(z, float("-inf"))
+    zk = torch.where(keep, z, neg_inf)
+    gates = torch.softmax(zk, dim=-1) if T > 0 else torch.zeros_like(z)
+    gates = torch.where(keep, gates, torch.zeros_like(gates))
+    # selected indices ordered by rank (rank is a permutation of 0..E-1 per token)
+    order = torch.argsort(rank, dim=-1)[:, :k]
+    return gates, order
+
+
+@torch.no_grad()
+def cluster_distance(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str
+                     ) -> Tuple[Tensor, Tensor]:
+    """``j* = argmin_j ||x - c_j||²`` (first minimum wins), then
+    ``d = reduce_k(|x_k - c_{j*,k}| * inv_std_{j*,k}) - 1``, reduce max | mean | rms.
+    Returns (d (T,) in the accumulation dtype, assign (T,) int64). No gradient flows."""
+    check_reduce(reduce)
+    acc = acc_dtype(x)
+    xf = x.to(acc)
+    c = centers.to(acc)
+    sq = (xf * xf).sum(1, keepdim=True) - 2.0 * (xf @ c.t()) + (c * c).sum(1)[None, :]
+    assign = sq.argmin(dim=1)
+    u = (xf - c[assign]).abs_().mul_(inv_std.to(acc)[assign])
+    if reduce == "max":
+        r = u.amax(dim=1) if u.shape[1] > 0 else u.sum(dim=1)
+    elif reduce == "mean":
+        r = u.mean(dim=1)
+    else:
+        r = u.square_().mean(dim=1).sqrt_()
+    return r - 1.0, assign
+
+
+@torch.no_grad()
+def cluster_batch_stats(x: Tensor, assign: Tensor, num_clusters: int
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-cluster (count, sum, sum of squares) of the tokens assigned to it, in fp64."""
+    K = x.shape[-1]
+    xd = x.detach().to(torch.float64)
+    counts = torch.zeros(num_clusters, dtype=torch.float64, device=x.device)
+    sums = torch.zeros(num_clusters, K, dtype=torch.float64, device=x.device)
+    sumsq = torch.zeros(num_clusters, K, dtype=torch.float64, device=x.device)
+    if x.shape[0] > 0:
+        counts.index_add_(0, assign, torch.ones_like(assign, dtype=torch.float64))
+        sums.index_add_(0, assign, xd)
+        sumsq.index_add_(0, assign, xd * xd)
+    return counts, sums, sumsq
+
+
+def merge_masks(
+    num_experts: int, out_features: int, in_features: int, drop: float,
+    generator: Optional[torch.Generator] = None, device=None,
+) -> Tuple[Tensor, Tensor]:
+    """Dynamic-merging masks: per expert, keep-masks of B's rows (E_L, N) and A's columns
+    (E_L, K), each dropped independently at ``1 - sqrt(1 - drop)`` so that an entry of B'A'
+    survives with probability ``1 - drop``. Returned as float 0/1 tensors."""
+    q = 1.0 - (1.0 - drop) ** 0.5
+    rows = (torch.rand(num_experts, out_features, generator=generator, device=device) >= q).float()
+    cols = (torch.rand(num_experts, in_features, generator=generator, device=device) >= q).float()
+    return rows, cols
