@@ -1,19 +1,36 @@
 """`slim-kernels demo` (the forgetting benchmark) at tiny size: a few steps, a few examples."""
+import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-pytest.importorskip("matplotlib")
 
+import slim_kernels  # noqa: E402
 from slim_kernels.demo import benchmark as B  # noqa: E402
+from slim_kernels.demo.methods import TUNED_SLIM, method_specs  # noqa: E402
 from slim_kernels.demo.evaluate import exact_match, heldout_set  # noqa: E402
 from slim_kernels.demo.model import load_base_model  # noqa: E402
 from slim_kernels.demo.tasks import ALL_TASKS, GENERAL_TASKS, NEW_TASK  # noqa: E402
 
 TINY = dict(steps=2, eval_n=6, eval_every=1, progress=False, batch_size=8)
+TINY_ARGV = ["--steps", "2", "--eval-n", "4", "--eval-every", "1", "--batch-size", "4",
+             "--no-progress"]
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="matplotlib is not installed (the plot tests)")
+
+
+def _assert_provenance(rep):
+    prov = rep["provenance"]
+    assert {"commit", "versions", "machine"} <= set(prov), prov
+    assert prov["commit"] and prov["machine"]
+    assert prov["versions"]["slim_kernels"] == slim_kernels.__version__
+    assert prov["versions"]["torch"] == torch.__version__
 
 
 def _numbers(report):
@@ -34,7 +51,7 @@ def test_retention_formula_excludes_recall():
 
 
 def test_lora_matches_slim_budget():
-    specs = B.method_specs()
+    specs = method_specs()
     lora, slim = specs["lora"], specs["slim"]
     assert lora.num_lora_experts == 1 and lora.num_identity_experts == 0 and lora.top_k == 1
     assert lora.num_clusters == 0
@@ -86,18 +103,19 @@ def test_seed_determinism_and_routing_diagnostic():
     assert a["methods"][0]["routing"]["mean_identity_mass_new"] == 0.0  # LoRA has no identity
 
 
+@needs_matplotlib
 def test_cli_writes_table_json_and_png(tmp_path, capsys):
     from slim_kernels.cli import main
 
     out = tmp_path / "o"
-    rc = main(["demo", "--methods", "lora,slim-no-yield", "--steps", "2", "--eval-n", "4",
-               "--eval-every", "1", "--batch-size", "4", "--no-progress", "--out", str(out)])
+    rc = main(["demo", "--methods", "lora,slim-no-yield", *TINY_ARGV, "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "lora" in text and "slim-no-yield" in text and "retain" in text
     rep = json.loads((out / "demo_results.json").read_text())
     assert [r["method"] for r in rep["methods"]] == ["lora", "slim-no-yield"]
     assert set(rep["base"]) == set(ALL_TASKS)
+    _assert_provenance(rep)
     png = (out / "demo_plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     for r in rep["methods"]:
@@ -105,6 +123,30 @@ def test_cli_writes_table_json_and_png(tmp_path, capsys):
             sum(r["after"][t] / rep["base"][t] for t in GENERAL_TASKS if t != "recall") / 4)
 
 
+def test_cli_without_matplotlib_writes_json_and_skips_the_plot(tmp_path):
+    """The plot is optional: with matplotlib unimportable the demo still exits 0, having
+    written the JSON and printed the table, and says why there is no plot."""
+    out = tmp_path / "o"
+    argv = ["demo", "--methods", "lora", *TINY_ARGV, "--out", str(out)]
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from slim_kernels.cli import main\n"
+            f"raise SystemExit(main({argv!r}))\n")
+    # the same slim_kernels this test imported, run from elsewhere
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(slim_kernels.__file__)))
+    env = dict(os.environ, PYTHONPATH=pkg_parent + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    assert "matplotlib is not installed, so no plot was drawn" in p.stderr, p.stderr[-3000:]
+    assert "retain" in p.stdout and "demo_results.json" in p.stdout
+    rep = json.loads((out / "demo_results.json").read_text())
+    assert [r["method"] for r in rep["methods"]] == ["lora"]
+    _assert_provenance(rep)
+    assert not (out / "demo_plot.png").exists()
+
+
+@needs_matplotlib
 def test_real_model_path_on_a_tiny_local_dir(tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -121,6 +163,7 @@ def test_real_model_path_on_a_tiny_local_dir(tmp_path, capsys):
     assert rc == 0
     rep = json.loads((out / "demo_results.json").read_text())
     assert [r["method"] for r in rep["methods"]] == ["lora", "slim", "full"]
+    _assert_provenance(rep)
     b = rep["base"]
     assert b["perplexity"] > 1.0 and math.isfinite(b["perplexity"])
     for r in rep["methods"]:
@@ -135,8 +178,8 @@ def test_symbols_task_and_tuned_arm():
     assert all(set(p) <= set("-|=,") and len(a) == len(p) and set(a) <= set("wxyz") for p, a in ex)
     ids, _ = encode_example("symbols", "-|", "wx")
     assert ids[1] == TOKENIZER.tag_id("caesar")  # the new-task tag slot
-    spec = B.method_specs()["slim-tuned"]
-    for k, v in B.TUNED_SLIM.items():
+    spec = method_specs()["slim-tuned"]
+    for k, v in TUNED_SLIM.items():
         assert getattr(spec, k) == v
     r = B.run_benchmark(["slim-tuned"], task="symbols", **TINY)
     m = r["methods"][0]
