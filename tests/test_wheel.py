@@ -2,8 +2,16 @@
 and run a smoke forward/backward from outside the repository (issue 8, "Build wheels").
 
     pip wheel --no-build-isolation --no-deps -w WHEELHOUSE .
-    python -m venv --system-site-packages VENV
+    python -m venv VENV        # + a .pth naming the running interpreter's site-packages
     VENV/bin/pip install --no-index --no-deps WHEELHOUSE/slim_kernels-*.whl
+
+torch (and its dependencies) come from the interpreter running the tests, whether that is a
+virtual environment or not. ``--system-site-packages`` is not enough: a venv made from inside a
+venv gets the *base* interpreter's site-packages, which has no torch when the suite runs in a
+venv. So the nested venv is plain, and a .pth file in it lists the site-packages directories
+on the running interpreter's sys.path. Those are appended after the venv's own site-packages
+(the installed wheel wins), and their own .pth files are not run (an editable install of the
+checkout there stays out).
 
 Extension check: when setup.py builds a compiled extension (the build directory holds one, a
 developer build left one in the source tree, or SLIM_KERNELS_EXPECT_EXT=1), the wheel must
@@ -15,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -63,6 +72,19 @@ def _clean_env():
     return env
 
 
+def _site_dirs():
+    """The site-packages directories the running interpreter imports from (venv or not)."""
+    dirs = [p for p in sys.path
+            if os.path.basename(p.rstrip(os.sep)) in ("site-packages", "dist-packages")
+            and os.path.isdir(p)]
+    return list(dict.fromkeys(os.path.abspath(p) for p in dirs))
+
+
+def _venv_site_packages(py, env):
+    return _run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                env=env).stdout.strip()
+
+
 def _compiled(paths):
     return [p for p in paths if p.endswith(EXT_SUFFIXES)]
 
@@ -100,15 +122,21 @@ def test_wheel_installs_offline_and_runs(tmp_path):
         assert whl.endswith("-py3-none-any.whl"), whl
 
     venv = tmp_path / "venv"
-    mk = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+    mk = subprocess.run([sys.executable, "-m", "venv", str(venv)],
                         env=env, capture_output=True, text=True)
     py = str(venv / "bin" / "python")
+    if mk.returncode != 0:  # no ensurepip (e.g. Debian without python3-venv)
+        shutil.rmtree(venv, ignore_errors=True)
+        _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], env=env)
+    # torch from the running interpreter's site-packages (see the module docstring)
+    site_dir = _venv_site_packages(py, env)
+    outer = _site_dirs()
+    assert outer, f"no site-packages on sys.path: {sys.path}"
+    (Path(site_dir) / "_outer_site_packages.pth").write_text("\n".join(outer) + "\n")
     install = ["install", "--no-index", "--no-deps", "--force-reinstall", whl]
     if mk.returncode == 0:
         _run([py, "-m", "pip", *install], env=env, cwd=tmp_path)
-    else:  # no ensurepip (e.g. Debian without python3-venv): drive the venv with our pip
-        shutil.rmtree(venv, ignore_errors=True)
-        _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], env=env)
+    else:  # drive the venv with our pip
         _run([sys.executable, "-m", "pip", "--python", py, *install], env=env, cwd=tmp_path)
     work = tmp_path / "elsewhere"  # not the repository: import the installed copy
     work.mkdir()
