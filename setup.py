@@ -40,6 +40,23 @@ def _nvidia_include_dirs():
     return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
 
 
+def _ninja_on_path():
+    """Put the ninja that pip installed beside this interpreter (``pip install ninja``) first on
+    PATH. torch's BuildExtension runs ``ninja`` from PATH, and a venv's pip run without
+    activating the venv (``VENV/bin/pip install --no-build-isolation .``) has the venv's bin off
+    PATH: the build would fall back to the slow one-file-at-a-time distutils backend, or use
+    some other ninja."""
+    import shutil
+    import sysconfig
+
+    scripts = sysconfig.get_path("scripts")
+    if not scripts or not shutil.which("ninja", path=scripts):
+        return
+    path = os.environ.get("PATH", "")
+    if os.path.normcase(scripts) not in (os.path.normcase(p) for p in path.split(os.pathsep)):
+        os.environ["PATH"] = scripts + (os.pathsep + path if path else "")
+
+
 def _extensions():
     if _flag("SLIM_KERNELS_BUILD_EXT") is False:
         print("slim_kernels: SLIM_KERNELS_BUILD_EXT=0, building the pure-Python package only")
@@ -99,6 +116,7 @@ def _extensions():
         )
         print("slim_kernels: building slim_kernels._C with CPU kernels only"
               + ("" if torch_has_cuda else " (torch has no CUDA)"))
+    _ninja_on_path()
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
