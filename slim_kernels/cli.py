@@ -25,15 +25,9 @@ def _cmd_example(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import os
+    from .bench.command import main_from_args
 
-    # the Triton interpreter must be on before any @triton.jit runs, when triton is
-    # explicitly asked for on a machine without CUDA
-    if args.providers and "slim_triton" in args.providers and (args.device or "cpu") == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from .bench import main_from_args
-
-    return main_from_args(args)
+    return main_from_args(args, args.parser)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -55,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark the SLIM op (every available backend) against the frozen base "
                     "linear, eager loop / dense einsum / torch.compile baselines and PEFT LoRA. "
                     "Writes one CSV, PNG plots and prints each provider's ratio to base.")
-    from .bench import add_arguments
+    from .bench.command import add_arguments
 
     add_arguments(s)
-    s.set_defaults(func=_cmd_bench)
+    s.set_defaults(func=_cmd_bench, parser=s)
     s = sub.add_parser("demo", help="forgetting benchmark: fine-tune the embedded base on a new "
                                     "task with LoRA, SLIM and ablations; table, plot, JSON")
     from .demo.cli import add_arguments as add_demo_arguments
