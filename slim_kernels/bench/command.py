@@ -238,7 +238,6 @@ def run(plan: BenchPlan) -> int:
     measured (every provider asked for, besides base, was skipped)."""
     import torch
 
-    from ..provenance import provenance_string
     from .measuring import dtype_name, run_bench
     from .reporting import plot_csv, speedup_table, summary_table, write_csv
 
@@ -261,7 +260,7 @@ def run(plan: BenchPlan) -> int:
     path = write_csv(res.rows, os.path.join(plan.out, f"{stem}.csv"))
     print(f"\nSLIM linear benchmark: {dev_type} {dtype_name(plan.dtype)}, sweep {plan.sweep}, "
           f"{plan.reps} interleaved repetitions, {time.time() - t0:.0f} s")
-    print(f"provenance: {provenance_string(plan.device)}\n")
+    print(f"provenance: {res.rows[0]['versions']}\n")
     print("time: ratio to base (median of the provider / median of base), median ms in brackets")
     print(summary_table(res.rows, "time_ms"))
     if dev_type == "cpu":
