@@ -3,7 +3,7 @@ of an argsort) while its fake implementation promises contiguous outputs; induct
 check then failed under torch.compile. opcheck compares the fake and real outputs."""
 import torch
 
-import slim_kernels  # noqa: F401  (registers the ops)
+import slim_kernels.ops  # noqa: F401  (registers the ops; `import slim_kernels` alone is lazy)
 
 
 def test_slim_fwd_opcheck_fake_matches_real():
