@@ -110,8 +110,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 class Case:
     """One call of the op. ``router``: "random"; "identity" (every token's identity logits
     ~ +12: all tokens to identity); "uniform" (all logits 0: ties everywhere); "pairs"
-    (router rows 1 = 2 and 3 = 4, with exact logits: ties broken by the lower index). ``centers``: "far" (random,
-    d > 0 for most tokens) or "near" (centred on the first C tokens: d of both signs)."""
+    (router rows 1 = 2 and 3 = 4, with exact logits: ties broken by the lower index).
+    ``centers``: "far" (random) or "near" (the first C tokens plus a little noise, so that
+    the distance d takes both signs)."""
     T: int = 37
     K: int = 45
     N: int = 29
@@ -245,7 +246,8 @@ def sliced(t: Tensor) -> Tensor:
 
 
 def strided_1d(t: Tensor) -> Tensor:
-    """The same values as b[::2] of a twice-as-long tensor with garbage in between."""
+    """The same values as every other element (stride 2, like ``b[::2]``) of a longer tensor
+    with garbage in between."""
     g = torch.Generator().manual_seed(321)
     big = (torch.randn(2 * t.shape[0] + 1, generator=g, dtype=torch.float64) * 1e3)
     big = big.to(t.dtype).to(t.device)
@@ -287,6 +289,7 @@ def layout_case(arg: str) -> Case:
 
 
 def apply_layout(inp: Dict[str, Optional[Tensor]], arg: str, kind: str) -> Dict:
+    """``inp`` with argument ``arg`` replaced by its ``kind`` view (asserted non-contiguous)."""
     out = dict(inp)
     t = inp[arg]
     assert t is not None and t.is_contiguous(), arg

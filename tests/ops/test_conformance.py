@@ -82,7 +82,13 @@ def no_clusters(t, case, inp, got, want):
     assert (got["d"] == 0).all() and (got["assign"] == -1).all()
 
 
+def both_signs(t, case, inp, got, want):
+    """Centres near some tokens and far from others: yielding pushes both ways."""
+    assert (want["d"] < 0).any() and (want["d"] > 0).any()
+
+
 EXTRA = {
+    "reduce_max": both_signs, "reduce_mean": both_signs, "reduce_rms": both_signs,
     "all_identity": all_identity, "one_hot": one_hot, "uniform_k2": uniform,
     "uniform_k3": uniform, "tied_pairs": tied_pairs, "no_clusters": no_clusters,
     "no_bias_no_identity": no_clusters,
