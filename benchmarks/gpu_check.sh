@@ -5,7 +5,9 @@
 # 1. install in place without network or build isolation;
 # 2. run the triton backend tests on CUDA (the cuda-parametrised cases; CPU ones skip);
 # 3. time forward and forward+backward of SLIM triton vs the frozen base linear (cuBLAS),
-#    the stacked torch backend and the eager per-expert reference, writing triton_bench.csv.
+#    the stacked torch backend and the eager per-expert loop at the Llama-3-8B shapes, T=8192,
+#    bf16, with each provider's forward error against the fp64 reference: `slim-kernels
+#    bench`, the same harness as every benchmark, writing bench_shape_cuda_bfloat16.{csv,png}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/benchmarks/gpu_out}"
@@ -29,7 +31,8 @@ timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_triton_backend
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
 
 echo "== benchmark"
-timeout 220 python benchmarks/bench_triton.py --out "$OUT/triton_bench.csv" --iters 30 \
-  --budget_s 12 2>&1 | tee "$OUT/bench.log"
+timeout 220 python -m slim_kernels.cli bench --device cuda --sweep shape --tokens 8192 \
+  --providers slim_triton,slim_torch,eager_loop --modes forward,forward+backward \
+  --reps 30 --warmup 3 --check --no-progress --out "$OUT" 2>&1 | tee "$OUT/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}"
 ls -l "$OUT"

@@ -145,7 +145,7 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
     for bm, bn, bk, gm, w, st in linear_configs(not half):
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
         base = dict(a1_ptr=P, b1_ptr=P, a2_ptr=P, b2_ptr=P, a3_ptr=P, b3_ptr=P,
-                    bias_ptr=P, out_ptr=P)
+                    bias_ptr=P, out_ptr=P, s_bias=1)  # a contiguous bias (launch passes 1 without)
         # forward: y = [x | hg] [W | B_all]ᵀ + b   (W (N,K) read as Wᵀ: k stride 1)
         fwd = dict(base, M=T, N=N, K1=Kd, K2=ER, K3=ER,
                    s_a1m=Kd, s_a1k=1, s_b1k=1, s_b1n=Kd,

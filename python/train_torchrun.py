@@ -9,7 +9,7 @@ causal LM built from blocks (``--model mlp``: our own residual MLP blocks; ``--m
 a tiny transformers LlamaForCausalLM from a config) whose projections are swapped for
 SlimLinear. Nothing is downloaded: the data are random tokens from a seeded generator.
 
-What SLIM needs from a data-parallel engine (spec section 2): nothing. Each SlimLinear
+What SLIM needs from a data-parallel engine (docs/method.md §2): nothing. Each SlimLinear
 all-reduces its cluster statistics (counts, sums, sums of squares) over the default process
 group inside its training forward, so every rank holds bit-identical clusters; the adapters
 (``lora_A``, ``lora_B``, ``router``) are ordinary parameters that the engine synchronises.

@@ -14,17 +14,38 @@ Public API:
                                       (errors: SlimLoadError, model left unchanged)
     disable_slim(model)               context: run the base model exactly
     SlimAuxLossMixin, with_slim_aux   for trainers that compute their own loss (TRL SFTTrainer)
+
+The names are imported on first use (PEP 562), so ``import slim_kernels`` (and the
+``slim-kernels`` command's ``--help``) does not import torch.
 """
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from ._version import __version__
 
-from .config import SlimConfig
-from .layer import SlimLinear, aux_loss, routing_stats, slim_modules, token_mask
-from .ops import available_backends, slim_linear_op
-from .reference import slim_reference
-from .integrations.hf import (
-    SlimAuxLossMixin, SlimSummary, apply_slim, disable_slim, plan_slim, with_slim_aux,
-)
-from .integrations.save_load import SlimLoadError, load_slim, save_slim
+# public name -> the submodule that defines it
+_LAZY = {
+    "SlimConfig": ".config",
+    "SlimLinear": ".layer",
+    "aux_loss": ".layer",
+    "routing_stats": ".layer",
+    "slim_modules": ".layer",
+    "token_mask": ".layer",
+    "available_backends": ".ops",
+    "slim_linear_op": ".ops",
+    "slim_reference": ".reference",
+    "SlimAuxLossMixin": ".integrations.hf",
+    "SlimSummary": ".integrations.hf",
+    "apply_slim": ".integrations.hf",
+    "disable_slim": ".integrations.hf",
+    "plan_slim": ".integrations.hf",
+    "with_slim_aux": ".integrations.hf",
+    "SlimLoadError": ".integrations.save_load",
+    "load_slim": ".integrations.save_load",
+    "save_slim": ".integrations.save_load",
+}
 
 __all__ = [
     "SlimConfig",
@@ -47,3 +68,27 @@ __all__ = [
     "token_mask",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the names as plain imports
+    from .config import SlimConfig
+    from .integrations.hf import (
+        SlimAuxLossMixin, SlimSummary, apply_slim, disable_slim, plan_slim, with_slim_aux,
+    )
+    from .integrations.save_load import SlimLoadError, load_slim, save_slim
+    from .layer import SlimLinear, aux_loss, routing_stats, slim_modules, token_mask
+    from .ops import available_backends, slim_linear_op
+    from .reference import slim_reference

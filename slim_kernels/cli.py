@@ -1,9 +1,51 @@
-"""``slim-kernels`` command line: info | example | bench | demo (the forgetting benchmark)."""
+"""``slim-kernels`` command line: info | example | bench | demo (the forgetting benchmark).
+
+Building the parser imports no torch, so ``--help`` and ``--version`` answer at once; each
+command imports what it needs when it runs. Every bad option is an argparse error (exit 2)
+naming it, before any work starts. Messages go to stderr through the ``slim_kernels``
+logger; the command's own output (tables, ``wrote <file>``) to stdout.
+"""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import List, Optional
+
+from ._version import __version__
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: X)`` to every option's help unless the help already says its
+    default in words (options whose default depends on the device or on other options)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "%(default)" in h or "(default" in h or "default:" in h:
+            return h
+        return super()._get_help_string(action)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the sys.stderr of the moment (pytest and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show the package's messages (``logging.getLogger("slim_kernels")``) on stderr."""
+    log = logging.getLogger("slim_kernels")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        h = _StderrHandler()
+        h.setFormatter(logging.Formatter("slim-kernels: %(levelname)s: %(message)s"))
+        log.addHandler(h)
+    log.setLevel(level)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -25,15 +67,9 @@ def _cmd_example(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import os
+    from .bench.command import main_from_args
 
-    # the Triton interpreter must be on before any @triton.jit runs, when triton is
-    # explicitly asked for on a machine without CUDA
-    if args.providers and "slim_triton" in args.providers and (args.device or "cpu") == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from .bench import main_from_args
-
-    return main_from_args(args)
+    return main_from_args(args, args.parser)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -43,24 +79,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slim-kernels", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("info", help="versions and the backends that can run here")
+    p = argparse.ArgumentParser(prog="slim-kernels", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("info", help="versions and the backends that can run here",
+                       formatter_class=HelpFormatter)
     s.set_defaults(func=_cmd_info)
-    s = sub.add_parser("example", help="train one SLIM layer for a few steps and show its routing")
-    s.add_argument("--steps", type=int, default=30)
+    s = sub.add_parser("example", help="train one SLIM layer for a few steps and show its routing",
+                       formatter_class=HelpFormatter)
+    from .bench.command import int_at_least
+
+    s.add_argument("--steps", type=int_at_least(1), default=30, help="training steps")
     s.set_defaults(func=_cmd_example)
     s = sub.add_parser(
-        "bench", help="time and memory of the SLIM op against unfused baselines (CSV, plots)",
+        "bench", help="time and memory of the SLIM op against unfused baselines (CSV, plot)",
         description="Benchmark the SLIM op (every available backend) against the frozen base "
                     "linear, eager loop / dense einsum / torch.compile baselines and PEFT LoRA. "
-                    "Writes one CSV, PNG plots and prints each provider's ratio to base.")
-    from .bench import add_arguments
+                    "Writes one CSV and one plot, and prints each provider's ratio to base.",
+        formatter_class=HelpFormatter)
+    from .bench.command import add_arguments
 
     add_arguments(s)
-    s.set_defaults(func=_cmd_bench)
+    s.set_defaults(func=_cmd_bench, parser=s)
     s = sub.add_parser("demo", help="forgetting benchmark: fine-tune the embedded base on a new "
-                                    "task with LoRA, SLIM and ablations; table, plot, JSON")
+                                    "task with LoRA, SLIM and ablations; table, plot, JSON",
+                       formatter_class=HelpFormatter)
     from .demo.cli import add_arguments as add_demo_arguments
 
     add_demo_arguments(s)
@@ -70,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()
     return int(args.func(args) or 0)
 
 

@@ -1,8 +1,8 @@
 """SlimConfig: every knob of a SLIM layer, validated, with a JSON round trip.
 
 Field names and defaults are part of the public contract (saved adapters store them):
-see ../shared/SLIM_SPEC.md. Choices the paper leaves open are marked (R) there and are
-fields here so a user can switch them.
+``docs/method.md`` defines each one. Choices the paper leaves open (``docs/method.md`` §5)
+are fields here so a user can switch them.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The SLIM layer as the spec writes it: pure PyTorch, per expert, fp64-capable.
+"""The SLIM layer as ``docs/method.md`` writes it: pure PyTorch, per expert, fp64-capable.
 
 This module *defines the truth*. Every backend (torch, cpp, cuda, triton) is tested against
 :func:`slim_reference`. It is written for clarity, not speed: a loop over experts exactly as
@@ -93,7 +93,7 @@ def slim_reference(
     cluster_eps: float = 1e-5,
     x_lora: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """y = x Wᵀ + b + s · Σ_{i<E_L} g_i B'_i A'_i x (per expert, as the spec writes it)."""
+    """y = x Wᵀ + b + s · Σ_{i<E_L} g_i B'_i A'_i x (per expert, as docs/method.md §1 writes it)."""
     T, K = x.shape
     E_L = lora_A.shape[0]
     E = router.shape[0]

@@ -14,9 +14,14 @@ import os
 import pytest
 import torch
 
-from slim_kernels import bench
+from slim_kernels.bench.cases import MODES, Case, make_inputs
+from slim_kernels.bench.measuring import flop_floor, run_bench, step
+from slim_kernels.bench.providers import Skip, eager_route, providers_for
+from slim_kernels.bench.reporting import (
+    markdown_table, plot_csv, read_csv, summary_table, write_csv,
+)
 
-TINY = bench.Case(K=48, N=40, T=37, num_lora_experts=3, num_identity_experts=2, rank=4,
+TINY = Case(K=48, N=40, T=37, num_lora_experts=3, num_identity_experts=2, rank=4,
                   top_k=2, num_clusters=3)
 FAST_PROVIDERS = ["base", "eager_loop", "eager_dense", "peft_lora"]
 
@@ -27,7 +32,7 @@ def _grads(inp, leaves):
 
 def _reference_grads(inp, provider):
     """fp64 autograd gradients of the reference output w.r.t. x, A_all, B_all, router."""
-    ref = bench.make_inputs(inp.case, dtype=torch.float64, seed=0)
+    ref = make_inputs(inp.case, dtype=torch.float64, seed=0)
     leaves = [ref.x, ref.lora_A, ref.lora_B, ref.router]
     if provider == "base":
         y = torch.nn.functional.linear(ref.x, ref.weight, ref.bias)
@@ -51,7 +56,7 @@ def _reference_grads(inp, provider):
 
 
 def _check_provider(name, build):
-    inp = bench.make_inputs(TINY, dtype=torch.float32, seed=0)
+    inp = make_inputs(TINY, dtype=torch.float32, seed=0)
     runner = build(inp)
     y = runner.fwd()
     ref_y, ref_g = _reference_grads(inp, name)
@@ -82,8 +87,8 @@ def _check_provider(name, build):
 
 
 def test_tiny_routing_is_not_degenerate():
-    inp = bench.make_inputs(TINY, dtype=torch.float64)
-    gates, idx = bench._eager_route(inp.x, inp.router, inp.centers, inp.inv_std, TINY)
+    inp = make_inputs(TINY, dtype=torch.float64)
+    gates, idx = eager_route(inp.x, inp.router, inp.centers, inp.inv_std, TINY)
     E_L = TINY.num_lora_experts
     sel_lora = (idx < E_L).any(1)
     # some tokens use LoRA experts, some are routed only to identity experts
@@ -92,7 +97,7 @@ def test_tiny_routing_is_not_degenerate():
 
 @pytest.mark.parametrize("name", FAST_PROVIDERS + ["slim_*"])
 def test_provider_matches_fp64_reference(name):
-    builders, skipped = bench.providers_for("cpu")
+    builders, skipped = providers_for("cpu")
     if name == "slim_*":
         fused = [n for n in builders if n.startswith("slim_")]
         assert fused, "no slim_<backend> provider found (slim_torch always exists)"
@@ -103,16 +108,16 @@ def test_provider_matches_fp64_reference(name):
         pytest.skip(skipped.get(name, f"{name} unavailable"))
     try:
         _check_provider(name, builders[name])
-    except bench.Skip as e:
+    except Skip as e:
         pytest.skip(str(e))
 
 
 @pytest.mark.slow
 def test_compiled_dense_matches_fp64_reference():
-    builders, _ = bench.providers_for("cpu")
+    builders, _ = providers_for("cpu")
     try:
         _check_provider("compiled_dense", builders["compiled_dense"])
-    except bench.Skip as e:  # pragma: no cover
+    except Skip as e:  # pragma: no cover
         pytest.skip(str(e))
 
 
@@ -120,60 +125,62 @@ def test_providers_pick_up_new_backends(monkeypatch):
     import slim_kernels.ops.dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "available_backends", lambda: ["triton", "cpp", "torch"])
-    builders, skipped = bench.providers_for("cpu")
+    builders, skipped = providers_for("cpu")
     assert "slim_cpp" in builders and "slim_torch" in builders
     assert "slim_triton" not in builders and "slim_triton" in skipped
     assert list(builders)[0] == "base"
-    builders, _ = bench.providers_for("cpu", ["slim_triton", "eager_loop"])
+    builders, _ = providers_for("cpu", ["slim_triton", "eager_loop"])
     assert set(builders) == {"base", "slim_triton", "eager_loop"}
 
 
 def test_flop_floor_matches_spec():
-    c = bench.Case(K=4096, N=4096, T=1)  # E_L·r = 128, E = 10
-    assert bench.flop_floor(c, "forward") == pytest.approx(1.0649, abs=1e-4)  # "about 6.5 %"
-    assert bench.flop_floor(c, "backward") == pytest.approx(1.1299, abs=1e-4)
-    f, b = bench.flop_floor(c, "forward"), bench.flop_floor(c, "backward")
-    assert bench.flop_floor(c, "forward+backward") == pytest.approx((f + b) / 2)
+    c = Case(K=4096, N=4096, T=1)  # E_L·r = 128, E = 10
+    assert flop_floor(c, "forward") == pytest.approx(1.0649, abs=1e-4)  # "about 6.5 %"
+    assert flop_floor(c, "backward") == pytest.approx(1.1299, abs=1e-4)
+    f, b = flop_floor(c, "forward"), flop_floor(c, "backward")
+    assert flop_floor(c, "forward+backward") == pytest.approx((f + b) / 2)
 
 
 def test_bench_tiny_run_writes_the_schema(tmp_path):
-    cases = [bench.Case(K=64, N=48, T=t, num_lora_experts=3, rank=4) for t in (16, 33)]
+    cases = [Case(K=64, N=48, T=t, num_lora_experts=3, rank=4) for t in (16, 33)]
     # peft_lora is left out here only because importing peft (and transformers) takes ~15 s
-    res = bench.run_bench(cases, "T", providers=["eager_loop", "eager_dense", "slim_torch"], reps=2,
+    res = run_bench(cases, "T", providers=["eager_loop", "eager_dense", "slim_torch"], reps=2,
                           warmup=1, progress=False)
-    path = bench.write_csv(res.rows, str(tmp_path / "b.csv"))
+    path = write_csv(res.rows, str(tmp_path / "b.csv"))
     with open(path, newline="") as f:
         rd = csv.reader(f)
         header = next(rd)
         body = list(rd)
     assert header == ["kernel", "provider", "mode", "metric", "x", "y_50", "y_20", "y_80",
                       "device", "dtype", "versions"]
-    rows = bench.read_csv(path)
+    rows = read_csv(path)
     assert len(body) == len(rows) > 0
     provs = {r["provider"] for r in rows}
     assert {"base", "slim_torch", "eager_loop", "eager_dense"} <= provs
     for r in rows:
-        assert r["mode"] in bench.MODES
+        assert r["mode"] in MODES
         assert r["metric"] in ("time_ms", "cpu_ms", "peak_MB", "saved_MB")
         assert r["x"] in ("16", "33")
         assert r["device"] == "cpu" and r["dtype"] == "float32"
-        assert "torch=" in r["versions"]
+        # the provenance of the run: versions, machine and commit
+        assert "torch=" in r["versions"] and "git=" in r["versions"] and "cpu=" in r["versions"]
         lo, mid, hi = float(r["y_20"]), float(r["y_50"]), float(r["y_80"])
         assert 0 <= lo <= mid <= hi
     # every provider has time and memory in every mode, saved_MB in forward
     for p in provs:
-        for m in bench.MODES:
+        for m in MODES:
             got = {r["metric"] for r in rows if r["provider"] == p and r["mode"] == m}
             assert {"time_ms", "cpu_ms", "peak_MB"} <= got
     # the base forward allocates its output (T x N fp32) and nothing else of note
     b = [r for r in rows if r["provider"] == "base" and r["mode"] == "forward"
          and r["metric"] == "peak_MB" and r["x"] == "33"][0]
     assert float(b["y_50"]) == pytest.approx(33 * 48 * 4 / 2**20, rel=0.01)
-    table = bench.summary_table(rows)
+    table = summary_table(rows)
     assert "FLOP floor" in table and "slim_torch" in table
-    assert "FLOP floor" in bench.markdown_table(rows)
-    pngs = bench.plot_csv(path, str(tmp_path))
-    assert len(pngs) == 5 and all(os.path.getsize(p) > 1000 for p in pngs)
+    assert "FLOP floor" in markdown_table(rows)
+    png = plot_csv(path, str(tmp_path))
+    assert png == str(tmp_path / "b.png") and os.path.getsize(png) > 1000
+    assert sorted(os.listdir(tmp_path)) == ["b.csv", "b.png"]  # one figure per CSV
 
 
 def test_cli_bench_parses_and_runs(tmp_path, capsys):
@@ -193,30 +200,34 @@ def test_cli_bench_parses_and_runs(tmp_path, capsys):
 def test_cli_bench_cuda_without_gpu_says_so(tmp_path, capsys):
     from slim_kernels.cli import main
 
-    assert main(["bench", "--device", "cuda", "--out", str(tmp_path), "--no-progress"]) == 2
-    assert "no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--device", "cuda", "--out", str(tmp_path), "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --device" in err and "no CUDA device" in err
+    assert not os.listdir(tmp_path)  # no work started
 
 
 # ---------------------------------------------------------------------------------------
 # pytest-benchmark entries (skipped unless --run-benchmarks)
 # ---------------------------------------------------------------------------------------
-_ENTRY_CASE = bench.Case(K=1024, N=1024, T=256)
+_ENTRY_CASE = Case(K=1024, N=1024, T=256)
 _ENTRY_PROVIDERS = ["base", "slim_torch", "eager_loop", "eager_dense", "peft_lora"]
 
 
 @pytest.mark.benchmark
-@pytest.mark.parametrize("mode", bench.MODES)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", _ENTRY_PROVIDERS)
 def test_bench_entry(benchmark, provider, mode):
-    builders, skipped = bench.providers_for("cpu")
+    builders, skipped = providers_for("cpu")
     if provider not in builders:
         pytest.skip(skipped.get(provider, "unavailable"))
-    inp = bench.make_inputs(_ENTRY_CASE)
+    inp = make_inputs(_ENTRY_CASE)
     try:
         runner = builders[provider](inp)
-    except bench.Skip as e:
+    except Skip as e:
         pytest.skip(str(e))
-    prep, timed = bench._step(runner, mode, inp.dy)
+    prep, timed = step(runner, mode, inp.dy)
     benchmark.group = f"slim_linear 1024x1024 T=256 {mode}"
     benchmark.pedantic(timed, setup=prep, rounds=10, warmup_rounds=2, iterations=1)
 

@@ -1,4 +1,4 @@
-"""Data parallel on CPU: 2 gloo ranks under torchrun (spec section 2, issue 8).
+"""Data parallel on CPU: 2 gloo ranks under torchrun (docs/method.md §2).
 
 One torchrun launch of tests/_dist_worker.py runs the DDP and FSDP2 cases and saves what each
 rank saw; the tests below compare the ranks with each other and with a single-process run on

@@ -1,4 +1,5 @@
-"""SlimLinear against the spec: eval/train behaviour, clusters, masks, aux losses, errors."""
+"""SlimLinear against docs/method.md: eval/train behaviour, clusters, masks, aux losses (also under
+gradient checkpointing), errors, dtypes."""
 import math
 
 import numpy as np
@@ -223,6 +224,56 @@ def test_aux_losses():
     assert z.item() == 0.0 and z.dim() == 0
 
 
+# --- aux losses under gradient checkpointing ------------------------------------------
+# SlimLinear builds its L1 and load-balance terms on every forward, recomputation included:
+# non-reentrant checkpointing needs the same saved tensors in the forward and the
+# recomputation, and under reentrant checkpointing (first forward in no_grad) the L1 term
+# still needs its gradient.
+def _run_aux_checkpointed(reentrant, **kw):
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 9, dtype=torch.float64)
+    layer = sk.SlimLinear.from_linear(lin, sk.SlimConfig(num_lora_experts=3, rank=2, backend="torch", **kw))
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)
+    layer.train()
+    x = torch.randn(4, 5, 12, dtype=torch.float64, requires_grad=True)
+    out = []
+    for step in range(2):  # cluster init, then one EMA update
+        layer.zero_grad()
+        y = layer(x) if reentrant is None else checkpoint(layer, x, use_reentrant=reentrant)
+        loss = y.pow(2).mean() + sk.aux_loss(layer)
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.router)],
+                    layer.cluster_centers.clone(), layer.cluster_vars.clone()))
+    return out
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_l1_and_balance_under_checkpointing(reentrant):
+    kw = dict(l1_coef=0.1, balance_coef=0.0 if reentrant else 0.05)
+    ref = _run_aux_checkpointed(None, **kw)
+    got = _run_aux_checkpointed(reentrant, **kw)
+    for (l0, g0, c0, v0), (l1, g1, c1, v1) in zip(ref, got):
+        assert torch.equal(l0, l1)
+        for a, b in zip(g0, g1):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert torch.equal(c0, c1) and torch.equal(v0, v1)  # clusters moved exactly once
+
+
+def test_l1_has_gradient_when_forward_ran_in_no_grad():
+    layer = sk.SlimLinear.from_linear(nn.Linear(6, 4), sk.SlimConfig(num_lora_experts=2, rank=2,
+                                                                     l1_coef=0.1, backend="torch"))
+    assert layer.slim_aux_loss() is None
+    with torch.no_grad():
+        layer(torch.randn(3, 6))
+    aux = layer.slim_aux_loss()
+    assert aux.requires_grad
+    aux.backward()
+    assert layer.lora_A.grad.abs().sum() > 0
+    layer.reset_aux_loss()
+    assert layer.slim_aux_loss() is None and not layer.has_aux_loss()
+
+
 @pytest.mark.parametrize("T", [0, 1])
 def test_tiny_token_counts(T):
     lin, layer = make_layer()
@@ -287,3 +338,26 @@ def test_autocast_runs_in_the_autocast_dtype():
     assert y.dtype == torch.bfloat16
     y32 = layer(x)
     assert (y.float() - y32).abs().max() < 0.1 * y32.abs().max()
+
+
+# --- dtypes: casting the model ------------------------------------------------------------
+def test_cast_keeps_cluster_buffers_fp32():
+    """``model.to(torch.bfloat16)`` / ``.half()`` casts the weights and LoRA factors but keeps
+    the cluster buffers fp32 and unrounded (the op takes fp32 centers and inv_std), and the
+    cast model runs forward and backward."""
+    torch.manual_seed(0)
+    layer = sk.SlimLinear.from_linear(nn.Linear(8, 6), sk.SlimConfig(num_lora_experts=2, rank=2,
+                                                                     backend="torch")).train()
+    layer(torch.randn(10, 8))  # initialise the clusters
+    layer.eval()  # (a training forward would move the clusters)
+    cen = layer.cluster_centers.clone()
+    for dt in (torch.bfloat16, torch.float16):
+        m = layer.to(dt)
+        assert m is layer
+        assert layer.weight.dtype == dt and layer.lora_A.dtype == dt
+        assert layer.cluster_centers.dtype == torch.float32 and layer.cluster_vars.dtype == torch.float32
+        assert torch.equal(layer.cluster_centers, cen)
+        y = layer(torch.randn(4, 8, dtype=dt))
+        y.float().sum().backward()
+    layer.float()
+    assert layer.lora_B.dtype == torch.float32 and torch.equal(layer.cluster_centers, cen)

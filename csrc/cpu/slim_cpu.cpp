@@ -1,7 +1,7 @@
 // CPU kernels of the SLIM op (backend "cpp"): forward and backward, parallel over token
 // blocks with at::parallel_for.
 //
-// Layout (spec section 6): x (T, K); W (N, K); A_all (E_L*r, K); B_all (N, E_L*r); router
+// Layout (docs/method.md §6): x (T, K); W (N, K); A_all (E_L*r, K); B_all (N, E_L*r); router
 // R (E, K), E = E_L + E_I; clusters centres / inv_std (C, K) fp32. "acc" is fp64 for fp64
 // inputs, fp32 otherwise; bf16/fp16 blocks are converted to fp32 before any arithmetic.
 //
@@ -120,7 +120,7 @@ void gather_rows(const acc_t* src, int64_t L, const std::vector<int64_t>& idx, a
     std::copy(src + idx[i] * L, src + (idx[i] + 1) * L, out + i * L);
 }
 
-// Cluster distance of one token (spec section 2), as slim_kernels.reference.cluster_distance.
+// Cluster distance of one token (docs/method.md §2), as slim_kernels.routing.cluster_distance.
 // The assignment argmin_j ||x - c_j||² is taken as argmin_j (||c_j||² - 2 x·c_j) (||x||² is
 // the same for every j), with the dot products x·c_j computed by the route GEMM (the centres
 // are stacked under the router rows), as the torch backend does; then one pass over the

@@ -15,10 +15,15 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from ..provenance import provenance
-from .methods import DEFAULT_METHODS, method_specs
-from .tasks import NEW_TASK, NEW_TASKS
 
 logger = logging.getLogger("slim_kernels")
+
+# methods.DEFAULT_METHODS, tasks.NEW_TASK and tasks.NEW_TASKS, written out so that building
+# the parser imports no torch (those modules do); tests/test_cli.py checks they agree.
+DEFAULT_METHODS = ("lora", "slim", "slim-tuned", "slim-no-identity", "slim-no-yield",
+                   "slim+merge", "full")
+NEW_TASK = "caesar"
+NEW_TASKS = ("caesar", "symbols")
 
 
 def _json_default(o):
@@ -138,6 +143,8 @@ def add_arguments(ap) -> None:
 
 def check_arguments(ap: argparse.ArgumentParser, a) -> list:
     """The arms to run; every bad value is an argparse error before any work starts."""
+    from .methods import method_specs
+
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     try:
         specs = method_specs(a.slim)

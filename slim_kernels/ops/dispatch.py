@@ -11,6 +11,7 @@ slower). An explicit backend that cannot run raises, saying why and how to fix i
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
 from types import ModuleType
 from typing import Dict, List, Optional
@@ -62,9 +63,21 @@ def resolve_backend(requested: str, x: Tensor, lora_cols: int = 0, num_experts: 
     return _resolve(requested, str(x.device), x.dtype, int(lora_cols), int(num_experts))
 
 
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing torch._dynamo (about 1 s,
+    which every ``import slim_kernels`` would pay). The decorator only marks the function with
+    this attribute, which dynamo reads when it traces a call; tests/test_imports.py checks that
+    the mark is the one the public decorator sets. When dynamo is already imported, the public
+    decorator itself is used."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # torch.compile traces the layer's Python; importing a backend (importlib) cannot be traced, so
 # dynamo runs this function eagerly at trace time and bakes its (string) answer into the graph.
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _resolve(requested: str, device: str, dtype: torch.dtype, lora_cols: int, num_experts: int) -> str:
     if requested not in ("auto",) + tuple(_MODULES):
         raise ValueError(

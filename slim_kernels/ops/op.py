@@ -132,7 +132,7 @@ def slim_linear_op(
     centers: Optional[Tensor] = None, inv_std: Optional[Tensor] = None,
     x_lora: Optional[Tensor] = None, backend: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The SLIM op on 2-D inputs, in the stacked layout of spec section 6.
+    """The SLIM op on 2-D inputs, in the stacked layout of ``docs/method.md`` §6.
 
     Args: x (T, K); weight (N, K) frozen; bias (N,) or None, frozen; lora_A = A_all
     (E_L·r, K); lora_B = B_all (N, E_L·r); router (E, K); centers/inv_std (C, K) fp32 or None

@@ -23,9 +23,10 @@ centers, inv_std (C, K) fp32 or None (no yielding). Outputs: y (T, N) in x's dty
 (T, E), distance (T,) and h (T, E_L·r) in the accumulation dtype (fp64 for fp64 x, else
 fp32); topk_idx (T, k) and assign (T,) int64 (assign = -1 without clusters).
 
-Tensor arguments may be any strided views: the op boundary passes x, x_lora, lora_A, lora_B
-and router contiguous, but weight, bias, centers and inv_std as the caller gave them, so
-every backend reads those through their strides (the conformance suite checks each in turn).
+Tensor arguments may be any strided views: the op boundary passes x, x_lora, lora_A, lora_B,
+router and dy contiguous, but weight, bias, centers and inv_std as the caller gave them and
+dgates as autograd hands it, so every backend reads those through their strides (the
+conformance suite, tests/ops, checks each in turn, through the op and into each backend).
 """
 from typing import Optional, Protocol, Tuple
 

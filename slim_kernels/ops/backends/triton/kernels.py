@@ -1,4 +1,4 @@
-"""The SLIM Triton kernels (spec section 6). Pure kernels: no torch, no launch logic.
+"""The SLIM Triton kernels (``docs/method.md`` §6). Pure kernels: no torch, no launch logic.
 
 Three kernels:
 
@@ -12,9 +12,9 @@ Three kernels:
   experts, and writes gates, topk_idx, distance, assign, h (fp32) and
   ``hg = s * g ⊙ h`` (x dtype) for the fused linear kernel.
 * ``fused_linear_kernel``: ``out = Σ_seg a_seg b_seg (+ bias)`` over up to three K
-  segments with arbitrary strides, fp32 accumulation, grouped program ordering. Used for
-  ``y = [x | hg][W | B_all]ᵀ + b``, ``dx = [dy | dh | dz][W; A_all; R]`` and the weight
-  gradients (transposed strides).
+  segments with arbitrary strides (the bias's too), fp32 accumulation, grouped program
+  ordering. Used for ``y = [x | hg][W | B_all]ᵀ + b``, ``dx = [dy | dh | dz][W; A_all; R]``
+  and the weight gradients (transposed strides).
 * ``route_bwd_kernel``: ``dhg = dy B_all`` (K loop over N) and the epilogue to
   ``dg``, ``dz`` (softmax backward), ``dh = s g ⊙ dhg`` and ``hg`` (recomputed from h).
 
@@ -196,13 +196,14 @@ def fused_linear_kernel(
     s_a1m, s_a1k, s_b1k, s_b1n,
     s_a2m, s_a2k, s_b2k, s_b2n,
     s_a3m, s_a3k, s_b3k, s_b3n,
-    s_om, s_on,
+    s_om, s_on, s_bias,
     HAS_2: tl.constexpr, HAS_3: tl.constexpr, HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """out (M, N) = a1 b1 + a2 b2 + a3 b3 (+ bias[N]); a_i (M, K_i), b_i (K_i, N), strided."""
+    """out (M, N) = a1 b1 + a2 b2 + a3 b3 (+ bias[N]); a_i (M, K_i), b_i (K_i, N) and bias
+    (element stride s_bias) strided."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -260,7 +261,7 @@ def fused_linear_kernel(
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=nm, other=0.0).to(ACC)
+        bias = tl.load(bias_ptr + rn * s_bias, mask=nm, other=0.0).to(ACC)
         acc = acc + bias[None, :]
     tl.store(out_ptr + rm[:, None] * s_om + rn[None, :] * s_on,
              _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=mm[:, None] & nm[None, :])

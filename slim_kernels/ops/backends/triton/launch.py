@@ -1,4 +1,4 @@
-"""Backend ``triton``: the fused SLIM kernels of spec section 6 and their launchers.
+"""Backend ``triton``: the fused SLIM kernels of ``docs/method.md`` §6 and their launchers.
 
 Same interface as :mod:`slim_kernels.ops.backends.torch` (``NAME``, ``unavailable_reason``,
 ``unsupported_reason``, ``forward``, ``backward``); the op boundary
@@ -171,7 +171,7 @@ def _check_sizes(ER: int, E: int, E_L: int) -> None:
 # ------------------------------------------------------------------------------------
 def fused_linear(segments, out: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """out (M, N) = Σ a_i b_i (+ bias) for up to 3 (a_i (M, K_i), b_i (K_i, N)) segments,
-    any strides (views such as ``W.t()`` or ``dy.t()`` are read in place)."""
+    any strides (views such as ``W.t()``, ``dy.t()`` or a bias ``b[::2]`` are read in place)."""
     M, N = out.shape
     if M == 0 or N == 0:
         return out
@@ -190,6 +190,7 @@ def fused_linear(segments, out: Tensor, bias: Optional[Tensor] = None) -> Tensor
         a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1),
         a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1),
         out.stride(0), out.stride(1),
+        bias.stride(0) if bias is not None else 1,  # bias is read through its stride (b[::2])
     )
     flags = dict(HAS_2=len(segments) >= 2, HAS_3=len(segments) >= 3,
                  HAS_BIAS=bias is not None, IS_FP64=out.dtype == torch.float64,
