@@ -45,6 +45,13 @@ def token_mask(mask: Optional[Tensor]) -> Iterator[None]:
         _TOKEN_MASK.reset(tok)
 
 
+def _check_features(in_features, out_features) -> Tuple[int, int]:
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"SlimLinear {name}={v!r} is invalid: expected an int >= 1")
+    return int(in_features), int(out_features)
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass, i.e. when gradient checkpointing re-runs a
     forward: the cluster update must not run a second time then."""
@@ -72,6 +79,7 @@ class SlimLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        in_features, out_features = _check_features(in_features, out_features)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup(base.weight, base.bias, config)
 
@@ -94,7 +102,8 @@ class SlimLinear(nn.Module):
             raise TypeError(f"config must be a SlimConfig, got {type(config).__name__}")
         self.config = config
         # full_shape: a linear built under deepspeed.zero.Init is already partitioned
-        self.out_features, self.in_features = _dist.full_shape(weight)
+        out_features, in_features = _dist.full_shape(weight)
+        self.in_features, self.out_features = _check_features(in_features, out_features)
         weight.requires_grad_(False)
         if bias is not None:
             bias.requires_grad_(False)
@@ -222,8 +231,25 @@ class SlimLinear(nn.Module):
                 f"{self.weight.device}"
             )
 
+    def _check_config(self) -> None:
+        # The shape fields of the config are fixed when the layer is built (SlimConfig's
+        # docstring); the others are read at every forward and may change between forwards.
+        c = self.config
+        E_L, r, _ = _dist.full_shape(self.lora_A)
+        built = dict(num_lora_experts=E_L, rank=r,
+                     num_identity_experts=_dist.full_shape(self.router)[0] - E_L,
+                     num_clusters=self.cluster_centers.shape[0])
+        for name in SHAPE_FIELDS:
+            if getattr(c, name) != built[name]:
+                raise ValueError(
+                    f"SlimLinear: config.{name}={getattr(c, name)!r} but the layer was built "
+                    f"with {name}={built[name]}: the shape fields {', '.join(SHAPE_FIELDS)} "
+                    f"cannot change after the layer is built (build a new layer, or apply SLIM "
+                    f"again, for another shape)")
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        self._check_config()
         c = self.config
         W, b = self.weight, self.bias
         A, B = self._masked_factors()

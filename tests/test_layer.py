@@ -405,6 +405,36 @@ def test_bad_inputs_raise_clear_errors():
             layer(torch.randn(3, 45))
 
 
+def test_sizes_and_shape_fields_errors_name_the_argument():
+    for args, name in (((0, 4), "in_features=0"), ((4, 0), "out_features=0"),
+                       ((4.0, 3), "in_features=4.0"), ((True, 3), "in_features=True")):
+        with pytest.raises(ValueError, match=rf"SlimLinear {name} is invalid: expected an int >= 1"):
+            sk.SlimLinear(*args)
+    with pytest.raises(ValueError, match="in_features=0"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "Initializing zero-element tensors is a no-op"
+        sk.SlimLinear.from_linear(nn.Linear(0, 4))
+    layer = sk.SlimLinear(np.int64(6), np.int32(4), config=sk.SlimConfig(**CFG))
+    assert (layer.in_features, layer.out_features) == (6, 4) and type(layer.in_features) is int
+    # the shape fields of the config are fixed once the layer is built ...
+    x = torch.randn(3, 6)
+    for field, value in (("rank", 2), ("num_lora_experts", 4), ("num_identity_experts", 0),
+                         ("num_clusters", 7)):
+        cfg = sk.SlimConfig(**CFG)
+        layer = sk.SlimLinear(6, 4, config=cfg)
+        setattr(cfg, field, value)
+        with pytest.raises(ValueError, match=rf"config\.{field}={value} but the layer was built "
+                                             rf"with {field}=\d+: the shape fields"):
+            layer(x)
+    # ... the others are read at every forward
+    cfg = sk.SlimConfig(**CFG)
+    layer = sk.SlimLinear(6, 4, config=cfg).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    y, base = layer(x), nn.functional.linear(x, layer.weight, layer.bias)
+    cfg.alpha *= 2
+    torch.testing.assert_close(layer(x), 2 * y - base)
+
+
 def test_routing_stats_and_no_lora_mixture():
     lin, layer = make_layer(num_identity_experts=0, top_k=2)
     layer.train()
