@@ -164,6 +164,15 @@ class SlimLinear(nn.Module):
         self._init_cached = None
         self._snapshot = None
 
+    def __getstate__(self):
+        # copy.deepcopy and pickle work at any point of a training step: what one step keeps
+        # for itself (the last forward's load-balance term, a graph node; the clusters saved
+        # for a checkpointed re-run; the pending cluster warning) is not copied, so a copy
+        # has no aux loss pending (docs/method.md §4) until its own next forward.
+        state = dict(super().__getstate__())
+        state.update(_aux_pending=False, _last_balance=None, _snapshot=None, _rejected=None)
+        return state
+
     def _flag_key(self) -> Tuple[int, int]:
         f = self.cluster_initialized
         return id(f), f._version
