@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
 import train_torchrun as recipe  # noqa: E402
 import slim_kernels as sk  # noqa: E402
 from slim_kernels import SlimLinear  # noqa: E402
+from slim_kernels.integrations.save_load import adapter_tensor_file  # noqa: E402
 
 STEPS, BATCH_PER_RANK, SEQ, VOCAB = 5, 2, 12, 64
 OUT_DIR = [""]  # set by main()
@@ -126,7 +127,7 @@ def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool 
         if rank == 0:
             from safetensors.torch import load_file
 
-            res["save_slim_file"] = load_file(os.path.join(slim_dir, "slim_adapter.safetensors"))
+            res["save_slim_file"] = load_file(adapter_tensor_file(slim_dir))
     else:
         res["params"] = adapter_params(model)
     if ds is not None and hasattr(ds, "destroy"):
@@ -201,7 +202,7 @@ def run_fsdp_case(rank: int, out: str) -> Dict[str, object]:
     if rank == 0:
         from safetensors.torch import load_file
 
-        res["save_slim_file"] = load_file(os.path.join(slim_dir, "slim_adapter.safetensors"))
+        res["save_slim_file"] = load_file(adapter_tensor_file(slim_dir))
     return res
 
 

@@ -187,7 +187,9 @@ def _check_saved_slim(folder):
     import _dist_worker as w
     import slim_kernels as sk
 
-    assert (folder / "slim_adapter.safetensors").is_file() and (folder / "slim_config.json").is_file()
+    from slim_kernels.integrations.save_load import adapter_tensor_file
+
+    assert os.path.isfile(adapter_tensor_file(folder)) and (folder / "slim_config.json").is_file()
     torch.manual_seed(0)
     base = w.recipe.TinyLM(vocab=64)
     sk.load_slim(base, str(folder))
