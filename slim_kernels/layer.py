@@ -121,6 +121,7 @@ class SlimLinear(nn.Module):
         self.register_buffer(
             "cluster_initialized", torch.zeros((), dtype=torch.bool, device=weight.device)
         )
+        self._base_only = 0  # > 0 inside disable_slim (integrations/hf.py): the base linear only
         self._register_load_state_dict_pre_hook(self._forget_cached_flag)
         self.reset_slim_parameters()
 
@@ -169,9 +170,17 @@ class SlimLinear(nn.Module):
         # for itself (the last forward's load-balance term, a graph node; the clusters saved
         # for a checkpointed re-run; the pending cluster warning) is not copied, so a copy
         # has no aux loss pending (docs/method.md §4) until its own next forward.
+        # Nor is disable_slim's switch: a copy is a new layer, outside that context.
         state = dict(super().__getstate__())
-        state.update(_aux_pending=False, _last_balance=None, _snapshot=None, _rejected=None)
+        state.update(_aux_pending=False, _last_balance=None, _snapshot=None, _rejected=None,
+                     _base_only=0)
         return state
+
+    def __setstate__(self, state) -> None:
+        # a layer pickled by an older release lacks the newer per-step attributes
+        for k, v in dict(_base_only=0, _rejected=None, _rejected_warned=False).items():
+            state.setdefault(k, v)
+        super().__setstate__(state)
 
     def _flag_key(self) -> Tuple[int, int]:
         f = self.cluster_initialized
@@ -257,6 +266,8 @@ class SlimLinear(nn.Module):
                     f"again, for another shape)")
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._base_only:  # exactly what the wrapped nn.Linear computed
+            return F.linear(x, self.weight, self.bias)
         self._check_input(x)
         self._check_config()
         c = self.config
