@@ -171,7 +171,8 @@ class SlimLinear(nn.Module):
         # for a checkpointed re-run; the pending cluster warning) is not copied, so a copy
         # has no aux loss pending (docs/method.md §4) until its own next forward.
         # Nor is disable_slim's switch: a copy is a new layer, outside that context.
-        state = dict(super().__getstate__())
+        state = self.__dict__.copy()  # (nn.Module.__getstate__ is missing in older torch)
+        state.pop("_compiled_call_impl", None)
         state.update(_aux_pending=False, _last_balance=None, _snapshot=None, _rejected=None,
                      _base_only=0)
         return state

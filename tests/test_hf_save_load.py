@@ -234,7 +234,8 @@ def test_not_a_regular_file_says_what_it_is(saved, tmp_path):
     os.remove(d / "slim_config.json")
     (d / "slim_config.json").mkdir()
     _expect_error(d, r"slim_config\.json is a folder, not a regular file", exc=sk.SlimLoadError)
-    _expect_error(path / "slim_config.json", "pass the SLIM adapter folder", exc=sk.SlimLoadError)
+    _expect_error(path / "slim_config.json", r"slim_config\.json is a file, not a folder: pass the "
+                  r"SLIM adapter folder", exc=sk.SlimLoadError)
     # the tensor file the manifest names
     e = _rewrite(path, tmp_path / "copy")
     os.remove(adapter_tensor_file(e))

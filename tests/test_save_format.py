@@ -250,3 +250,26 @@ def test_sigkill_during_save_leaves_old_or_new(tmp_path):
     print(f"\n{runs} kills (save {t_end:.3f} s; tensor file written from {t_tensor:.3f} s, "
           f"manifest from {t_manifest:.3f} s): {results}; kill points: {points}")
     assert sum(results.values()) == runs
+
+
+def test_load_racing_a_save_reads_the_new_manifest(tmp_path, monkeypatch):
+    """A reader that read the old manifest just before a save replaced it (and deleted the old
+    tensor file) reads the new manifest and loads the new adapter."""
+    from adapter_v1 import TinyBase
+
+    old, new = _two_adapters()
+    d = tmp_path / "a"
+    sk.save_slim(old, str(d))
+    stale = sl._read_manifest(str(d))
+    sk.save_slim(new, str(d))
+    assert not os.path.exists(stale[1])
+    real, calls = sl._read_manifest, []
+
+    def racing(path):
+        calls.append(path)
+        return stale if len(calls) == 1 else real(path)
+
+    monkeypatch.setattr(sl, "_read_manifest", racing)
+    model = TinyBase()
+    sk.load_slim(model, str(d))
+    assert _equal(_slim_tensors(model), _slim_tensors(new)) and len(calls) == 3

@@ -155,14 +155,14 @@ def save_slim(model: nn.Module, path: PathLike) -> None:
         raise ValueError(f"save_slim: the layers' SlimConfig is no longer valid: {e}") from e
     # full tensors even when FSDP2 / DeepSpeed ZeRO-3 shard them (then a collective)
     tensors: Dict[str, Tensor] = _dist.full_cpu_tensors(layers, TENSORS)
-    if not _dist.is_main_process():
-        return  # under torch.distributed only global rank 0 writes
-    for key, v in tensors.items():
+    for key, v in tensors.items():  # (on every rank: all raise alike)
         n, t = _split(key)
         why = _bad_values(t, v, v.dtype)
         if why is not None:
             raise ValueError(f"save_slim: module {n!r}: tensor {t!r} {why}; not saved (the "
                              f"folder is left as it was)")
+    if not _dist.is_main_process():
+        return  # under torch.distributed only global rank 0 writes
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -197,9 +197,9 @@ def save_slim(model: nn.Module, path: PathLike) -> None:
 def _describe(p: str) -> str:
     """What kind of file system object ``p`` is, for an error message."""
     st = os.stat(p)
-    kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
-            else "a block device" if stat.S_ISBLK(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-            else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+    kinds = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+    kind = next((k for test, k in kinds if test(st.st_mode)), "not a regular file")
     if os.path.islink(p):
         kind += f" (it is a symbolic link to {os.path.realpath(p)})"
     return kind
@@ -223,10 +223,8 @@ def _read_manifest(path: str) -> Tuple[dict, str]:
         raise FileNotFoundError(f"load_slim: {path} does not exist (expected a SLIM adapter "
                                 f"folder written by save_slim)")
     if not os.path.isdir(path):
-        raise SlimLoadError(f"load_slim: {path} is {_describe(path)}: pass the SLIM adapter "
-                            f"folder (the one holding {CONFIG_FILE})"
-                            if os.path.isfile(path) else
-                            f"load_slim: {path} is {_describe(path)}, not a SLIM adapter folder")
+        raise SlimLoadError(f"load_slim: {path} is {_describe(path)}, not a folder: pass the "
+                            f"SLIM adapter folder (the one holding {CONFIG_FILE})")
     c_path = os.path.join(path, CONFIG_FILE)
     _check_file(c_path)
     try:
