@@ -227,28 +227,31 @@ def test_sigkill_during_save_leaves_old_or_new(tmp_path):
                 return name
         raise AssertionError(f"neither the old nor the new adapter: {os.listdir(folder)}")
 
-    # one save without a kill: when its phases begin and when it ends
-    d = tmp_path / "calibrate"
-    shutil.copytree(template, d)
-    p = save(d)
-    assert p.returncode == 0 and check(d) == "new", p.stderr
-    t_tensor, t_manifest, t_end = map(float, p.stdout.split()[1:])
-    phases = [t_tensor, t_manifest - t_tensor, t_end - t_manifest]
+    # two saves without a kill: when their phases begin and when they end (the shorter of
+    # each phase, since a busy machine only ever makes them longer)
+    phases = [float("inf")] * 3
+    for i in range(2):
+        d = tmp_path / f"calibrate{i}"
+        shutil.copytree(template, d)
+        p = save(d)
+        assert p.returncode == 0 and check(d) == "new", p.stderr
+        t_tensor, t_manifest, t_end = map(float, p.stdout.split()[1:])
+        phases = [min(a, b) for a, b in zip(phases, (t_tensor, t_manifest - t_tensor, t_end - t_manifest))]
     rng = random.Random(int(os.environ.get("SLIM_SAVE_KILL_SEED", "0")))
     points, results = {}, {}
     for i in range(runs):
         d = tmp_path / f"run{i}"
         shutil.copytree(template, d)
         phase = i % 3
-        p = save(d, phase, f"{rng.uniform(0.0, 1.3 * phases[phase]):.6f}")
+        p = save(d, phase, f"{rng.uniform(0.0, 1.2 * phases[phase]):.6f}")
         assert p.returncode in (0, -signal.SIGKILL), p.stderr
         point = _classify(d, old_manifest)
         points[point] = points.get(point, 0) + 1
         got = check(d)
         results[got] = results.get(got, 0) + 1
         shutil.rmtree(d)
-    print(f"\n{runs} kills (save {t_end:.3f} s; tensor file written from {t_tensor:.3f} s, "
-          f"manifest from {t_manifest:.3f} s): {results}; kill points: {points}")
+    print(f"\n{runs} kills (phases {', '.join(f'{t:.3f}' for t in phases)} s): {results}; "
+          f"kill points: {points}")
     assert sum(results.values()) == runs
 
 
