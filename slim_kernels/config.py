@@ -24,11 +24,12 @@ BOOL_FIELDS = ("use_rslora", "merge_rescale", "merge_at_eval")
 SHAPE_FIELDS = ("num_lora_experts", "num_identity_experts", "rank", "num_clusters")
 
 
+__all__ = ["SlimConfig", "DISTANCE_REDUCES", "BACKENDS"]
+
+
 def _is_bool(v: Any) -> bool:  # Python or NumPy bools
     return isinstance(v, bool) or (type(v).__module__ == "numpy"
                                    and type(v).__name__ in ("bool", "bool_"))
-
-__all__ = ["SlimConfig", "DISTANCE_REDUCES", "BACKENDS"]
 
 
 @dataclass

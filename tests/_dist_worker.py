@@ -264,11 +264,15 @@ def non_finite_global_batches():
     return out
 
 
+def non_finite_layer() -> SlimLinear:
+    torch.manual_seed(0)
+    return SlimLinear(6, 4, config=sk.SlimConfig(num_lora_experts=2, rank=2, num_clusters=3,
+                                                 cluster_momentum=0.5, backend="torch")).train()
+
+
 def non_finite_case(rank: int, world: int):
     """The clusters of one SlimLinear after each step, each rank feeding its shard."""
-    torch.manual_seed(0)
-    layer = SlimLinear(6, 4, config=sk.SlimConfig(num_lora_experts=2, rank=2, num_clusters=3,
-                                                  cluster_momentum=0.5, backend="torch")).train()
+    layer = non_finite_layer()
     states = []
     for x in non_finite_global_batches():
         n = x.shape[0] // world
