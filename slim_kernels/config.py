@@ -9,13 +9,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Mapping, Tuple, Union
 
 DISTANCE_REDUCES = ("max", "mean", "rms")
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+INT_FIELDS = ("num_lora_experts", "num_identity_experts", "rank", "top_k", "num_clusters")
+FLOAT_FIELDS = ("alpha", "lora_dropout", "yield_strength", "cluster_momentum", "cluster_eps",
+                "merge_drop", "l1_coef", "balance_coef")
+BOOL_FIELDS = ("use_rslora", "merge_rescale", "merge_at_eval")
+# the fields that fix the shapes of a layer's parameters and buffers
+SHAPE_FIELDS = ("num_lora_experts", "num_identity_experts", "rank", "num_clusters")
+
 
 __all__ = ["SlimConfig", "DISTANCE_REDUCES", "BACKENDS"]
+
+
+def _is_bool(v: Any) -> bool:  # Python or NumPy bools
+    return isinstance(v, bool) or (type(v).__module__ == "numpy"
+                                   and type(v).__name__ in ("bool", "bool_"))
 
 
 @dataclass
@@ -40,6 +54,14 @@ class SlimConfig:
     Losses: ``l1_coef`` (L1 on the experts), ``balance_coef`` (Switch-style load balance).
     ``target_modules``: projection names swapped by :func:`slim_kernels.apply_slim`.
     ``backend``: auto | triton | cuda | cpp | torch.
+
+    Numbers may be Python or NumPy scalars (``np.int64``, ``np.float32``, ``np.bool_``); they
+    are stored as Python ``int`` / ``float`` / ``bool``. Fields are checked when the config is
+    built, not when one is assigned later. A layer reads its config at every forward, so the
+    other fields may be changed between forwards, but the shape fields
+    (``num_lora_experts``, ``num_identity_experts``, ``rank``, ``num_clusters``) are fixed
+    once a :class:`~slim_kernels.SlimLinear` is built from the config: its forward raises if
+    they no longer match its parameters.
     """
 
     num_lora_experts: int = 8
@@ -71,19 +93,28 @@ class SlimConfig:
                     f"SlimConfig.{name}={getattr(self, name)!r} is invalid: expected {expected}"
                 )
 
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
+        def is_int(v: Any) -> bool:  # Python or NumPy integers, not bools
+            return isinstance(v, numbers.Integral) and not _is_bool(v)
 
         def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not isinstance(v, numbers.Real) or _is_bool(v):
+                return False
+            try:
+                return math.isfinite(v)
+            except OverflowError:  # an int too large for a float
+                return False
 
-        for name in ("num_lora_experts", "num_identity_experts", "rank", "top_k", "num_clusters"):
+        for name in INT_FIELDS:
             need(is_int(getattr(self, name)), name, "an int")
-        for name in ("alpha", "lora_dropout", "yield_strength", "cluster_momentum", "cluster_eps",
-                     "merge_drop", "l1_coef", "balance_coef"):
-            need(is_num(getattr(self, name)), name, "a finite number")
-        for name in ("use_rslora", "merge_rescale", "merge_at_eval"):
-            need(isinstance(getattr(self, name), bool), name, "a bool")
+            setattr(self, name, int(getattr(self, name)))
+        for name in FLOAT_FIELDS:
+            v = getattr(self, name)
+            need(is_num(v), name, "a finite number")
+            # NumPy scalars become Python ones (JSON, equality); Python ints stay ints
+            setattr(self, name, int(v) if isinstance(v, numbers.Integral) else float(v))
+        for name in BOOL_FIELDS:
+            need(_is_bool(getattr(self, name)), name, "a bool")
+            setattr(self, name, bool(getattr(self, name)))
 
         need(self.num_lora_experts >= 1, "num_lora_experts", "an int >= 1")
         need(self.num_identity_experts >= 0, "num_identity_experts", "an int >= 0")
@@ -137,9 +168,12 @@ class SlimConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "SlimConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> "SlimConfig":
+        if not isinstance(d, Mapping):
+            raise TypeError(f"SlimConfig.from_dict expects a dict of field values, got "
+                            f"{type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
             raise ValueError(f"SlimConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
         d = dict(d)
@@ -147,7 +181,7 @@ class SlimConfig:
             d["target_modules"] = tuple(d["target_modules"])
         return cls(**d)
 
-    def to_json(self, path: str | None = None) -> str:
+    def to_json(self, path: Union[str, "os.PathLike[str]", None] = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
             with open(path, "w", encoding="utf-8") as f:
@@ -155,9 +189,23 @@ class SlimConfig:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: str) -> "SlimConfig":
-        text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
+    def from_json(cls, text_or_path: Union[str, "os.PathLike[str]"]) -> "SlimConfig":
+        """From JSON text (starting with ``{`` or ``[``) or the path of a JSON file."""
+        if isinstance(text_or_path, os.PathLike):
+            text_or_path = os.fspath(text_or_path)
+        if not isinstance(text_or_path, str):
+            raise TypeError(f"SlimConfig.from_json expects JSON text or a file path (str), got "
+                            f"{type(text_or_path).__name__}")
+        text, where = text_or_path, "the JSON text"
+        if not text.lstrip().startswith(("{", "[")):
+            where = text_or_path
             with open(text_or_path, "r", encoding="utf-8") as f:
                 text = f.read()
-        return cls.from_dict(json.loads(text))
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"SlimConfig.from_json: {where} is not valid JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"SlimConfig.from_json: {where} holds a JSON {type(d).__name__}, "
+                             f"expected an object of field values {{...}}")
+        return cls.from_dict(d)

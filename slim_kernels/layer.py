@@ -9,13 +9,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import numbers
+import warnings
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import SlimConfig
+from .config import SHAPE_FIELDS, SlimConfig
 from . import cluster_sync as _dist
 from .ops import slim_linear_op
 from .routing import cluster_batch_stats, merge_masks
@@ -41,6 +43,13 @@ def token_mask(mask: Optional[Tensor]) -> Iterator[None]:
         yield
     finally:
         _TOKEN_MASK.reset(tok)
+
+
+def _check_features(in_features, out_features) -> Tuple[int, int]:
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"SlimLinear {name}={v!r} is invalid: expected an int >= 1")
+    return int(in_features), int(out_features)
 
 
 def _in_backward() -> bool:
@@ -70,6 +79,7 @@ class SlimLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        in_features, out_features = _check_features(in_features, out_features)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup(base.weight, base.bias, config)
 
@@ -92,7 +102,8 @@ class SlimLinear(nn.Module):
             raise TypeError(f"config must be a SlimConfig, got {type(config).__name__}")
         self.config = config
         # full_shape: a linear built under deepspeed.zero.Init is already partitioned
-        self.out_features, self.in_features = _dist.full_shape(weight)
+        out_features, in_features = _dist.full_shape(weight)
+        self.in_features, self.out_features = _check_features(in_features, out_features)
         weight.requires_grad_(False)
         if bias is not None:
             bias.requires_grad_(False)
@@ -110,6 +121,7 @@ class SlimLinear(nn.Module):
         self.register_buffer(
             "cluster_initialized", torch.zeros((), dtype=torch.bool, device=weight.device)
         )
+        self._base_only = 0  # > 0 inside disable_slim (integrations/hf.py): the base linear only
         self._register_load_state_dict_pre_hook(self._forget_cached_flag)
         self.reset_slim_parameters()
 
@@ -123,6 +135,9 @@ class SlimLinear(nn.Module):
         self._aux_pending = False  # a forward ran since the last reset_aux_loss()
         self._last_balance: Optional[Tensor] = None  # load-balance term of the last forward
         self._stats: Optional[Tensor] = None  # [tokens, identity mass, identity top-1, d sum, d n]
+        # a batch was kept out of the clusters (§2): (device flag, host copy, copy event)
+        self._rejected: Optional[Tuple[Tensor, Tensor, object]] = None
+        self._rejected_warned = False
         if self.lora_A.device.type == "meta":
             return
         with torch.no_grad():
@@ -149,6 +164,24 @@ class SlimLinear(nn.Module):
     def _forget_cached_flag(self, *args, **kwargs) -> None:
         self._init_cached = None
         self._snapshot = None
+
+    def __getstate__(self):
+        # copy.deepcopy and pickle work at any point of a training step: what one step keeps
+        # for itself (the last forward's load-balance term, a graph node; the clusters saved
+        # for a checkpointed re-run; the pending cluster warning) is not copied, so a copy
+        # has no aux loss pending (docs/method.md §4) until its own next forward.
+        # Nor is disable_slim's switch: a copy is a new layer, outside that context.
+        state = self.__dict__.copy()  # (nn.Module.__getstate__ is missing in older torch)
+        state.pop("_compiled_call_impl", None)
+        state.update(_aux_pending=False, _last_balance=None, _snapshot=None, _rejected=None,
+                     _base_only=0)
+        return state
+
+    def __setstate__(self, state) -> None:
+        # a layer pickled by an older release lacks the newer per-step attributes
+        for k, v in dict(_base_only=0, _rejected=None, _rejected_warned=False).items():
+            state.setdefault(k, v)
+        super().__setstate__(state)
 
     def _flag_key(self) -> Tuple[int, int]:
         f = self.cluster_initialized
@@ -217,8 +250,27 @@ class SlimLinear(nn.Module):
                 f"{self.weight.device}"
             )
 
+    def _check_config(self) -> None:
+        # The shape fields of the config are fixed when the layer is built (SlimConfig's
+        # docstring); the others are read at every forward and may change between forwards.
+        c = self.config
+        E_L, r, _ = _dist.full_shape(self.lora_A)
+        built = dict(num_lora_experts=E_L, rank=r,
+                     num_identity_experts=_dist.full_shape(self.router)[0] - E_L,
+                     num_clusters=self.cluster_centers.shape[0])
+        for name in SHAPE_FIELDS:
+            if getattr(c, name) != built[name]:
+                raise ValueError(
+                    f"SlimLinear: config.{name}={getattr(c, name)!r} but the layer was built "
+                    f"with {name}={built[name]}: the shape fields {', '.join(SHAPE_FIELDS)} "
+                    f"cannot change after the layer is built (build a new layer, or apply SLIM "
+                    f"again, for another shape)")
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._base_only:  # exactly what the wrapped nn.Linear computed
+            return F.linear(x, self.weight, self.bias)
         self._check_input(x)
+        self._check_config()
         c = self.config
         W, b = self.weight, self.bias
         A, B = self._masked_factors()
@@ -292,15 +344,24 @@ class SlimLinear(nn.Module):
     @torch.no_grad()
     def _update_clusters(self, x2: Tensor, assign: Tensor, mask: Optional[Tensor],
                          had_clusters: bool) -> None:
+        # docs/method.md §2, "Non-finite tokens": padding tokens and tokens with a non-finite
+        # entry never enter the statistics, and an update that would make a centre or a
+        # variance non-finite is dropped whole (the clusters stay as they were).
         c = self.config
+        C = c.num_clusters
         xs = x2.detach()
+        keep = torch.isfinite(xs).all(1)
         if mask is not None:
-            xs, assign = xs[mask], assign[mask]
+            keep = keep & mask
         if not had_clusters:
-            self._init_clusters(xs)
+            self._init_clusters(xs[keep])  # (the init reads token counts on the host anyway)
             return
-        counts, sums, sumsq = cluster_batch_stats(xs, assign, c.num_clusters)
-        C, K = sums.shape
+        # No host sync: the tokens left out go, as zeros, to an extra cluster C that is then
+        # dropped, so every rank all-reduces the same tensor whatever it left out.
+        xs = xs.masked_fill(~keep[:, None], 0.0)
+        assign = assign.masked_fill(~keep, C)
+        counts, sums, sumsq = (t[:C] for t in cluster_batch_stats(xs, assign, C + 1))
+        K = sums.shape[1]
         packed = torch.cat([counts, sums.reshape(-1), sumsq.reshape(-1)])
         _dist.all_reduce_sum_(packed)
         counts = packed[:C]
@@ -311,15 +372,52 @@ class SlimLinear(nn.Module):
         mean = sums / n
         var = (sumsq / n - mean * mean).clamp_min(0.0)
         mom = c.cluster_momentum
-        new_c = (1 - mom) * self.cluster_centers.double() + mom * mean
-        new_v = (1 - mom) * self.cluster_vars.double() + mom * var
-        self.cluster_centers.copy_(torch.where(seen[:, None], new_c, self.cluster_centers.double()))
-        self.cluster_vars.copy_(torch.where(seen[:, None], new_v, self.cluster_vars.double()))
+        old_c, old_v = self.cluster_centers, self.cluster_vars
+        new_c = torch.where(seen[:, None], (1 - mom) * old_c.double() + mom * mean, old_c.double())
+        new_v = torch.where(seen[:, None], (1 - mom) * old_v.double() + mom * var, old_v.double())
+        new_c, new_v = new_c.to(old_c.dtype), new_v.to(old_v.dtype)
+        # the same on every rank: computed from all-reduced statistics
+        ok = torch.isfinite(new_c).all() & torch.isfinite(new_v).all()
+        old_c.copy_(torch.where(ok, new_c, old_c))
+        old_v.copy_(torch.where(ok, new_v, old_v))
+        self._note_rejected(~ok)
+
+    def _note_rejected(self, bad: Tensor) -> None:
+        """Warn once when a batch was kept out of the clusters, without a host sync: the flag
+        is OR-ed on the device and copied to the host without blocking; the copy is read once
+        it has arrived (on the CPU at once, on CUDA at a later training forward)."""
+        if self._rejected_warned:
+            return
+        prev = self._rejected
+        acc = bad if prev is None else prev[0] | bad
+        host = torch.empty((), dtype=torch.bool, pin_memory=acc.is_cuda)
+        host.copy_(acc, non_blocking=True)
+        event = None
+        if acc.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._rejected = (acc, host, event)
+        for _, h, ev in [self._rejected] + ([prev] if prev is not None else []):
+            if (ev is None or ev.query()) and bool(h):
+                self._warn_rejected()
+                return
+
+    def _warn_rejected(self) -> None:
+        if self._rejected_warned:
+            return
+        self._rejected_warned = True
+        self._rejected = None
+        warnings.warn(
+            "slim_kernels: a training batch would have made a SlimLinear's cluster statistics "
+            "non-finite (inputs too large for fp32 variances?), so the clusters were left as "
+            "they were for that batch (docs/method.md §2); later such batches of this layer "
+            "are skipped without a warning", RuntimeWarning, stacklevel=2)
 
     @torch.no_grad()
     def _init_clusters(self, xs: Tensor) -> None:
         """Centres: C distinct random tokens of the *global* first batch; variances: its
-        per-channel variance. Needs at least max(C, 2) tokens over all ranks.
+        per-channel variance. Needs at least max(C, 2) tokens over all ranks. A batch that
+        would give non-finite centres or variances leaves the clusters uninitialised (§2).
 
         The global batch is every rank's tokens concatenated in rank order. Rank 0 draws C
         distinct indices into it (a generator seeded from ``torch.initial_seed()``, not the
@@ -354,8 +452,13 @@ class SlimLinear(nn.Module):
         centers = torch.zeros(C, K, dtype=torch.float32, device=dev)
         centers[mine] = xs[local[mine]].float()
         _dist.all_reduce_sum_(centers)  # exact: one rank holds each row, the others add 0
+        var = var.float()
+        # the same on every rank (all-reduced values): all stay uninitialised, or none
+        if not bool(torch.isfinite(centers).all() & torch.isfinite(var).all()):
+            self._warn_rejected()
+            return
         self.cluster_centers.copy_(centers)
-        self.cluster_vars.copy_(var.float()[None, :].expand(C, K))
+        self.cluster_vars.copy_(var[None, :].expand(C, K))
         self.cluster_initialized.fill_(True)
         self._init_cached = True
         self._init_key = self._flag_key()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Dict
 
 import torch
@@ -22,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
 import train_torchrun as recipe  # noqa: E402
 import slim_kernels as sk  # noqa: E402
 from slim_kernels import SlimLinear  # noqa: E402
+from slim_kernels.integrations.save_load import adapter_tensor_file  # noqa: E402
 
 STEPS, BATCH_PER_RANK, SEQ, VOCAB = 5, 2, 12, 64
 OUT_DIR = [""]  # set by main()
@@ -126,7 +128,7 @@ def run_ddp_case(rank: int, world: int, engine: str = "ddp", forward_sync: bool 
         if rank == 0:
             from safetensors.torch import load_file
 
-            res["save_slim_file"] = load_file(os.path.join(slim_dir, "slim_adapter.safetensors"))
+            res["save_slim_file"] = load_file(adapter_tensor_file(slim_dir))
     else:
         res["params"] = adapter_params(model)
     if ds is not None and hasattr(ds, "destroy"):
@@ -201,7 +203,7 @@ def run_fsdp_case(rank: int, out: str) -> Dict[str, object]:
     if rank == 0:
         from safetensors.torch import load_file
 
-        res["save_slim_file"] = load_file(os.path.join(slim_dir, "slim_adapter.safetensors"))
+        res["save_slim_file"] = load_file(adapter_tensor_file(slim_dir))
     return res
 
 
@@ -242,6 +244,46 @@ def clusters_in_sync_checks(rank: int):
     return ok, clusters_in_sync(model)
 
 
+def non_finite_global_batches():
+    """Per step the global batch (WORLD * 16 tokens of 6 channels) and which tokens a rank
+    feeds as they are (docs/method.md §2, "Non-finite tokens"): step 0 (the init) has NaN
+    tokens on rank 1; step 1 an inf token on rank 0 and only NaN tokens on rank 1; step 2 finite
+    tokens on rank 0 whose variance overflows fp32 (the whole update is dropped on every rank)."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for step in range(4):
+        x = torch.randn(WORLD * 16, 6, generator=g)
+        if step == 0:
+            x[16 + 3, 2] = x[16 + 9, 0] = float("nan")
+        elif step == 1:
+            x[5, 1] = float("inf")
+            x[16:] = float("nan")
+        elif step == 2:
+            x[:16] *= 1e30
+        out.append(x)
+    return out
+
+
+def non_finite_layer() -> SlimLinear:
+    torch.manual_seed(0)
+    return SlimLinear(6, 4, config=sk.SlimConfig(num_lora_experts=2, rank=2, num_clusters=3,
+                                                 cluster_momentum=0.5, backend="torch")).train()
+
+
+def non_finite_case(rank: int, world: int):
+    """The clusters of one SlimLinear after each step, each rank feeding its shard."""
+    layer = non_finite_layer()
+    states = []
+    for x in non_finite_global_batches():
+        n = x.shape[0] // world
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layer(x[rank * n:(rank + 1) * n])
+        states.append((layer.cluster_centers.clone(), layer.cluster_vars.clone(),
+                       bool(layer.cluster_initialized)))
+    return states
+
+
 def main() -> None:
     out = OUT_DIR[0] = sys.argv[1]
     dist.init_process_group("gloo")
@@ -258,6 +300,7 @@ def main() -> None:
         return
     res = run_ddp_case(rank, world)
     res["in_sync"] = clusters_in_sync_checks(rank)
+    res["non_finite"] = non_finite_case(rank, world)
     res["forward_sync"] = run_ddp_case(rank, world, forward_sync=True)
     res["checkpointing"] = run_ddp_case(rank, world, checkpointing=True)
     res["resume"] = run_ddp_case(rank, world, resume_on_rank0=True)

@@ -74,3 +74,36 @@ def test_switches_off():
     assert not SlimConfig(yield_strength=0.0).yielding_enabled
     assert not SlimConfig(num_identity_experts=0).yielding_enabled
     assert SlimConfig(num_identity_experts=0, top_k=8).num_experts == 8
+
+
+def test_numpy_scalars_are_accepted_as_python_numbers():
+    np = pytest.importorskip("numpy")
+    c = SlimConfig(rank=np.int64(4), num_lora_experts=np.int32(3), alpha=np.float32(8.0),
+                   cluster_eps=np.float64(1e-4), yield_strength=np.int64(2),
+                   use_rslora=np.bool_(True))
+    assert c == SlimConfig(rank=4, num_lora_experts=3, alpha=8.0, cluster_eps=1e-4,
+                           yield_strength=2, use_rslora=True)
+    assert type(c.rank) is int and type(c.alpha) is float and type(c.use_rslora) is bool
+    assert SlimConfig.from_json(c.to_json()) == c  # stored as Python numbers: JSON works
+    for bad in (dict(rank=np.float64(4.0)), dict(rank=np.bool_(True)), dict(alpha=np.float32("nan"))):
+        with pytest.raises(ValueError, match=rf"SlimConfig\.{next(iter(bad))}="):
+            SlimConfig(**bad)
+    with pytest.raises(ValueError, match=r"SlimConfig\.alpha="):
+        SlimConfig(alpha=10 ** 400)  # an int too large for a float
+
+
+def test_from_dict_and_from_json_need_an_object(tmp_path):
+    with pytest.raises(TypeError, match="from_dict expects a dict of field values, got list"):
+        SlimConfig.from_dict([1, 2])
+    with pytest.raises(ValueError, match="holds a JSON list, expected an object"):
+        SlimConfig.from_json("[1, 2]")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        SlimConfig.from_json('{"rank": ')
+    with pytest.raises(TypeError, match="JSON text or a file path"):
+        SlimConfig.from_json(3)
+    p = tmp_path / "c.json"
+    p.write_text("[]")
+    with pytest.raises(ValueError, match=r"c\.json holds a JSON list"):
+        SlimConfig.from_json(p)  # a pathlib.Path works as a path
+    SlimConfig(rank=3).to_json(p)
+    assert SlimConfig.from_json(p) == SlimConfig(rank=3)

@@ -12,6 +12,7 @@ and the cluster init picks C random indices into the *global* (concatenated) bat
 so the single process with rank 0's seed picks the same tokens. Padding masks make one rank
 hold no tokens at the init step and another at an update step.
 """
+import contextlib
 import os
 import shutil
 import subprocess
@@ -110,6 +111,32 @@ def test_clusters_in_sync_helper(ranks):
         assert ddp[r]["in_sync"] == (True, False)  # in sync; then one ulp off on rank 1
 
 
+def test_non_finite_tokens_on_one_rank_never_reach_the_clusters(ranks):
+    """NaN/inf tokens on one rank, a rank with only NaN tokens, an overflowing shard on one
+    rank: the ranks stay bit-identical and finite, and match one process fed the global
+    batch without the non-finite tokens (the filter changes no collective)."""
+    import _dist_worker as w
+
+    ddp, _ = ranks
+    a, b = ddp[0]["non_finite"], ddp[1]["non_finite"]
+    kept = [x[torch.isfinite(x).all(1)] for x in w.non_finite_global_batches()]
+    layer = w.non_finite_layer()
+    for step, x in enumerate(kept):
+        with pytest.warns(RuntimeWarning) if step == 2 else contextlib.nullcontext():
+            layer(x)
+        for r, st in ((0, a[step]), (1, b[step])):
+            for got, want in zip(st, (layer.cluster_centers, layer.cluster_vars,
+                                      bool(layer.cluster_initialized))):
+                if isinstance(want, bool):
+                    assert got == want, (step, r)
+                else:
+                    assert torch.isfinite(got).all(), (step, r)
+                    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=f"{step} {r}")
+        assert all(torch.equal(u, v) for u, v in zip(a[step][:2], b[step][:2])), step
+    assert a[2][2] and torch.equal(a[2][0], a[1][0]) and torch.equal(a[2][1], a[1][1])  # dropped
+    assert not torch.equal(a[3][0], a[2][0])  # and the next batch moves them again
+
+
 def test_ddp_buffer_sync_on_or_off_changes_nothing(ranks):
     ddp, _ = ranks
     for r in range(2):
@@ -187,7 +214,9 @@ def _check_saved_slim(folder):
     import _dist_worker as w
     import slim_kernels as sk
 
-    assert (folder / "slim_adapter.safetensors").is_file() and (folder / "slim_config.json").is_file()
+    from slim_kernels.integrations.save_load import adapter_tensor_file
+
+    assert os.path.isfile(adapter_tensor_file(folder)) and (folder / "slim_config.json").is_file()
     torch.manual_seed(0)
     base = w.recipe.TinyLM(vocab=64)
     sk.load_slim(base, str(folder))

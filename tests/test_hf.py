@@ -259,3 +259,63 @@ def test_deepcopy_keeps_working_hooks():
     a = model.train()(input_ids=ids, attention_mask=am, labels=labels).loss
     b = twin.train()(input_ids=ids, attention_mask=am, labels=labels).loss
     assert torch.equal(a, b)
+
+
+def test_backward_inside_disable_slim_says_the_adapters_are_disabled():
+    model = slim(tiny_model("llama"))
+    randomise_B(model)
+    ids, am, labels = batch()
+    model.train()
+    real_backward = torch.autograd.backward
+    with sk.disable_slim(model):
+        with sk.disable_slim(model):
+            out = model(input_ids=ids, attention_mask=am, labels=labels)
+        with pytest.raises(RuntimeError, match=r"does not have a grad_fn: the SLIM adapters are "
+                                               r"disabled here \(inside slim_kernels\.disable_slim\)") as e:
+            out.loss.backward()
+        assert "does not require grad" in str(e.value.__cause__)
+        # other errors pass through unchanged
+        x = torch.ones(2, requires_grad=True)
+        y = (x * x).sum()
+        y.backward()
+        with pytest.raises(RuntimeError, match="second time") as e:
+            y.backward()
+        assert "disable_slim" not in str(e.value)
+    assert torch.autograd.backward is real_backward  # restored
+    # where another parameter is trainable, training inside disable_slim works as before
+    model.lm_head.weight.requires_grad_(True)
+    with sk.disable_slim(model):
+        model(input_ids=ids, attention_mask=am, labels=labels).loss.backward()
+    assert model.lm_head.weight.grad is not None
+    assert all(m.router.grad is None for _, m in sk.slim_modules(model))
+    # outside the context, such a loss gets autograd's own error
+    model.lm_head.weight.requires_grad_(False)
+    with sk.disable_slim(model):
+        out = model(input_ids=ids, attention_mask=am, labels=labels)
+    with pytest.raises(RuntimeError, match="does not require grad") as e:
+        out.loss.backward()
+    assert "disable_slim" not in str(e.value)
+
+
+def test_copy_made_inside_disable_slim_is_not_disabled():
+    import pickle
+
+    from slim_kernels.integrations.hf import slim_aux_suppressed
+
+    model = slim(tiny_model("llama"), l1_coef=0.1, num_clusters=0)  # (forwards change nothing)
+    randomise_B(model)
+    ids, am, labels = batch()
+    model.eval()
+    with torch.no_grad():
+        with_slim = model(input_ids=ids, attention_mask=am).logits
+        with sk.disable_slim(model):
+            base = model(input_ids=ids, attention_mask=am).logits
+            for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+                assert torch.equal(twin(input_ids=ids, attention_mask=am).logits, with_slim)
+                twin.train()  # and its hooks add the aux loss again
+                with slim_aux_suppressed():
+                    plain = twin(input_ids=ids, attention_mask=am, labels=labels).loss
+                full = twin(input_ids=ids, attention_mask=am, labels=labels).loss
+                torch.testing.assert_close(full, plain + sk.aux_loss(twin))
+                assert sk.aux_loss(twin) > 0
+            assert torch.equal(model(input_ids=ids, attention_mask=am).logits, base)

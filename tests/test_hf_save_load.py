@@ -8,6 +8,7 @@ import torch
 
 import slim_kernels as sk
 from hf_models import batch, tiny_model
+from slim_kernels.integrations.save_load import adapter_tensor_file
 from test_hf import CFG, _snapshot, assert_unchanged, randomise_B, slim
 
 pytest.importorskip("safetensors")
@@ -34,11 +35,21 @@ def saved(tmp_path_factory):
 
 def test_files_and_config(saved):
     path, model, _ = saved
-    assert sorted(os.listdir(path)) == ["slim_adapter.safetensors", "slim_config.json"]
     meta = json.loads((path / "slim_config.json").read_text())
-    assert meta["format_version"] == 1 and meta["modules"] == model.slim_summary.layers
+    assert meta["format_version"] == 2 and meta["modules"] == model.slim_summary.layers
+    assert meta["tensor_file"] == f"slim_adapter.{meta['digest'][:16]}.safetensors"
+    assert sorted(os.listdir(path)) == [meta["tensor_file"], "slim_config.json"]
+    assert adapter_tensor_file(path) == str(path / meta["tensor_file"])
     assert sk.SlimConfig.from_dict(meta["config"]) == sk.SlimConfig(**CFG)
     assert len(meta["tensors"]) == 6 * 14
+    # files readable as the umask allows, like any other file the user writes
+    assert all(os.stat(path / f).st_mode & 0o777 == 0o666 & ~_umask() for f in os.listdir(path))
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
 
 
 def test_round_trip_bit_exact(saved):
@@ -94,43 +105,172 @@ def test_load_errors_leave_model_unchanged(saved, tmp_path):
     _expect_error(tmp_path / "nope", "does not exist", exc=FileNotFoundError)
 
 
-def _rewrite_tensors(src, dst, fn):
-    from safetensors.torch import load_file, save_file
+def _rewrite(src, dst, tensors_fn=None, meta_fn=None, consistent=False):
+    """Copy the adapter folder ``src`` to ``dst`` with its tensors and/or manifest edited. With
+    ``consistent``, checksums, digest and file name are recomputed, as a tool that rewrote the
+    adapter on purpose would: then only the value checks stand between it and the model."""
+    import shutil
 
-    t = load_file(str(src / "slim_adapter.safetensors"))
-    fn(t)
-    save_file(t, str(dst / "slim_adapter.safetensors"))
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from slim_kernels.integrations import save_load as sl
+
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "slim_config.json").read_text())
+    with safe_open(adapter_tensor_file(dst), "pt") as f:
+        file_meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    if tensors_fn is not None:
+        tensors_fn(t)
+    if meta_fn is not None:
+        meta_fn(meta)
+    if consistent:
+        meta["tensors"] = {k: {"shape": list(v.shape), "dtype": sl._dtype_name(v.dtype),
+                               "sha256": sl._sha256(v)} for k, v in t.items()}
+        meta["digest"] = file_meta["digest"] = sl._digest(meta)
+        meta["tensor_file"] = sl._tensor_file_name(meta["digest"])
+    os.remove(adapter_tensor_file(dst))
+    save_file(t, str(dst / meta["tensor_file"]), metadata=file_meta)
+    (dst / "slim_config.json").write_text(json.dumps(meta))
+    return dst
 
 
 def test_missing_extra_corrupt_truncated(saved, tmp_path):
     path, _, _ = saved
     key = "model.layers.1.mlp.up_proj.lora_B"
-    d = _copy(path, tmp_path)
-    _rewrite_tensors(path, d, lambda t: t.pop(key))
+    d = tmp_path / "copy"
+    _rewrite(path, d, lambda t: t.pop(key))
     _expect_error(d, r"module 'model\.layers\.1\.mlp\.up_proj': tensor 'lora_B' is missing")
-    _rewrite_tensors(path, d, lambda t: t.__setitem__("model.layers.1.mlp.up_proj.extra", torch.ones(2)))
+    _rewrite(path, d, lambda t: t.__setitem__("model.layers.1.mlp.up_proj.extra", torch.ones(2)))
     _expect_error(d, r"module 'model\.layers\.1\.mlp\.up_proj': tensor 'extra'")
     # flipped bytes in the data: caught by the checksum
-    data = bytearray((path / "slim_adapter.safetensors").read_bytes())
+    _rewrite(path, d)
+    data = bytearray(open(adapter_tensor_file(path), "rb").read())
     data[-3] ^= 0xFF
-    (d / "slim_adapter.safetensors").write_bytes(bytes(data))
+    open(adapter_tensor_file(d), "wb").write(bytes(data))
     _expect_error(d, r"module 'model\.layers\.\d\.[\w.]+': tensor '\w+' fails its sha256")
     # truncated file
-    (d / "slim_adapter.safetensors").write_bytes(bytes(data[: len(data) // 2]))
+    open(adapter_tensor_file(d), "wb").write(bytes(data[: len(data) // 2]))
     _expect_error(d, "corrupt or truncated")
+    # the tensor file of another save under this manifest's name
+    e = _rewrite(path, tmp_path / "other", lambda t: t[key].mul_(2), consistent=True)
+    _rewrite(path, d)
+    open(adapter_tensor_file(d), "wb").write(open(adapter_tensor_file(e), "rb").read())
+    _expect_error(d, r"slim_adapter\.[0-9a-f]{16}\.safetensors does not belong to slim_config\.json")
     # truncated / invalid json
-    (d / "slim_adapter.safetensors").write_bytes((path / "slim_adapter.safetensors").read_bytes())
+    _rewrite(path, d)
     text = (path / "slim_config.json").read_text()
     (d / "slim_config.json").write_text(text[: len(text) // 2])
     _expect_error(d, "not valid JSON")
     meta = json.loads(text)
     meta["format_version"] = 99
     (d / "slim_config.json").write_text(json.dumps(meta))
-    _expect_error(d, "format_version")
-    meta = json.loads(text)
-    meta["config"]["rank"] = -1
-    (d / "slim_config.json").write_text(json.dumps(meta))
-    _expect_error(d, "invalid SlimConfig")
+    _expect_error(d, "format_version 99; this library reads 1 and 2")
+    # an invalid config: caught by the digest, and by the config check when the digest was redone
+    _rewrite(path, d, meta_fn=lambda m: m["config"].__setitem__("rank", -1))
+    _expect_error(d, "fails its integrity check")
+    _rewrite(path, d, meta_fn=lambda m: m["config"].__setitem__("rank", -1), consistent=True)
+    _expect_error(d, r"invalid SlimConfig: SlimConfig\.rank=-1")
+
+
+def test_config_edit_fails_the_digest(saved, tmp_path):
+    """The digest covers the config: a changed alpha (which would change the outputs) does not
+    load, nor does a changed module list or tensor checksum."""
+    path, _, _ = saved
+    d = tmp_path / "copy"
+    for edit in (lambda m: m["config"].__setitem__("alpha", 99.0),
+                 lambda m: m["config"].__setitem__("cluster_eps", 1e-3),
+                 lambda m: m["modules"].reverse(),
+                 lambda m: m["tensors"]["model.layers.0.mlp.up_proj.router"].__setitem__("sha256", "0" * 64),
+                 lambda m: m.__setitem__("digest", "0" * 64)):
+        _rewrite(path, d, meta_fn=edit)
+        _expect_error(d, r"slim_config\.json fails its integrity check")
+    _rewrite(path, d, meta_fn=lambda m: m.__setitem__("tensor_file", "../x.safetensors"))
+    _expect_error(d, "names the tensor file '../x.safetensors'")
+
+
+@pytest.mark.parametrize("tensor, value, why", [
+    ("cluster_vars", -1.0, "holds negative variances"),
+    ("lora_B", float("nan"), r"holds non-finite values \(NaN or inf\)"),
+    ("cluster_centers", float("inf"), "holds non-finite values"),
+    ("router", -float("inf"), "holds non-finite values"),
+    ("lora_A", float("nan"), "holds non-finite values"),
+    ("cluster_vars", float("nan"), "holds non-finite values"),
+])
+def test_invalid_values_are_rejected_naming_the_tensor(saved, tmp_path, tensor, value, why):
+    """Even with checksums and digest made consistent (a tool that wrote bad values on purpose,
+    or a diverged run saved by an older release), the values are checked before loading."""
+    path, _, _ = saved
+    module = "model.layers.1.self_attn.v_proj"
+
+    def poke(t):
+        t[f"{module}.{tensor}"].view(-1)[3] = value
+
+    d = _rewrite(path, tmp_path / "copy", poke, consistent=True)
+    _expect_error(d, rf"module '{module}': tensor '{tensor}' {why}", exc=sk.SlimLoadError)
+
+
+def test_values_that_overflow_the_models_dtype_are_rejected(tmp_path):
+    model = slim(tiny_model("llama"))
+    with torch.no_grad():
+        next(iter(sk.slim_modules(model)))[1].lora_B[0, 0, 0] = 1e6  # finite in fp32
+    sk.save_slim(model, str(tmp_path / "a"))
+    sk.load_slim(tiny_model("llama"), str(tmp_path / "a"))  # fine in fp32
+    _expect_error(tmp_path / "a", r"module 'model\.layers\.0\.self_attn\.q_proj': tensor 'lora_B' "
+                  r"holds values that overflow float16", model=tiny_model("llama", dtype=torch.float16))
+
+
+def test_not_a_regular_file_says_what_it_is(saved, tmp_path):
+    path, _, _ = saved
+    d = tmp_path / "zero"
+    d.mkdir()
+    os.symlink("/dev/zero", d / "slim_config.json")
+    _expect_error(d, r"slim_config\.json is a character device \(it is a symbolic link to "
+                     r"/dev/zero\), not a regular file", exc=sk.SlimLoadError)
+    os.remove(d / "slim_config.json")
+    os.symlink(d / "gone", d / "slim_config.json")
+    _expect_error(d, r"slim_config\.json is a symbolic link to .*gone', which does not exist",
+                  exc=FileNotFoundError)
+    os.remove(d / "slim_config.json")
+    (d / "slim_config.json").mkdir()
+    _expect_error(d, r"slim_config\.json is a folder, not a regular file", exc=sk.SlimLoadError)
+    _expect_error(path / "slim_config.json", r"slim_config\.json is a file, not a folder: pass the "
+                  r"SLIM adapter folder", exc=sk.SlimLoadError)
+    # the tensor file the manifest names
+    e = _rewrite(path, tmp_path / "copy")
+    os.remove(adapter_tensor_file(e))
+    os.symlink("/dev/zero", adapter_tensor_file(e))
+    _expect_error(e, r"\.safetensors is a character device", exc=sk.SlimLoadError)
+
+
+def test_save_refuses_what_load_would_reject(saved, tmp_path):
+    """A diverged model (NaN in a factor) or a config edited into an invalid or mismatched one
+    is not saved: the folder keeps the previous adapter."""
+    path, _, logits = saved
+    d = _rewrite(path, tmp_path / "copy")
+    before = {f: (d / f).read_bytes() for f in os.listdir(d)}
+    model = sk.load_slim(tiny_model("llama", seed=0), str(d))
+    layer = dict(sk.slim_modules(model))["model.layers.0.mlp.down_proj"]
+    with torch.no_grad():
+        layer.lora_B[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"module 'model\.layers\.0\.mlp\.down_proj': tensor "
+                                         r"'lora_B' holds non-finite values"):
+        sk.save_slim(model, str(d))
+    with torch.no_grad():
+        layer.lora_B[1, 2, 0] = 0.0
+        layer.cluster_vars[0, 0] = -1.0
+    with pytest.raises(ValueError, match="tensor 'cluster_vars' holds negative variances"):
+        sk.save_slim(model, str(d))
+    with torch.no_grad():
+        layer.cluster_vars[0, 0] = 1.0
+    layer.config.alpha = -1.0  # one config shared by every layer
+    with pytest.raises(ValueError, match=r"no longer valid: SlimConfig\.alpha=-1\.0"):
+        sk.save_slim(model, str(d))
+    layer.config.alpha = CFG.get("alpha", 32.0)
+    layer.config.rank = 3
+    with pytest.raises(ValueError, match="config.rank=3 but the layer was built with rank=4"):
+        sk.save_slim(model, str(d))
+    assert {f: (d / f).read_bytes() for f in os.listdir(d)} == before
 
 
 def test_failure_during_load_rolls_back(saved, monkeypatch):

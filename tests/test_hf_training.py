@@ -8,6 +8,7 @@ import torch
 
 import slim_kernels as sk
 from hf_models import V, batch, tiny_model
+from slim_kernels.integrations.save_load import adapter_tensor_file
 from test_hf import randomise_B, slim
 
 transformers = pytest.importorskip("transformers")
@@ -61,7 +62,7 @@ def test_trainer_lowers_loss(tmp_path):
     assert after < before - 0.05, (before, after)
     # the base stayed frozen; adapters save and load
     sk.save_slim(model, str(tmp_path / "adapter"))
-    assert os.path.exists(tmp_path / "adapter" / "slim_adapter.safetensors")
+    assert os.path.exists(adapter_tensor_file(tmp_path / "adapter"))
 
 
 class _GradGrab(transformers.TrainerCallback):

@@ -1,6 +1,8 @@
 """SlimLinear against docs/method.md: eval/train behaviour, clusters, masks, aux losses (also under
 gradient checkpointing), errors, dtypes."""
+import contextlib
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -172,6 +174,89 @@ def test_padding_tokens_do_not_move_clusters():
     assert not torch.equal(before, layer.cluster_centers)
 
 
+# --- non-finite tokens never reach the clusters (docs/method.md §2) ---------------------------
+def _cluster_state(layer):
+    return (layer.cluster_centers.clone(), layer.cluster_vars.clone(),
+            bool(layer.cluster_initialized))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("no_grad", [False, True])
+def test_non_finite_token_never_enters_the_clusters(bad, no_grad):
+    """One bad token in a training forward (also under no_grad, a step a GradScaler would skip)
+    moves the clusters exactly as the batch without it would; later batches stay finite."""
+    torch.manual_seed(0)
+    x0, x1, x2 = torch.randn(40, 6), torch.randn(30, 6) * 2 + 1, torch.randn(20, 6)
+    x1_bad = x1.clone()
+    x1_bad[7, 3] = bad
+    layers = []
+    for x in (x1_bad, torch.cat([x1[:7], x1[8:]])):
+        lin, layer = make_layer(K=6, N=5, num_clusters=3, cluster_momentum=0.3,
+                                dtype=torch.float32)
+        layer.train()
+        layer(x0)  # initialise
+        before = layer.cluster_centers.clone()
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            layer(x)
+        assert not torch.equal(before, layer.cluster_centers)  # the finite tokens moved them
+        layers.append(layer)
+    bad_layer, ref = layers
+    assert torch.isfinite(bad_layer.cluster_centers).all() and torch.isfinite(bad_layer.cluster_vars).all()
+    assert torch.equal(bad_layer.cluster_centers, ref.cluster_centers)
+    assert torch.equal(bad_layer.cluster_vars, ref.cluster_vars)
+    y, y_ref = bad_layer(x2), ref(x2)  # the next clean batch
+    assert torch.isfinite(y).all() and torch.equal(y, y_ref)
+
+
+def test_non_finite_first_batch_initialises_from_its_finite_tokens():
+    x = torch.randn(30, 6)
+    x_bad = x.clone()
+    x_bad[[2, 11], 0] = float("nan")
+    x_bad[5, 4] = float("inf")
+    keep = torch.ones(30, dtype=torch.bool)
+    keep[[2, 5, 11]] = False
+    states = []
+    for batch in (x_bad, x[keep]):
+        _, layer = make_layer(K=6, N=5, num_clusters=4, dtype=torch.float32)
+        layer.train()
+        layer(batch)
+        states.append(_cluster_state(layer))
+    (c, v, ready), (c_ref, v_ref, _) = states
+    assert ready and torch.isfinite(c).all() and torch.isfinite(v).all()
+    assert torch.equal(c, c_ref) and torch.equal(v, v_ref)
+    # a batch with fewer than C finite tokens leaves the clusters uninitialised
+    _, layer = make_layer(K=6, N=5, num_clusters=4, dtype=torch.float32)
+    layer.train()
+    x_bad = x.clone()
+    x_bad[3:] = float("nan")
+    layer(x_bad)
+    assert not layer.cluster_initialized.item() and not layer._clusters_ready()
+    layer(x)
+    assert layer.cluster_initialized.item() and torch.isfinite(layer.cluster_centers).all()
+
+
+def test_overflowing_batch_leaves_the_clusters_unchanged_and_warns_once():
+    """Finite tokens whose variance overflows fp32: the update is dropped whole."""
+    _, layer = make_layer(K=6, N=5, num_clusters=2, cluster_momentum=0.5, dtype=torch.float32)
+    layer.train()
+    huge = torch.randn(20, 6) * 1e30
+    with pytest.warns(RuntimeWarning, match="cluster statistics non-finite") as rec:
+        layer(huge)  # the init would overflow: stays uninitialised
+        assert not layer.cluster_initialized.item()
+        layer(torch.randn(20, 6))
+        assert layer.cluster_initialized.item()
+        before = _cluster_state(layer)
+        layer(huge)
+        with torch.no_grad():
+            layer(huge)
+    assert len([w for w in rec if "cluster statistics" in str(w.message)]) == 1
+    after = _cluster_state(layer)
+    assert all(torch.equal(a, b) for a, b in zip(before[:2], after[:2]))
+    layer(torch.randn(20, 6))  # a normal batch moves them again
+    assert not torch.equal(before[0], layer.cluster_centers)
+    assert torch.isfinite(layer.cluster_vars).all()
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_gradient_checkpointing_updates_once_and_grads_match(use_reentrant):
     lin, layer = make_layer(merge_drop=0.3, lora_dropout=0.1)
@@ -318,6 +403,36 @@ def test_bad_inputs_raise_clear_errors():
     if layer.config.backend not in sk.available_backends():
         with pytest.raises(RuntimeError, match="cannot run"):
             layer(torch.randn(3, 45))
+
+
+def test_sizes_and_shape_fields_errors_name_the_argument():
+    for args, name in (((0, 4), "in_features=0"), ((4, 0), "out_features=0"),
+                       ((4.0, 3), "in_features=4.0"), ((True, 3), "in_features=True")):
+        with pytest.raises(ValueError, match=rf"SlimLinear {name} is invalid: expected an int >= 1"):
+            sk.SlimLinear(*args)
+    with pytest.raises(ValueError, match="in_features=0"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "Initializing zero-element tensors is a no-op"
+        sk.SlimLinear.from_linear(nn.Linear(0, 4))
+    layer = sk.SlimLinear(np.int64(6), np.int32(4), config=sk.SlimConfig(**CFG))
+    assert (layer.in_features, layer.out_features) == (6, 4) and type(layer.in_features) is int
+    # the shape fields of the config are fixed once the layer is built ...
+    x = torch.randn(3, 6)
+    for field, value in (("rank", 2), ("num_lora_experts", 4), ("num_identity_experts", 0),
+                         ("num_clusters", 7)):
+        cfg = sk.SlimConfig(**CFG)
+        layer = sk.SlimLinear(6, 4, config=cfg)
+        setattr(cfg, field, value)
+        with pytest.raises(ValueError, match=rf"config\.{field}={value} but the layer was built "
+                                             rf"with {field}=\d+: the shape fields"):
+            layer(x)
+    # ... the others are read at every forward
+    cfg = sk.SlimConfig(**CFG)
+    layer = sk.SlimLinear(6, 4, config=cfg).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    y, base = layer(x), nn.functional.linear(x, layer.weight, layer.bias)
+    cfg.alpha *= 2
+    torch.testing.assert_close(layer(x), 2 * y - base)
 
 
 def test_routing_stats_and_no_lora_mixture():

@@ -7,6 +7,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from slim_kernels.integrations.save_load import adapter_tensor_file  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -33,4 +35,4 @@ def test_recipe_plain_loop(tmp_path):
                                          "--grad-accum", "2", "--gradient-checkpointing",
                                          "--output-dir", str(tmp_path)])
     assert math.isfinite(res["after"]) and res["after"] < res["before"]
-    assert os.path.exists(os.path.join(res["path"], "slim_adapter.safetensors"))
+    assert os.path.exists(adapter_tensor_file(res["path"]))

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
+import threading
 import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -94,6 +96,11 @@ class _SlimState:
         self.disabled = 0
         self.warned_no_grad = False
         self.warned_fused = False
+
+    def __getstate__(self):
+        # a copy of the model (deepcopy, pickle) is outside the forward and the disable_slim
+        # context the original may be in
+        return {**self.__dict__, "mask_cms": [], "disabled": 0}
 
 
 # -- planning (no mutation) ---------------------------------------------------------------
@@ -380,36 +387,73 @@ def _remove_hooks(model: nn.Module) -> None:
 
 
 # -- base model on demand -----------------------------------------------------------------
-def _base_forward(layer: SlimLinear):
-    def forward(x: Tensor) -> Tensor:
-        return nn.functional.linear(x, layer.weight, layer.bias)
-    return forward
+_DISABLED = [0]  # disable_slim contexts open in this process
+_BACKWARD = [None]  # the wrapper below while installed as torch.autograd.backward
+_DISABLED_LOCK = threading.Lock()
+_NO_GRAD_MSG = "does not require grad and does not have a grad_fn"
+
+
+def _explain_no_grad(backward):
+    """``torch.autograd.backward`` (which ``Tensor.backward`` calls), with autograd's generic
+    error for a loss without a graph explained while a disable_slim context is open."""
+    @functools.wraps(backward)
+    def wrapper(*args, **kwargs):
+        try:
+            return backward(*args, **kwargs)
+        except RuntimeError as e:
+            if not _DISABLED[0] or _NO_GRAD_MSG not in str(e) or "disable_slim" in str(e):
+                raise
+            raise RuntimeError(
+                f"{e}: the SLIM adapters are disabled here (inside slim_kernels.disable_slim), "
+                f"so every SlimLinear computes only its frozen base linear and this loss has "
+                f"nothing to train unless some other parameter requires grad. Compute the loss "
+                f"you train on outside disable_slim.") from e
+    return wrapper
+
+
+def _open_disabled() -> None:
+    with _DISABLED_LOCK:
+        if _DISABLED[0] == 0 and torch.autograd.backward is not _BACKWARD[0]:
+            _BACKWARD[0] = torch.autograd.backward = _explain_no_grad(torch.autograd.backward)
+        _DISABLED[0] += 1
+
+
+def _close_disabled() -> None:
+    with _DISABLED_LOCK:
+        _DISABLED[0] -= 1
+        if _DISABLED[0] == 0 and torch.autograd.backward is _BACKWARD[0]:
+            # (left in place, inert, if something wrapped it in the meantime)
+            torch.autograd.backward = _BACKWARD[0].__wrapped__
 
 
 @contextlib.contextmanager
 def disable_slim(model: nn.Module) -> Iterator[nn.Module]:
     """Within this context every SlimLinear of ``model`` computes only its base linear
     (``F.linear(x, W, b)``, exactly what the original ``nn.Linear`` computed): no experts, no
-    cluster update, no routing statistics, no aux loss. Nests; restores on exit."""
+    cluster update, no routing statistics, no aux loss. Nests; restores on exit. A copy of the
+    model made inside (deepcopy, pickle) is not disabled.
+
+    A loss computed here usually has no gradient (apply_slim froze every other parameter):
+    ``loss.backward()`` inside the context then raises an error that says so, instead of
+    autograd's generic "element 0 of tensors does not require grad". (Outside the context,
+    such a loss gets autograd's message.)"""
     layers = [m for _, m in slim_modules(model)]
     if not layers:
         raise ValueError(f"disable_slim: {type(model).__name__} has no SlimLinear layers")
     st = getattr(model, "_slim_state", None)
-    patched = []
+    _open_disabled()
+    for m in layers:
+        m._base_only += 1
+    if st is not None:
+        st.disabled += 1
     try:
-        for m in layers:
-            if "forward" in m.__dict__:  # already disabled by an outer context
-                continue
-            m.forward = _base_forward(m)
-            patched.append(m)
-        if st is not None:
-            st.disabled += 1
         yield model
     finally:
         if st is not None and st.disabled:
             st.disabled -= 1
-        for m in patched:
-            del m.forward
+        for m in layers:
+            m._base_only = max(0, m._base_only - 1)
+        _close_disabled()
 
 
 # -- trainers that compute their own loss ---------------------------------------------------
