@@ -1,8 +1,10 @@
-"""SlimLinear: a frozen ``nn.Linear`` plus a SLIM mixture of LoRA and identity experts.
+"""SlimLinear: a frozen base linear plus a SLIM mixture of LoRA and identity experts.
 
-The layer owns what is *state*: the LoRA factors, the router, the sliding clusters, the
-dynamic-merging masks and the auxiliary losses. The maths runs in one op
-(:func:`slim_kernels.ops.slim_linear_op`), whose backend the layer does not know.
+The layer wraps its base as ``base_layer`` (an ``nn.Linear``, or a quantized linear such as
+bitsandbytes' ``Linear4bit``/``Linear8bitLt``) and owns what is *state*: the LoRA factors,
+the router, the sliding clusters, the dynamic-merging masks and the auxiliary losses. The
+maths runs in one op (:func:`slim_kernels.ops.slim_linear_op`), whose backend the layer does
+not know, called with the base weight (dequantized for a quantized base).
 """
 from __future__ import annotations
 
@@ -22,7 +24,13 @@ from . import cluster_sync as _dist
 from .ops import slim_linear_op
 from .routing import cluster_batch_stats, merge_masks
 
-__all__ = ["SlimLinear", "aux_loss", "routing_stats", "token_mask", "slim_modules"]
+__all__ = ["SlimLinear", "aux_loss", "routing_stats", "token_mask", "slim_modules",
+           "base_weight", "unsupported_base"]
+
+SUPPORTED_BASES = ("torch.nn.Linear (floating-point weight)", "bitsandbytes Linear4bit",
+                   "bitsandbytes Linear8bitLt",
+                   "a linear-like module with in_features, out_features, bias and a "
+                   "dequantize() method returning the (out, in) weight")
 
 # A mask of the real (non-padding) tokens of the current forward, set by the integrations
 # (see :func:`token_mask`); padding tokens then do not move the clusters.
@@ -52,6 +60,51 @@ def _check_features(in_features, out_features) -> Tuple[int, int]:
     return int(in_features), int(out_features)
 
 
+def _weight_kind(module: nn.Module) -> str:
+    return type(getattr(module, "weight", None)).__name__
+
+
+def unsupported_base(module: nn.Module) -> Optional[str]:
+    """Why SlimLinear cannot wrap ``module`` (None when it can)."""
+    if isinstance(module, nn.Linear) and _weight_kind(module) not in ("Params4bit", "Int8Params"):
+        if module.weight.is_floating_point():
+            return None
+        return f"its weight is {module.weight.dtype}, not floating point"
+    linear_like = all(hasattr(module, a) for a in ("in_features", "out_features", "bias"))
+    if linear_like and (_weight_kind(module) in ("Params4bit", "Int8Params")
+                        or callable(getattr(module, "dequantize", None))):
+        return None
+    return "it is not a supported linear layer"
+
+
+def base_weight(module: nn.Module) -> Tensor:
+    """The (out, in) weight of a base layer SlimLinear supports: the ``nn.Linear`` weight itself,
+    or the dequantized weight of a quantized one (a new tensor, no gradient)."""
+    if isinstance(module, nn.Linear) and _weight_kind(module) not in ("Params4bit", "Int8Params"):
+        return module.weight
+    kind = _weight_kind(module)
+    with torch.no_grad():
+        if kind == "Params4bit":
+            import bitsandbytes as bnb
+            w = module.weight
+            data, state = w.data, w.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                # bitsandbytes repacks a 4-bit weight for its CPU kernel at the first eval
+                # forward; unpack a copy (the module keeps its packed weight)
+                import copy
+                data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(
+                    data.clone(), copy.deepcopy(state))
+            return bnb.functional.dequantize_4bit(data, state)
+        if kind == "Int8Params":
+            import bitsandbytes as bnb
+            w = module.weight
+            scb = getattr(w, "SCB", None)
+            if scb is None:
+                scb = module.state.SCB
+            return bnb.functional.int8_vectorwise_dequant(w.data, scb.to(w.device))
+        return module.dequantize()
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass, i.e. when gradient checkpointing re-runs a
     forward: the cluster update must not run a second time then."""
@@ -61,8 +114,11 @@ def _in_backward() -> bool:
 class SlimLinear(nn.Module):
     """``y = x Wᵀ + b + s · Σ_{i<E_L} g_i(x) B'_i A'_i x`` with identity experts in the router.
 
-    Build it with :meth:`from_linear` (keeps the linear's ``weight`` and ``bias`` tensors,
-    frozen) or directly as ``SlimLinear(in_features, out_features, bias, config)``.
+    Build it with :meth:`from_linear` (wraps the linear as ``base_layer``, frozen) or directly
+    as ``SlimLinear(in_features, out_features, bias, config)``. ``weight`` and ``bias`` are
+    read-only views of the base layer's. A quantized base (bitsandbytes ``Linear4bit`` /
+    ``Linear8bitLt``, or any module with ``dequantize()``) is dequantized at each forward and
+    the op runs on that weight: the same output as the base layer itself plus the SLIM part.
 
     Parameters: ``lora_A`` (E_L, r, K), ``lora_B`` (E_L, N, r) (zero init), ``router`` (E, K).
     Buffers: ``cluster_centers`` (C, K), ``cluster_vars`` (C, K) (fp32), ``cluster_initialized``.
@@ -81,37 +137,54 @@ class SlimLinear(nn.Module):
         super().__init__()
         in_features, out_features = _check_features(in_features, out_features)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(base.weight, base.bias, config)
+        self._setup(base, config, own_base=True)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: Optional[SlimConfig] = None) -> "SlimLinear":
-        """Wrap ``linear``: its ``weight``/``bias`` Parameters are reused (same tensors) and frozen."""
-        if not isinstance(linear, nn.Linear):
+    def from_linear(cls, linear: nn.Module, config: Optional[SlimConfig] = None, *,
+                    own_base: bool = True) -> "SlimLinear":
+        """Wrap ``linear`` as ``base_layer`` (same module, same tensors), frozen.
+
+        ``linear`` is an ``nn.Linear`` or a quantized linear (see ``SUPPORTED_BASES``).
+        ``own_base=False`` keeps the base out of this module's children (a PEFT tuner layer
+        that holds several SLIM adapters over one ``base_layer`` owns it instead)."""
+        why = unsupported_base(linear) if isinstance(linear, nn.Module) else "it is not an nn.Module"
+        if why is not None:
             raise TypeError(
-                f"SlimLinear.from_linear expects an nn.Linear, got {type(linear).__name__}"
-            )
+                f"SlimLinear.from_linear cannot wrap a {type(linear).__module__}."
+                f"{type(linear).__qualname__}: {why}. Supported base layers: "
+                f"{'; '.join(SUPPORTED_BASES)}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(linear.weight, linear.bias, config)
+        self._setup(linear, config, own_base=own_base)
         return self
 
-    def _setup(self, weight: nn.Parameter, bias: Optional[nn.Parameter], config) -> None:
+    def _setup(self, base: nn.Module, config, own_base: bool) -> None:
         if config is None:
             config = SlimConfig()
         if not isinstance(config, SlimConfig):
             raise TypeError(f"config must be a SlimConfig, got {type(config).__name__}")
         self.config = config
-        # full_shape: a linear built under deepspeed.zero.Init is already partitioned
-        out_features, in_features = _dist.full_shape(weight)
+        weight = base.weight
+        if isinstance(base, nn.Linear) and weight.is_floating_point():
+            # full_shape: a linear built under deepspeed.zero.Init is already partitioned
+            out_features, in_features = _dist.full_shape(weight)
+            dtype = weight.dtype
+        else:  # quantized: the packed weight's shape is not (out, in)
+            out_features, in_features = base.out_features, base.in_features
+            dtype = getattr(base, "compute_dtype", None) or (
+                base.bias.dtype if base.bias is not None else torch.float32)
         self.in_features, self.out_features = _check_features(in_features, out_features)
-        weight.requires_grad_(False)
-        if bias is not None:
-            bias.requires_grad_(False)
-        self.weight = weight
-        self.bias = bias
+        for p in base.parameters():
+            p.requires_grad_(False)
+        if own_base:
+            self.base_layer = base
+        else:
+            object.__setattr__(self, "_borrowed_base", base)
+        self._quantized = not (isinstance(base, nn.Linear) and weight.is_floating_point()
+                               and _weight_kind(base) not in ("Params4bit", "Int8Params"))
         c = config
         K, N, r = self.in_features, self.out_features, c.rank
-        kw = dict(device=weight.device, dtype=weight.dtype)
+        kw = dict(device=weight.device, dtype=dtype)
         self.lora_A = nn.Parameter(torch.empty(c.num_lora_experts, r, K, **kw))
         self.lora_B = nn.Parameter(torch.zeros(c.num_lora_experts, N, r, **kw))
         self.router = nn.Parameter(torch.empty(c.num_experts, K, **kw))
@@ -123,7 +196,34 @@ class SlimLinear(nn.Module):
         )
         self._base_only = 0  # > 0 inside disable_slim (integrations/hf.py): the base linear only
         self._register_load_state_dict_pre_hook(self._forget_cached_flag)
+        self._register_load_state_dict_pre_hook(self._old_base_keys)
         self.reset_slim_parameters()
+
+    # -- the base layer -------------------------------------------------------------------
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped base linear (as PEFT's tuner layers name it)."""
+        base = self._modules.get("base_layer")
+        return base if base is not None else self.__dict__["_borrowed_base"]
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (read-only here; packed for a quantized base)."""
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        """The base layer's bias (read-only here)."""
+        return self.get_base_layer().bias
+
+    def _old_base_keys(self, state_dict, prefix, *args, **kwargs) -> None:
+        # state dicts of layers that owned the weight (slim_kernels <= 0.2): ``weight``/``bias``
+        # were the layer's own keys; they are the base layer's now
+        if "base_layer" not in self._modules:
+            return
+        for k in ("weight", "bias"):
+            old, new = prefix + k, prefix + "base_layer." + k
+            if old in state_dict and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
 
     # -- parameters ---------------------------------------------------------------------
     def reset_slim_parameters(self) -> None:
@@ -179,8 +279,16 @@ class SlimLinear(nn.Module):
 
     def __setstate__(self, state) -> None:
         # a layer pickled by an older release lacks the newer per-step attributes
-        for k, v in dict(_base_only=0, _rejected=None, _rejected_warned=False).items():
+        for k, v in dict(_base_only=0, _rejected=None, _rejected_warned=False,
+                         _quantized=False).items():
             state.setdefault(k, v)
+        params = state.get("_parameters", {})
+        if "weight" in params:  # pickled when the layer owned the weight (slim_kernels <= 0.2)
+            base = nn.Linear.__new__(nn.Linear)
+            nn.Module.__init__(base)
+            base.weight, base.bias = params.pop("weight"), params.pop("bias", None)
+            base.out_features, base.in_features = base.weight.shape
+            state["_modules"]["base_layer"] = base
         super().__setstate__(state)
 
     def _flag_key(self) -> Tuple[int, int]:
@@ -244,10 +352,11 @@ class SlimLinear(nn.Module):
                 f"SlimLinear input x has shape {tuple(x.shape)}: its last dim must be "
                 f"in_features={self.in_features}"
             )
-        if x.device != self.weight.device and self.weight.device.type != "meta":
+        w = self.lora_A
+        if x.device != w.device and w.device.type != "meta":
             raise ValueError(
                 f"SlimLinear input x is on {x.device} but the layer's weight is on "
-                f"{self.weight.device}"
+                f"{w.device}"
             )
 
     def _check_config(self) -> None:
@@ -267,12 +376,17 @@ class SlimLinear(nn.Module):
                     f"again, for another shape)")
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._base_only:  # exactly what the wrapped nn.Linear computed
-            return F.linear(x, self.weight, self.bias)
+        if self._base_only:  # exactly what the wrapped base layer computes
+            return self.get_base_layer()(x)
         self._check_input(x)
         self._check_config()
         c = self.config
-        W, b = self.weight, self.bias
+        b = self.bias
+        if self._quantized:  # dequantized for the op (docs/method.md §6: y = x Wᵀ + b + ...)
+            W = base_weight(self.get_base_layer()).to(self.lora_A.dtype)
+            b = None if b is None else b.detach()
+        else:
+            W = self.weight
         A, B = self._masked_factors()
         R = self.router
         dev_type = x.device.type

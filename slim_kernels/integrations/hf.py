@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SlimConfig
-from ..layer import SlimLinear, aux_loss, slim_modules, token_mask
+from ..layer import SlimLinear, aux_loss, slim_modules, token_mask, unsupported_base
 
 logger = logging.getLogger("slim_kernels")
 
@@ -142,17 +142,19 @@ def plan_slim(model: nn.Module, config: SlimConfig) -> List[str]:
                 used.update(parts)
         if not hit:
             continue
-        if not isinstance(mod, nn.Linear):
+        why = unsupported_base(mod)
+        if why is not None:
+            what = f"{type(mod).__module__}.{type(mod).__qualname__}"
+            if _is_peft_layer(mod):
+                raise TypeError(
+                    f"module {name!r} matches target_modules ({leaf!r}) but already carries a "
+                    f"PEFT adapter ({what}): SLIM and that adapter cannot wrap the same "
+                    f"projection; remove {leaf!r} from one of the two target_modules")
             raise TypeError(
-                f"module {name!r} matches target_modules ({leaf!r}) but is a "
-                f"{type(mod).__module__}.{type(mod).__qualname__}, not torch.nn.Linear: "
-                f"SLIM wraps nn.Linear only (e.g. GPT-2's Conv1D is not supported); "
-                f"remove {leaf!r} from target_modules or convert the module to nn.Linear"
-            )
-        if not mod.weight.is_floating_point():
-            raise TypeError(
-                f"module {name!r} has a {mod.weight.dtype} weight (quantized?): SLIM needs a "
-                f"floating-point nn.Linear"
+                f"module {name!r} matches target_modules ({leaf!r}) but is a {what}, not "
+                f"torch.nn.Linear ({why}): SLIM wraps torch.nn.Linear and quantized linears (bitsandbytes Linear4bit / "
+                f"Linear8bitLt) only (e.g. GPT-2's Conv1D is not supported); remove {leaf!r} "
+                f"from target_modules or convert the module to nn.Linear"
             )
         used.add(leaf)
         names.append(name)
@@ -166,6 +168,12 @@ def plan_slim(model: nn.Module, config: SlimConfig) -> List[str]:
             f"to names that exist"
         )
     return names
+
+
+def _is_peft_layer(mod: nn.Module) -> bool:
+    """A PEFT tuner layer (LoRA, ...): it wraps a ``base_layer`` and knows its adapters."""
+    return (not isinstance(mod, SlimLinear) and isinstance(getattr(mod, "base_layer", None), nn.Module)
+            and hasattr(mod, "active_adapters"))
 
 
 def _get_parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:

@@ -407,7 +407,7 @@ def load_slim(model: nn.Module, path: PathLike, verbose: bool = False, *,
             for name, layer in layers:
                 sd = {t: tensors[f"{name}.{t}"] for t in TENSORS}
                 res = layer.load_state_dict(sd, strict=False)
-                bad = [k for k in res.missing_keys if k not in ("weight", "bias")]
+                bad = [k for k in res.missing_keys if not k.startswith("base_layer.")]
                 if bad or res.unexpected_keys:
                     raise RuntimeError(f"load_slim: module {name!r}: state dict mismatch "
                                        f"{bad} {res.unexpected_keys}")

@@ -1,0 +1,137 @@
+"""SlimLinear wraps a base layer: nn.Linear, quantized linears (bitsandbytes, or any module
+with ``dequantize()``); old state dicts (weight/bias on the layer itself) still load."""
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from slim_kernels import SlimConfig, SlimLinear
+
+CFG = SlimConfig(num_lora_experts=2, num_identity_experts=1, rank=2, top_k=2, num_clusters=2,
+                 backend="torch")
+
+
+class FakeQuantLinear(nn.Module):
+    """int8 weight with a per-row scale: not an nn.Linear, dequantized on demand."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        scale = lin.weight.detach().abs().amax(1) / 127
+        self.register_buffer("qweight", torch.round(lin.weight.detach() / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.weight = self.qweight  # the packed weight, as quantized layers expose it
+        self.bias = nn.Parameter(lin.bias.detach().clone())
+
+    def dequantize(self):
+        return self.qweight.float() * self.scale[:, None]
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.dequantize(), self.bias)
+
+
+def _trained(layer):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer
+
+
+def test_wraps_base_layer_weight_read_only():
+    lin = nn.Linear(8, 6)
+    layer = SlimLinear.from_linear(lin, CFG)
+    assert layer.base_layer is lin and layer.weight is lin.weight and layer.bias is lin.bias
+    assert not lin.weight.requires_grad
+    with pytest.raises((AttributeError, KeyError)):
+        layer.weight = nn.Parameter(torch.zeros(6, 8))
+    assert "base_layer.weight" in layer.state_dict() and "weight" not in layer.state_dict()
+
+
+def test_old_state_dict_keys_still_load():
+    torch.manual_seed(0)
+    src = _trained(SlimLinear(8, 6, True, CFG))
+    old = {("weight" if k == "base_layer.weight" else "bias" if k == "base_layer.bias" else k): v
+           for k, v in src.state_dict().items()}
+    assert "weight" in old and "base_layer.weight" not in old
+    dst = SlimLinear(8, 6, True, CFG)
+    dst.load_state_dict(old)
+    x = torch.randn(5, 8)
+    src.eval(), dst.eval()
+    assert torch.equal(src(x), dst(x))
+
+
+def test_from_linear_unsupported_names_the_layer():
+    with pytest.raises(TypeError, match=r"torch\.nn\.modules\.conv\.Conv1d.*Supported base layers"):
+        SlimLinear.from_linear(nn.Conv1d(4, 4, 1), CFG)
+    lin = nn.Linear(4, 4)
+    lin.weight = nn.Parameter(lin.weight.data.to(torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="not floating point"):
+        SlimLinear.from_linear(lin, CFG)
+
+
+def _check_quantized(base, deq: torch.Tensor, atol: float):
+    torch.manual_seed(0)
+    layer = SlimLinear.from_linear(base, CFG)
+    x = torch.randn(7, base.in_features)
+    layer.eval()
+    # B = 0 at init: the base output, computed from the dequantized weight (exact), and the
+    # base layer's own kernels (bitsandbytes' eval kernels round differently: atol)
+    assert torch.equal(layer(x), nn.functional.linear(x, deq.float(), base.bias))
+    torch.testing.assert_close(layer(x), base(x), atol=atol, rtol=0)
+    _trained(layer)
+    ref_lin = nn.Linear(base.in_features, base.out_features)
+    ref_lin.weight.data, ref_lin.bias.data = deq.float().clone(), base.bias.detach().float().clone()
+    ref = SlimLinear.from_linear(ref_lin, CFG)
+    ref.load_state_dict({k: v for k, v in layer.state_dict().items()
+                         if not k.startswith("base_layer.")}, strict=False)
+    ref.eval()
+    # base output + SLIM part: the op on the dequantized weight equals the base layer's output
+    # plus the delta the same experts give over an nn.Linear
+    delta = ref(x) - ref_lin(x)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, deq.float(), base.bias) + delta,
+                               atol=1e-6, rtol=1e-5)
+    # one training step: the experts move, the base does not
+    layer.train()
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer(x).pow(2).mean().backward()
+    opt.step()
+    after = layer.state_dict()
+    assert not torch.equal(before["lora_A"], after["lora_A"])
+    for k in before:
+        if k.startswith("base_layer."):
+            assert torch.equal(before[k], after[k]), k
+    assert all(not p.requires_grad for p in base.parameters())
+
+
+def test_fake_quantized_base():
+    torch.manual_seed(0)
+    base = FakeQuantLinear(nn.Linear(16, 12))
+    _check_quantized(base, base.dequantize(), atol=1e-6)
+
+
+bnb_missing = importlib.util.find_spec("bitsandbytes") is None
+
+
+@pytest.mark.skipif(bnb_missing, reason="bitsandbytes is not installed (pip install "
+                    "bitsandbytes; its CPU build runs these tests)")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bitsandbytes_base(bits):
+    import bitsandbytes as bnb
+
+    from slim_kernels.layer import base_weight
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    if bits == 4:
+        q = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    else:
+        q = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False)
+        q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False,
+                                     has_fp16_weights=False)
+    q.bias = nn.Parameter(lin.bias.data.clone())
+    q = q.to("cpu")  # quantizes
+    assert not q.weight.is_floating_point()
+    _check_quantized(q, base_weight(q), atol=2e-2)
