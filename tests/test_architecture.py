@@ -8,7 +8,7 @@ package. Layers, bottom to top (a module may import its own layer or lower ones)
 1. ops (the op boundary, dispatch, the backends)
 2. layer
 3. integrations
-4. demo, bench, quickstart
+4. demo, bench, quickstart, peft (a re-export of integrations.peft)
 5. cli, and the package's ``__init__`` (the public API)
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ LAYERS = [
     {"ops"},
     {"layer"},
     {"integrations"},
-    {"demo", "bench", "quickstart"},
+    {"demo", "bench", "quickstart", "peft"},
     {"cli", "__init__"},
 ]
 

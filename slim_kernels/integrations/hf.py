@@ -199,8 +199,11 @@ def swap_in(model: nn.Module, config: SlimConfig, names: Sequence[str],
             swapped.append((parent, child, old))
             layers.append((name, new))
         slim_params = {id(p) for _, m in layers for p in (m.lora_A, m.lora_B, m.router)}
+        # an adapter of another PEFT method already on the model stays as the user set it
+        keep = {id(p) for m in model.modules() if _is_peft_layer(m)
+                for n, p in m.named_parameters() if not n.startswith("base_layer.") and p.requires_grad}
         for p in model.parameters():
-            p.requires_grad_(id(p) in slim_params)
+            p.requires_grad_(id(p) in slim_params or id(p) in keep)
         _install_hooks(model, add_aux_to_loss, [m for _, m in layers])
         if then is not None:
             then(layers)
