@@ -22,7 +22,7 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("qweight", torch.round(lin.weight.detach() / scale[:, None]).to(torch.int8))
         self.register_buffer("scale", scale)
         self.weight = self.qweight  # the packed weight, as quantized layers expose it
-        self.bias = nn.Parameter(lin.bias.detach().clone())
+        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
 
     def dequantize(self):
         return self.qweight.float() * self.scale[:, None]
@@ -139,3 +139,80 @@ def test_bitsandbytes_base(bits):
     q.eval()
     q(torch.randn(2, 64))
     _check_quantized(q, base_weight(q), atol=2e-2)
+
+
+def _quantize_projections(model, names=("q_proj", "v_proj"), bits=None):
+    """Swap the named projections for quantized layers: FakeQuantLinear, or bitsandbytes."""
+    for name, mod in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] in names and isinstance(mod, nn.Linear):
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            if bits is None:
+                q = FakeQuantLinear(mod)
+            else:
+                import bitsandbytes as bnb
+                q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(mod.weight.data.clone(), requires_grad=False,
+                                             quant_type="nf4")
+                q = q.to("cpu")
+            setattr(parent, name.rsplit(".", 1)[-1], q)
+    return model
+
+
+def _one_step_trains_experts_only(model):
+    from hf_models import batch
+
+    ids, am, labels = batch()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable
+    before = [p.detach().clone() for p in trainable]
+    opt = torch.optim.SGD(trainable, lr=0.5)
+    model.train()
+    loss = model(input_ids=ids, attention_mask=am, labels=labels).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainable))
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(frozen[n], p), n
+
+
+@pytest.mark.parametrize("path", ["apply_slim", "peft"])
+def test_fake_quantized_model_trains_one_step(path):
+    from hf_models import tiny_model
+
+    model = _quantize_projections(tiny_model())
+    if path == "apply_slim":
+        import slim_kernels as sk
+        sk.apply_slim(model, SlimConfig(target_modules=("q_proj", "v_proj"), num_lora_experts=2,
+                                        num_identity_experts=1, rank=2, num_clusters=2,
+                                        backend="torch"), verbose=False)
+    else:
+        pytest.importorskip("peft")
+        from peft import get_peft_model
+
+        from slim_kernels.peft import SlimPeftConfig
+        model = get_peft_model(model, SlimPeftConfig(
+            target_modules=["q_proj", "v_proj"], num_lora_experts=2, num_identity_experts=1,
+            rank=2, num_clusters=2, backend="torch"))
+    _one_step_trains_experts_only(model)
+
+
+@pytest.mark.skipif(bnb_missing, reason="bitsandbytes is not installed (pip install "
+                    "bitsandbytes; its CPU build runs these tests)")
+def test_bitsandbytes_4bit_model_trains_one_step_through_peft(tmp_path):
+    pytest.importorskip("peft")
+    from peft import PeftModel, get_peft_model
+
+    from hf_models import tiny_model
+    from slim_kernels.peft import SlimPeftConfig
+
+    model = get_peft_model(_quantize_projections(tiny_model(), bits=4), SlimPeftConfig(
+        target_modules="all-linear", exclude_modules=["k_proj", "o_proj", "gate_proj", "up_proj",
+                                                      "down_proj"],
+        num_lora_experts=2, num_identity_experts=1, rank=2, num_clusters=2, backend="torch"))
+    wrapped = [n for n, m in model.named_modules() if hasattr(m, "slim_experts")]
+    assert len(wrapped) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in wrapped)
+    _one_step_trains_experts_only(model)
