@@ -25,7 +25,7 @@ from .ops import slim_linear_op
 from .routing import cluster_batch_stats, merge_masks
 
 __all__ = ["SlimLinear", "aux_loss", "routing_stats", "token_mask", "slim_modules",
-           "base_weight", "unsupported_base"]
+           "base_weight", "unsupported_base", "accumulate_aux", "aux_accumulating"]
 
 SUPPORTED_BASES = ("torch.nn.Linear (floating-point weight)", "bitsandbytes Linear4bit",
                    "bitsandbytes Linear8bitLt",
@@ -39,6 +39,27 @@ _TOKEN_MASK: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar(
 )
 # Seed of the fixed eval-mode merge mask (merge_at_eval=True).
 EVAL_MASK_SEED = 0x5115
+
+
+# Inside accumulate_aux(): the load-balance terms of successive forwards are averaged.
+_AUX_ACCUMULATE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "slim_aux_accumulate", default=False)
+
+
+@contextlib.contextmanager
+def accumulate_aux() -> Iterator[None]:
+    """Within this context a layer's load-balance term (docs/method.md §4) is the mean over
+    all its forwards since the last :meth:`SlimLinear.reset_aux_loss`, not the last forward's
+    only: for a loss computed from several forwards (GRPO's chunked log-probabilities)."""
+    tok = _AUX_ACCUMULATE.set(True)
+    try:
+        yield
+    finally:
+        _AUX_ACCUMULATE.reset(tok)
+
+
+def aux_accumulating() -> bool:
+    return _AUX_ACCUMULATE.get()
 
 
 @contextlib.contextmanager
@@ -274,7 +295,7 @@ class SlimLinear(nn.Module):
         state = self.__dict__.copy()  # (nn.Module.__getstate__ is missing in older torch)
         state.pop("_compiled_call_impl", None)
         state.update(_aux_pending=False, _last_balance=None, _snapshot=None, _rejected=None,
-                     _base_only=0)
+                     _base_only=0, _balance_n=0)
         return state
 
     def __setstate__(self, state) -> None:
@@ -443,8 +464,15 @@ class SlimLinear(nn.Module):
             mask = self._current_token_mask(T, x.device)
             if updating:
                 self._update_clusters(x2, assign, mask, centers is not None)
+            prev, n = self._last_balance, getattr(self, "_balance_n", 0)
+            if _AUX_ACCUMULATE.get() and self._aux_pending and prev is not None \
+                    and balance is not None:
+                # the mean of the forwards' balance terms (accumulate_aux)
+                self._last_balance = prev * (n / (n + 1)) + balance.to(prev.device) / (n + 1)
+                self._balance_n = n + 1
+            else:
+                self._last_balance, self._balance_n = balance, 1
             self._aux_pending = True
-            self._last_balance = balance
             self._record(gates, idx, dist, mask, centers is not None)
         return y.reshape(*lead, N)
 
@@ -635,6 +663,7 @@ class SlimLinear(nn.Module):
         forward so that aux_loss(model) reflects that forward only)."""
         self._aux_pending = False
         self._last_balance = None
+        self._balance_n = 0
 
     def routing_stats(self, reset: bool = False) -> Dict[str, float]:
         """Since the last reset: tokens seen, mean gate mass on identity experts, share of

@@ -36,7 +36,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SlimConfig
-from ..layer import SlimLinear, aux_loss, slim_modules, token_mask, unsupported_base
+from ..layer import (
+    SlimLinear, accumulate_aux, aux_accumulating, aux_loss, slim_modules, token_mask, unsupported_base,
+)
 
 logger = logging.getLogger("slim_kernels")
 
@@ -285,8 +287,9 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     cm = token_mask(_find_attention_mask(module, args, kwargs))
     cm.__enter__()
     st.mask_cms.append(cm)
-    for layer in st.layers:
-        layer.reset_aux_loss()  # aux_loss(model) then reflects this forward only
+    if not aux_accumulating():  # (SlimAuxLossMixin: every forward of one loss counts)
+        for layer in st.layers:
+            layer.reset_aux_loss()  # aux_loss(model) then reflects this forward only
     return None
 
 
@@ -311,7 +314,8 @@ def _label_count(module: nn.Module, kwargs: dict) -> Optional[Tensor]:
     labels = kwargs.get("labels")
     if not isinstance(labels, Tensor):
         return None
-    if type(module).__name__.endswith("ForCausalLM"):
+    if type(getattr(module, "model", module)).__name__.endswith("ForCausalLM") or \
+            type(module).__name__.endswith("ForCausalLM"):
         labels = labels[..., 1:]
     return labels.ne(-100).sum()
 
@@ -481,27 +485,44 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return inner
 
 
+def _slim_state_of(inner: nn.Module):
+    """The integration state of a model: apply_slim's (on the model) or SLIM-PEFT's (on the
+    tuner model inside a PeftModel)."""
+    st = getattr(inner, "_slim_state", None)
+    if st is None:
+        st = getattr(getattr(inner, "base_model", None), "_slim_state", None)
+    return st
+
+
 class SlimAuxLossMixin:
     """Mix into a ``transformers.Trainer`` subclass whose ``compute_loss`` does not return
-    the model's ``outputs.loss`` (TRL's SFTTrainer with its fused LM head, label smoothing,
-    ``compute_loss_func``): adds :func:`slim_kernels.aux_loss` to the loss of every training
-    step, once per optimizer step under gradient accumulation (``aux / steps`` when the trainer
-    does not divide the loss itself), and logs it as ``slim_aux_loss``."""
+    the model's ``outputs.loss`` (TRL's SFTTrainer with its fused LM head, DPOTrainer,
+    GRPOTrainer, label smoothing, ``compute_loss_func``): adds :func:`slim_kernels.aux_loss` to
+    the loss of every training step, once per optimizer step under gradient accumulation
+    (``aux / steps`` when the trainer does not divide the loss itself), and logs it as
+    ``slim_aux_loss`` (the mean per micro-batch, undivided: the same value whatever the
+    accumulation). A loss computed from several forwards (GRPO's chunks) counts the
+    load-balance term of each (their mean, :func:`slim_kernels.layer.accumulate_aux`); forwards
+    with the adapters disabled (a DPO/GRPO reference through ``disable_adapter``) add none."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with slim_aux_suppressed():
+        inner = unwrap_model(model)
+        layers = [m for _, m in slim_modules(inner)]
+        for m in layers:
+            m.reset_aux_loss()
+        with slim_aux_suppressed(), accumulate_aux():
             res = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
         if not model.training:
             return res
         loss, outputs = res if return_outputs else (res, None)
-        inner = unwrap_model(model)
-        st = getattr(inner, "_slim_state", None)
+        st = _slim_state_of(inner)
         if st is not None and (not st.add_aux_to_loss or st.disabled):
             return res
-        layers = [m for _, m in slim_modules(inner)]
         if any(m.has_aux_loss() for m in layers):
             aux = aux_loss(inner)
+            self._slim_aux_sum = getattr(self, "_slim_aux_sum", 0.0) + float(aux.detach())
+            self._slim_aux_n = getattr(self, "_slim_aux_n", 0) + 1
             # Trainer divides the loss by the accumulation steps itself unless the loss was
             # normalised by num_items_in_batch (or by compute_loss_func); then the aux must be
             # divided here (the same rule as Trainer.training_step).
@@ -512,14 +533,14 @@ class SlimAuxLossMixin:
                     getattr(self, "compute_loss_func", None) is not None
             if scaled:
                 aux = aux / max(1, int(getattr(self, "current_gradient_accumulation_steps", 1)))
-            self._slim_aux_logged = float(aux.detach())
             loss = loss + aux.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
-        v = getattr(self, "_slim_aux_logged", None)
-        if v is not None and "loss" in logs:
-            logs["slim_aux_loss"] = v
+        n = getattr(self, "_slim_aux_n", 0)
+        if n and "loss" in logs:
+            logs["slim_aux_loss"] = self._slim_aux_sum / n
+            self._slim_aux_sum, self._slim_aux_n = 0.0, 0
         return super().log(logs, *args, **kwargs)
 
 
