@@ -69,3 +69,61 @@ def mean_loss(model, ds, n: int = 64) -> float:
         b = {k: torch.stack([ds[i][k] for i in range(min(n, len(ds)))])
              for k in ("input_ids", "attention_mask", "labels")}
         return model(**b).loss.item()
+
+
+# -- TRL recipes ----------------------------------------------------------------------------
+def tiny_tokenizer(vocab: int = 128):
+    """A word-level tokenizer over the words ``w3 .. w{vocab-1}`` (built here, no download)."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    ids = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(ids, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                      eos_token="<eos>")
+
+
+def build_tokenizer(args):
+    if args.model:
+        import transformers as tf
+        tok = tf.AutoTokenizer.from_pretrained(args.model)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+    return tiny_tokenizer()
+
+
+def words(ids) -> str:
+    return " ".join(f"w{int(i)}" for i in ids)
+
+
+def arithmetic_rows(n: int, seq: int, vocab: int = 128, seed: int = 0):
+    """(start, step) arithmetic sequences mod vocab as token-id lists."""
+    g = torch.Generator().manual_seed(seed)
+    lo = 3
+    start = torch.randint(lo, vocab, (n,), generator=g)
+    step = torch.randint(1, 4, (n,), generator=g)
+    return [(lo + (s + k * torch.arange(seq)) % (vocab - lo)).tolist()
+            for s, k in zip(start.tolist(), step.tolist())]
+
+
+def slim_peft_config(args, **over):
+    """A SLIM adapter config for PEFT (``slim_kernels.peft``), as one passes a ``LoraConfig``."""
+    from slim_kernels.peft import SlimPeftConfig
+
+    kw = dict(rank=args.rank, alpha=2.0 * args.rank, num_lora_experts=4,
+              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], l1_coef=1e-4,
+              balance_coef=1e-3, task_type="CAUSAL_LM")
+    kw.update(over)
+    return SlimPeftConfig(**kw)
+
+
+def trl_common(args, over=None) -> dict:
+    """The TrainingArguments fields the TRL recipes share (CPU-friendly when --tiny), updated
+    with ``over``."""
+    return {**dict(output_dir=args.output_dir, max_steps=args.steps,
+                per_device_train_batch_size=args.batch_size,
+                gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
+                report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True,
+                seed=args.seed, use_cpu=not torch.cuda.is_available()), **(over or {})}

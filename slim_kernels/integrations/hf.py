@@ -352,10 +352,11 @@ def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output):
             return None
         if not module.training:
             return None
-        if kwargs.get("fused_lm_head") and not st.warned_fused and any(
+        if kwargs.get("fused_lm_head") and not st.warned_fused and torch.is_grad_enabled() and any(
                 m.has_aux_loss() for m in st.layers):
             # TRL's fused LM head: SFTTrainer computes its loss from outputs.log_probs and never
-            # reads outputs.loss, so the aux loss added below would be lost.
+            # reads outputs.loss, so the aux loss added below would be lost (a no_grad forward,
+            # e.g. GRPO scoring its completions, trains nothing: no warning).
             st.warned_fused = True
             warnings.warn(
                 "slim_kernels: this forward uses TRL's fused LM head, whose trainer ignores "
