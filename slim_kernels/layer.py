@@ -37,6 +37,8 @@ SUPPORTED_BASES = ("torch.nn.Linear (floating-point weight)", "bitsandbytes Line
 _TOKEN_MASK: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar(
     "slim_token_mask", default=None
 )
+# the layer's own state-dict entries (everything else is the base layer's)
+_OWN_KEYS = ("lora_A", "lora_B", "router", "cluster_centers", "cluster_vars", "cluster_initialized")
 # Seed of the fixed eval-mode merge mask (merge_at_eval=True).
 EVAL_MASK_SEED = 0x5115
 
@@ -218,6 +220,8 @@ class SlimLinear(nn.Module):
         self._base_only = 0  # > 0 inside disable_slim (integrations/hf.py): the base linear only
         self._register_load_state_dict_pre_hook(self._forget_cached_flag)
         self._register_load_state_dict_pre_hook(self._old_base_keys)
+        if own_base:
+            self._register_state_dict_hook(SlimLinear._base_keys_out)
         self.reset_slim_parameters()
 
     # -- the base layer -------------------------------------------------------------------
@@ -236,15 +240,23 @@ class SlimLinear(nn.Module):
         """The base layer's bias (read-only here)."""
         return self.get_base_layer().bias
 
+    @staticmethod
+    def _base_keys_out(module, state_dict, prefix, local_metadata) -> None:
+        # The base layer's tensors keep the names the plain model gives them (``q_proj.weight``,
+        # not ``q_proj.base_layer.weight``): a checkpoint of a SLIM model loads into the base
+        # model class, and checkpoints of layers that owned the weight load here.
+        inner = prefix + "base_layer."
+        for k in [k for k in state_dict if k.startswith(inner)]:
+            state_dict[prefix + k[len(inner):]] = state_dict.pop(k)
+
     def _old_base_keys(self, state_dict, prefix, *args, **kwargs) -> None:
-        # state dicts of layers that owned the weight (slim_kernels <= 0.2): ``weight``/``bias``
-        # were the layer's own keys; they are the base layer's now
+        # the inverse of _base_keys_out: ``<prefix>weight`` is the base layer's
         if "base_layer" not in self._modules:
             return
-        for k in ("weight", "bias"):
-            old, new = prefix + k, prefix + "base_layer." + k
-            if old in state_dict and new not in state_dict:
-                state_dict[new] = state_dict.pop(old)
+        for k in [k for k in state_dict if k.startswith(prefix)]:
+            rest = k[len(prefix):]
+            if rest.split(".", 1)[0] not in _OWN_KEYS and not rest.startswith("base_layer."):
+                state_dict[prefix + "base_layer." + rest] = state_dict.pop(k)
 
     # -- parameters ---------------------------------------------------------------------
     def reset_slim_parameters(self) -> None:

@@ -45,20 +45,29 @@ def test_wraps_base_layer_weight_read_only():
     assert not lin.weight.requires_grad
     with pytest.raises((AttributeError, KeyError)):
         layer.weight = nn.Parameter(torch.zeros(6, 8))
-    assert "base_layer.weight" in layer.state_dict() and "weight" not in layer.state_dict()
+    # the base's tensors keep their plain names in the state dict (checkpoints of a SLIM model
+    # load into the base model class) and load back into the base layer
+    sd = layer.state_dict()
+    assert "weight" in sd and "bias" in sd and not any(k.startswith("base_layer.") for k in sd)
+    other = SlimLinear(8, 6, True, CFG)
+    other.load_state_dict(sd)
+    assert torch.equal(other.base_layer.weight, lin.weight)
 
 
-def test_old_state_dict_keys_still_load():
+def test_state_dict_keys_as_before_and_nested_keys_load():
     torch.manual_seed(0)
     src = _trained(SlimLinear(8, 6, True, CFG))
-    old = {("weight" if k == "base_layer.weight" else "bias" if k == "base_layer.bias" else k): v
-           for k, v in src.state_dict().items()}
-    assert "weight" in old and "base_layer.weight" not in old
-    dst = SlimLinear(8, 6, True, CFG)
-    dst.load_state_dict(old)
+    sd = src.state_dict()
+    assert sorted(sd) == sorted(["weight", "bias", "lora_A", "lora_B", "router", "cluster_centers",
+                                 "cluster_vars", "cluster_initialized"])
     x = torch.randn(5, 8)
-    src.eval(), dst.eval()
-    assert torch.equal(src(x), dst(x))
+    src.eval()
+    for keys in (sd, {("base_layer." + k if k in ("weight", "bias") else k): v
+                      for k, v in sd.items()}):
+        dst = SlimLinear(8, 6, True, CFG)
+        dst.load_state_dict(keys)
+        dst.eval()
+        assert torch.equal(src(x), dst(x))
 
 
 def test_from_linear_unsupported_names_the_layer():
@@ -83,8 +92,8 @@ def _check_quantized(base, deq: torch.Tensor, atol: float):
     ref_lin = nn.Linear(base.in_features, base.out_features)
     ref_lin.weight.data, ref_lin.bias.data = deq.float().clone(), base.bias.detach().float().clone()
     ref = SlimLinear.from_linear(ref_lin, CFG)
-    ref.load_state_dict({k: v for k, v in layer.state_dict().items()
-                         if not k.startswith("base_layer.")}, strict=False)
+    own = ("lora_A", "lora_B", "router", "cluster_centers", "cluster_vars", "cluster_initialized")
+    ref.load_state_dict({k: v for k, v in layer.state_dict().items() if k in own}, strict=False)
     ref.eval()
     # base output + SLIM part: the op on the dequantized weight equals the base layer's output
     # plus the delta the same experts give over an nn.Linear
@@ -95,12 +104,13 @@ def _check_quantized(base, deq: torch.Tensor, atol: float):
     layer.train()
     opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
+    own = ("lora_A", "lora_B", "router", "cluster_centers", "cluster_vars", "cluster_initialized")
     layer(x).pow(2).mean().backward()
     opt.step()
     after = layer.state_dict()
     assert not torch.equal(before["lora_A"], after["lora_A"])
     for k in before:
-        if k.startswith("base_layer."):
+        if k not in own:
             assert torch.equal(before[k], after[k]), k
     assert all(not p.requires_grad for p in base.parameters())
 
@@ -216,3 +226,17 @@ def test_bitsandbytes_4bit_model_trains_one_step_through_peft(tmp_path):
     wrapped = [n for n, m in model.named_modules() if hasattr(m, "slim_experts")]
     assert len(wrapped) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in wrapped)
     _one_step_trains_experts_only(model)
+
+
+def test_slim_model_state_dict_keeps_the_base_names():
+    import slim_kernels as sk
+    from hf_models import tiny_model
+
+    plain = tiny_model()
+    model = sk.apply_slim(tiny_model(), SlimConfig(num_lora_experts=2, num_identity_experts=1,
+                                                   rank=2, num_clusters=2, backend="torch"),
+                          verbose=False)
+    sd = model.state_dict()
+    assert set(plain.state_dict()) <= set(sd)
+    res = tiny_model(seed=5).load_state_dict(sd, strict=False)  # the base class loads it
+    assert not res.missing_keys
