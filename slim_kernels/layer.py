@@ -38,7 +38,7 @@ _TOKEN_MASK: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar(
     "slim_token_mask", default=None
 )
 # the layer's own state-dict entries (everything else is the base layer's)
-_OWN_KEYS = ("lora_A", "lora_B", "router", "cluster_centers", "cluster_vars", "cluster_initialized")
+SLIM_KEYS = ("lora_A", "lora_B", "router", "cluster_centers", "cluster_vars", "cluster_initialized")
 # Seed of the fixed eval-mode merge mask (merge_at_eval=True).
 EVAL_MASK_SEED = 0x5115
 
@@ -87,14 +87,24 @@ def _weight_kind(module: nn.Module) -> str:
     return type(getattr(module, "weight", None)).__name__
 
 
+_BNB_WEIGHTS = ("Params4bit", "Int8Params")
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear with a floating-point weight the op can use as it is (bitsandbytes'
+    Linear4bit / Linear8bitLt subclass nn.Linear but hold packed weights)."""
+    return (isinstance(module, nn.Linear) and _weight_kind(module) not in _BNB_WEIGHTS
+            and module.weight.is_floating_point())
+
+
 def unsupported_base(module: nn.Module) -> Optional[str]:
     """Why SlimLinear cannot wrap ``module`` (None when it can)."""
-    if isinstance(module, nn.Linear) and _weight_kind(module) not in ("Params4bit", "Int8Params"):
-        if module.weight.is_floating_point():
-            return None
+    if _is_plain_linear(module):
+        return None
+    if isinstance(module, nn.Linear) and _weight_kind(module) not in _BNB_WEIGHTS:
         return f"its weight is {module.weight.dtype}, not floating point"
     linear_like = all(hasattr(module, a) for a in ("in_features", "out_features", "bias"))
-    if linear_like and (_weight_kind(module) in ("Params4bit", "Int8Params")
+    if linear_like and (_weight_kind(module) in _BNB_WEIGHTS
                         or callable(getattr(module, "dequantize", None))):
         return None
     return "it is not a supported linear layer"
@@ -103,7 +113,7 @@ def unsupported_base(module: nn.Module) -> Optional[str]:
 def base_weight(module: nn.Module) -> Tensor:
     """The (out, in) weight of a base layer SlimLinear supports: the ``nn.Linear`` weight itself,
     or the dequantized weight of a quantized one (a new tensor, no gradient)."""
-    if isinstance(module, nn.Linear) and _weight_kind(module) not in ("Params4bit", "Int8Params"):
+    if _is_plain_linear(module):
         return module.weight
     kind = _weight_kind(module)
     with torch.no_grad():
@@ -141,7 +151,8 @@ class SlimLinear(nn.Module):
     as ``SlimLinear(in_features, out_features, bias, config)``. ``weight`` and ``bias`` are
     read-only views of the base layer's. A quantized base (bitsandbytes ``Linear4bit`` /
     ``Linear8bitLt``, or any module with ``dequantize()``) is dequantized at each forward and
-    the op runs on that weight: the same output as the base layer itself plus the SLIM part.
+    the op runs on that weight: ``F.linear(x, dequantized W, b)`` plus the SLIM part (the base
+    layer's own quantized kernels may round differently).
 
     Parameters: ``lora_A`` (E_L, r, K), ``lora_B`` (E_L, N, r) (zero init), ``router`` (E, K).
     Buffers: ``cluster_centers`` (C, K), ``cluster_vars`` (C, K) (fp32), ``cluster_initialized``.
@@ -188,7 +199,8 @@ class SlimLinear(nn.Module):
             raise TypeError(f"config must be a SlimConfig, got {type(config).__name__}")
         self.config = config
         weight = base.weight
-        if isinstance(base, nn.Linear) and weight.is_floating_point():
+        self._quantized = not _is_plain_linear(base)
+        if not self._quantized:
             # full_shape: a linear built under deepspeed.zero.Init is already partitioned
             out_features, in_features = _dist.full_shape(weight)
             dtype = weight.dtype
@@ -203,8 +215,6 @@ class SlimLinear(nn.Module):
             self.base_layer = base
         else:
             object.__setattr__(self, "_borrowed_base", base)
-        self._quantized = not (isinstance(base, nn.Linear) and weight.is_floating_point()
-                               and _weight_kind(base) not in ("Params4bit", "Int8Params"))
         c = config
         K, N, r = self.in_features, self.out_features, c.rank
         kw = dict(device=weight.device, dtype=dtype)
@@ -255,7 +265,7 @@ class SlimLinear(nn.Module):
             return
         for k in [k for k in state_dict if k.startswith(prefix)]:
             rest = k[len(prefix):]
-            if rest.split(".", 1)[0] not in _OWN_KEYS and not rest.startswith("base_layer."):
+            if rest.split(".", 1)[0] not in SLIM_KEYS and not rest.startswith("base_layer."):
                 state_dict[prefix + "base_layer." + rest] = state_dict.pop(k)
 
     # -- parameters ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from slim_kernels import SlimConfig, SlimLinear
+from slim_kernels.layer import SLIM_KEYS
 
 CFG = SlimConfig(num_lora_experts=2, num_identity_experts=1, rank=2, top_k=2, num_clusters=2,
                  backend="torch")
@@ -92,8 +93,8 @@ def _check_quantized(base, deq: torch.Tensor, atol: float):
     ref_lin = nn.Linear(base.in_features, base.out_features)
     ref_lin.weight.data, ref_lin.bias.data = deq.float().clone(), base.bias.detach().float().clone()
     ref = SlimLinear.from_linear(ref_lin, CFG)
-    own = ("lora_A", "lora_B", "router", "cluster_centers", "cluster_vars", "cluster_initialized")
-    ref.load_state_dict({k: v for k, v in layer.state_dict().items() if k in own}, strict=False)
+    ref.load_state_dict({k: v for k, v in layer.state_dict().items() if k in SLIM_KEYS},
+                        strict=False)
     ref.eval()
     # base output + SLIM part: the op on the dequantized weight equals the base layer's output
     # plus the delta the same experts give over an nn.Linear
@@ -104,13 +105,12 @@ def _check_quantized(base, deq: torch.Tensor, atol: float):
     layer.train()
     opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
-    own = ("lora_A", "lora_B", "router", "cluster_centers", "cluster_vars", "cluster_initialized")
     layer(x).pow(2).mean().backward()
     opt.step()
     after = layer.state_dict()
     assert not torch.equal(before["lora_A"], after["lora_A"])
     for k in before:
-        if k not in own:
+        if k not in SLIM_KEYS:
             assert torch.equal(before[k], after[k]), k
     assert all(not p.requires_grad for p in base.parameters())
 

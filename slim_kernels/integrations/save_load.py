@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SlimConfig
-from ..layer import slim_modules
+from ..layer import SLIM_KEYS, slim_modules
 from . import distributed as _dist
 from .hf import plan_slim, summarize, swap_in, unwrap_model
 
@@ -52,7 +52,7 @@ CONFIG_FILE = "slim_config.json"
 ADAPTER_FILE = "slim_adapter.safetensors"  # the tensor file of format 1
 FORMAT = "slim_kernels.slim_adapter"
 FORMAT_VERSION = 2
-TENSORS = ("lora_A", "lora_B", "router", "cluster_centers", "cluster_vars", "cluster_initialized")
+TENSORS = SLIM_KEYS  # per wrapped module
 _TENSOR_FILE = re.compile(r"slim_adapter\.[0-9a-f]{16}\.safetensors\Z")
 _TMP = re.compile(r"(slim_adapter\.[0-9a-f]{16}\.safetensors|slim_config\.json)\.tmp-[0-9a-f]{32}\Z")
 
