@@ -79,7 +79,9 @@ def topk_softmax(z: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     order = order.gather(-1, torch.sort(nan.gather(-1, order).to(torch.uint8), dim=-1,
                                         stable=True).indices)[:, :k]
     keep = torch.zeros_like(z, dtype=torch.bool).scatter_(1, order, True)
-    gates = torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1).masked_fill(~keep, 0.0)
+    # times the 0/1 mask rather than masked_fill: a NaN upstream gradient on an unselected
+    # expert then reaches dz as 0 · NaN, as every backend's chain rule gives it (§1.5)
+    gates = torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1) * keep
     # times NaN rather than a NaN constant: the gradient through these gates is NaN too, as
     # the backends' chain rule gives it (and times 1 on the other tokens)
     bad = ~torch.isfinite(z).all(-1, keepdim=True)

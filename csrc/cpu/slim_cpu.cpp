@@ -147,13 +147,13 @@ void cluster_distance_row(const acc_t* x, const acc_t* dots, int64_t dot_stride,
   const float* c = centers + best * K;
   const float* s = inv_std + best * K;
   acc_t r = 0;
-  if (reduce == 0) {  // max; probe: NaN when some u is not finite (the max drops NaN)
+  if (reduce == 0) {  // max; it drops NaN, so NaN u are summed into probe (as torch.amax)
     acc_t probe = 0;
 #pragma omp simd reduction(max : r) reduction(+ : probe)
     for (int64_t k = 0; k < K; ++k) {
       acc_t u = std::abs(x[k] - static_cast<acc_t>(c[k])) * static_cast<acc_t>(s[k]);
       r = u > r ? u : r;
-      probe += u * acc_t(0);
+      probe += u != u ? u : acc_t(0);
     }
     r += probe;
   } else if (reduce == 1) {  // mean

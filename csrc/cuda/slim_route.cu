@@ -101,13 +101,13 @@ route_forward_kernel(int64_t K, int E, int EL, int r, int C, int top_k,
     }
     const float* c = centers + (int64_t)bj * K;
     const float* sd = inv_std + (int64_t)bj * K;
-    A v = 0, probe = 0;  // probe: NaN when some u is not finite (the max drops NaN)
+    A v = 0, probe = 0;  // probe: NaN when some u is NaN (the max drops NaN; torch.amax not)
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
       A df = to_acc(xr[k]) - (A)c[k];
       A u = (df < 0 ? -df : df) * (A)sd[k];
       if (reduce == 0) {
         v = u > v ? u : v;
-        probe += u * (A)0;
+        if (u != u) probe = u;
       } else if (reduce == 1) {
         v += u;
       } else {

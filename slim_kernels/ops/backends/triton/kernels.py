@@ -130,9 +130,10 @@ def route_fwd_kernel(
                 if REDUCE == 0:
                     u = tl.abs(diff) * isd[None, :]
                     c_mx = tl.where(sel, tl.maximum(c_mx, tl.max(u, axis=1)[:, None]), c_mx)
-                    # the max may drop NaN: c_sm (unused by max) sums u * 0, NaN when some
-                    # u is not finite, added to the max in the epilogue (§1.5)
-                    c_sm = tl.where(sel, c_sm + tl.sum(u * 0.0, axis=1)[:, None], c_sm)
+                    # the max may drop NaN: c_sm (unused by max) sums the NaN u, added to
+                    # the max in the epilogue, so d is NaN as with torch.amax (§1.5)
+                    c_sm = tl.where(sel, c_sm + tl.sum(tl.where(u != u, u, 0.0), axis=1)[:, None],
+                                    c_sm)
                 elif REDUCE == 1:
                     u = tl.abs(diff) * isd[None, :]
                     c_sm = tl.where(sel, c_sm + tl.sum(u, axis=1)[:, None], c_sm)
