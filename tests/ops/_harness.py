@@ -15,6 +15,9 @@ shared by every backend (``docs/method.md`` §6 for the stacked layout the op ta
   :func:`check` compares: relative error < 1e-5 in fp32 and < 1e-12 in fp64 (Frobenius and
   max-abs both), bf16/fp16 by the 2x rule (at most twice the error of the reference, or of
   the torch backend, evaluated in that precision), top-k indices and assignments exactly.
+* :func:`conform_rows` and :func:`check_nonfinite`: the same on inputs with NaN or inf
+  (``docs/method.md`` §1.5): the same rows non-finite as in the reference, the others held
+  by :func:`check`.
 """
 from __future__ import annotations
 
@@ -492,4 +495,64 @@ def conform(got: Dict[str, Tensor], case: Case, inp: Dict, label: str = "") -> D
         baselines = (reference_lowp(case, inp),
                      run_op(Target("torch", inp["x"].device.type), case, inp))
     check(got, want, dtype, baselines, label)
+    return want
+
+
+# ------------------------------------------------------------------------------------------
+# non-finite values (docs/method.md §1.5)
+# ------------------------------------------------------------------------------------------
+TOKEN_FLOATS = ("y", "gates", "d", "dx", "dx_lora")  # one row per token
+WEIGHT_GRADS = ("dA", "dB", "dR")
+
+
+def bad_rows(t: Tensor) -> Tensor:
+    """(T,) bool: the rows (tokens) of ``t`` with a NaN or inf."""
+    return ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+
+
+def valid_topk(idx: Tensor, num_experts: int) -> bool:
+    """Every row of ``idx`` is a prefix of a permutation of the experts: in range, distinct."""
+    if idx.numel() == 0:
+        return True
+    ok = (idx >= 0).all() and (idx < num_experts).all()
+    return bool(ok) and bool((idx.sort(1).values.diff(1) != 0).all())
+
+
+def check_nonfinite(got: Dict[str, Tensor], want: Dict[str, Tensor], label: str = "") -> None:
+    """The non-finite half of the contract, against the truth on the same inputs: the same
+    rows non-finite in every per-token output and input gradient, the same weight gradients
+    non-finite, and valid index slots everywhere."""
+    for k in TOKEN_FLOATS:
+        if k in want:
+            g, w = bad_rows(got[k]), bad_rows(want[k])
+            assert torch.equal(g, w), (f"{label} {k}: non-finite rows {g.nonzero().flatten()[:10].tolist()}"
+                                       f", the reference's {w.nonzero().flatten()[:10].tolist()}")
+    for k in WEIGHT_GRADS:
+        g, w = bool(bad_rows(got[k]).any()), bool(bad_rows(want[k]).any())
+        assert g == w, f"{label} {k}: non-finite {g}, the reference's {w}"
+    E = want["gates"].shape[1]
+    assert valid_topk(got["idx"], E), f"{label}: idx slots are not a permutation prefix"
+
+
+def conform_rows(got: Dict[str, Tensor], case: Case, inp: Dict, label: str = "") -> Dict:
+    """:func:`conform` for inputs with non-finite values: :func:`check_nonfinite`, then
+    :func:`check` of every float output on the rows where the truth's is finite, of idx and
+    assign on every row, and of the weight gradients the truth has finite. Returns the truth."""
+    dtype = inp["x"].dtype
+    want = truth(case, inp)
+    check_nonfinite(got, want, label)
+    keep = {k: ~bad_rows(want[k]) for k in TOKEN_FLOATS if k in want}
+    # the selected experts and clusters on every token (NaN ranks last, §1.5)
+    keep["idx"] = keep["assign"] = torch.ones_like(keep["d"])
+
+    def rows(out):
+        sub = {k: out[k][m] for k, m in keep.items()}
+        sub.update({k: out[k] for k in WEIGHT_GRADS if not bad_rows(want[k]).any()})
+        return sub
+
+    baselines = ()
+    if dtype in LOW:
+        baselines = (reference_lowp(case, inp),
+                     run_op(Target("torch", inp["x"].device.type), case, inp))
+    check(rows(got), rows(want), dtype, [rows(b) for b in baselines], label)
     return want
