@@ -31,13 +31,13 @@ if not torch.cuda.is_available():  # before slim_kernels imports triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 if __package__:  # imported by tests/ops/test_fuzz.py
-    from ._harness import (EPS, SUPPORTED, Case, Target, check_other_tokens, conform_rows,
-                           drop_tokens, make_inputs, run_op, unrunnable)
+    from ._harness import (EPS, LOW, SUPPORTED, Case, Target, check_other_tokens,
+                           conform_rows, drop_tokens, make_inputs, run_op, unrunnable)
 else:  # run as a script: this checkout's slim_kernels and tests/ops
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:0] = [os.path.dirname(os.path.dirname(_here)), os.path.dirname(_here)]
-    from ops._harness import (EPS, SUPPORTED, Case, Target, check_other_tokens, conform_rows,
-                              drop_tokens, make_inputs, run_op, unrunnable)
+    from ops._harness import (EPS, LOW, SUPPORTED, Case, Target, check_other_tokens,
+                              conform_rows, drop_tokens, make_inputs, run_op, unrunnable)
 from slim_kernels.reference import cluster_distance  # noqa: E402
 
 NAN, INF = float("nan"), float("inf")
@@ -137,6 +137,11 @@ def run_case(seed: int, targets, log) -> int:
         f"E_I={case.E_I} k={case.top_k} C={case.C} lam={case.lam:.3g} {case.reduce} "
         f"x_lora={case.x_lora} router={case.router} | {desc or 'clean'}")
     skip = ambiguous(case, clean, dtype)
+    # bf16/fp16: the 2x rule's floor is one unit roundoff of the dtype. The drawn shapes are
+    # tiny (T = 1), where a baseline can be luckily exact while storing an intermediate in
+    # the dtype (dz, hg) costs any implementation that much (seed 1106: dR of the torch
+    # backend, itself a baseline, 1e-3 off in fp16 where the fp16 reference was 2e-4 off)
+    floor = torch.finfo(dtype).eps if dtype in LOW else 1e-5
     weights_bad = any(r is None for _, _, r, _ in inj)
     runs = 0
     for t in targets:
@@ -144,7 +149,7 @@ def run_case(seed: int, targets, log) -> int:
             continue
         label = f"seed {seed} {t.id} {dtype}"
         got = run_op(t, case, inp)
-        conform_rows(got, case, inp, label, skip=skip)
+        conform_rows(got, case, inp, label, skip=skip, floor=floor)
         if bad_tokens and not weights_bad:
             bad = torch.zeros(case.T, dtype=torch.bool)
             bad[bad_tokens] = True

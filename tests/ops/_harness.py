@@ -439,11 +439,12 @@ def err(a: Tensor, b: Tensor) -> float:
 
 
 def check(got: Dict[str, Tensor], want: Dict[str, Tensor], dtype: torch.dtype,
-          baselines: Sequence[Dict[str, Tensor]] = (), label: str = "") -> None:
+          baselines: Sequence[Dict[str, Tensor]] = (), label: str = "",
+          floor: float = 1e-5) -> None:
     """Assert ``got`` (a backend's outputs and gradients) conforms to ``want`` (the fp64
     truth). fp32/fp64: relative error below :data:`TOL`, Frobenius and max-abs. bf16/fp16: the
     2x rule, error vs the truth at most twice the smallest error of the ``baselines`` (the same
-    call evaluated in that precision), plus a floor of 1e-5 relative + 1e-6 absolute. Indices
+    call evaluated in that precision), plus a floor of ``floor`` relative + 1e-6 absolute. Indices
     of the selected experts and cluster assignments: exactly equal."""
     acc = acc_dtype(dtype)
     assert set(got) == set(want), (label, sorted(got), sorted(want))
@@ -467,7 +468,7 @@ def check(got: Dict[str, Tensor], want: Dict[str, Tensor], dtype: torch.dtype,
         else:
             assert baselines, "the 2x rule needs a low-precision baseline"
             e_base = min(err(base[k], b) for base in baselines)
-            bound = 2 * e_base + 1e-5 * scale + 1e-6
+            bound = 2 * e_base + floor * scale + 1e-6
             assert e <= bound, (f"{label} {k}: err {e:.3g} > 2 x the {dtype} baseline's "
                                 f"{e_base:.3g} (+ floor)")
     for k in ("idx", "assign"):
@@ -525,8 +526,9 @@ def check_nonfinite(got: Dict[str, Tensor], want: Dict[str, Tensor], label: str 
     for k in TOKEN_FLOATS:
         if k in want:
             g, w = bad_rows(got[k]), bad_rows(want[k])
-            assert torch.equal(g, w), (f"{label} {k}: non-finite rows {g.nonzero().flatten()[:10].tolist()}"
-                                       f", the reference's {w.nonzero().flatten()[:10].tolist()}")
+            assert torch.equal(g, w), (
+                f"{label} {k}: non-finite rows {g.nonzero().flatten()[:10].tolist()}, "
+                f"the reference's {w.nonzero().flatten()[:10].tolist()}")
     for k in WEIGHT_GRADS:
         g, w = bool(bad_rows(got[k]).any()), bool(bad_rows(want[k]).any())
         assert g == w, f"{label} {k}: non-finite {g}, the reference's {w}"
@@ -535,12 +537,12 @@ def check_nonfinite(got: Dict[str, Tensor], want: Dict[str, Tensor], label: str 
 
 
 def conform_rows(got: Dict[str, Tensor], case: Case, inp: Dict, label: str = "",
-                 skip: Optional[Tensor] = None) -> Dict:
+                 skip: Optional[Tensor] = None, floor: float = 1e-5) -> Dict:
     """:func:`conform` for inputs with non-finite values: :func:`check_nonfinite`, then
     :func:`check` of every float output on the rows where the truth's is finite, of idx and
     assign on every row, and of the weight gradients the truth has finite. ``skip`` (T,)
     bool: rows left out of the value comparison, and with them the weight gradients (sums
-    over every row). Returns the truth."""
+    over every row). ``floor``: that of :func:`check`. Returns the truth."""
     dtype = inp["x"].dtype
     want = truth(case, inp)
     check_nonfinite(got, want, label)
@@ -559,7 +561,7 @@ def conform_rows(got: Dict[str, Tensor], case: Case, inp: Dict, label: str = "",
     if dtype in LOW:
         baselines = (reference_lowp(case, inp),
                      run_op(Target("torch", inp["x"].device.type), case, inp))
-    check(rows(got), rows(want), dtype, [rows(b) for b in baselines], label)
+    check(rows(got), rows(want), dtype, [rows(b) for b in baselines], label, floor)
     return want
 
 
