@@ -173,7 +173,7 @@ void cluster_distance_row(const acc_t* x, const acc_t* dots, int64_t dot_stride,
   *assign_out = best;
 }
 
-// a, p[0..n) all finite (the sum of v * 0 is 0 for finite v, NaN otherwise)
+// p[0..n) all finite (the sum of v * 0 is 0 for finite v, NaN otherwise)
 template <typename acc_t>
 bool all_finite(const acc_t* p, int64_t n) {
   acc_t probe = 0;
