@@ -142,6 +142,9 @@ def run_case(seed: int, targets, log) -> int:
     # the dtype (dz, hg) costs any implementation that much (seed 1106: dR of the torch
     # backend, itself a baseline, 1e-3 off in fp16 where the fp16 reference was 2e-4 off)
     floor = torch.finfo(dtype).eps if dtype in LOW else 1e-5
+    # errors relative to at least 1 per element: make_inputs draws every input of order 1,
+    # and a drawn T = 1 can give an output that cancels to near 0 (seed 1715: d = r - 1 with
+    # r = 1.00002 in fp32, where a relative error of d alone is meaningless)
     weights_bad = any(r is None for _, _, r, _ in inj)
     runs = 0
     for t in targets:
@@ -149,7 +152,7 @@ def run_case(seed: int, targets, log) -> int:
             continue
         label = f"seed {seed} {t.id} {dtype}"
         got = run_op(t, case, inp)
-        conform_rows(got, case, inp, label, skip=skip, floor=floor)
+        conform_rows(got, case, inp, label, skip=skip, floor=floor, unit=1.0)
         if bad_tokens and not weights_bad:
             bad = torch.zeros(case.T, dtype=torch.bool)
             bad[bad_tokens] = True

@@ -440,12 +440,14 @@ def err(a: Tensor, b: Tensor) -> float:
 
 def check(got: Dict[str, Tensor], want: Dict[str, Tensor], dtype: torch.dtype,
           baselines: Sequence[Dict[str, Tensor]] = (), label: str = "",
-          floor: float = 1e-5) -> None:
+          floor: float = 1e-5, unit: float = 0.0) -> None:
     """Assert ``got`` (a backend's outputs and gradients) conforms to ``want`` (the fp64
     truth). fp32/fp64: relative error below :data:`TOL`, Frobenius and max-abs. bf16/fp16: the
     2x rule, error vs the truth at most twice the smallest error of the ``baselines`` (the same
     call evaluated in that precision), plus a floor of ``floor`` relative + 1e-6 absolute. Indices
-    of the selected experts and cluster assignments: exactly equal."""
+    of the selected experts and cluster assignments: exactly equal. ``unit``: the errors are
+    relative to at least this magnitude per element (an output that cancels to near zero is
+    judged at the scale of its terms, when the inputs are known to be of that order)."""
     acc = acc_dtype(dtype)
     assert set(got) == set(want), (label, sorted(got), sorted(want))
     for k in FLOAT_KEYS:
@@ -455,13 +457,13 @@ def check(got: Dict[str, Tensor], want: Dict[str, Tensor], dtype: torch.dtype,
         assert a.shape == b.shape, f"{label} {k}: shape {tuple(a.shape)} != {tuple(b.shape)}"
         exp_dtype = acc if k in ("gates", "d") else dtype
         assert a.dtype == exp_dtype, f"{label} {k}: dtype {a.dtype}, expected {exp_dtype}"
-        scale = b.double().norm().item()
+        scale = max(b.double().norm().item(), unit * b.numel() ** 0.5)
         e = err(a, b)
         if dtype in TOL:
             tol = TOL[dtype]
             assert e <= tol * scale, f"{label} {k}: rel err {e / max(scale, 1e-300):.3g} > {tol}"
             if b.numel():
-                amax = b.double().abs().max().item()
+                amax = max(b.double().abs().max().item(), unit)
                 emax = (a.double() - b.double()).abs().max().item()
                 assert emax <= tol * amax, (
                     f"{label} {k}: max-abs rel err {emax / max(amax, 1e-300):.3g} > {tol}")
@@ -537,12 +539,12 @@ def check_nonfinite(got: Dict[str, Tensor], want: Dict[str, Tensor], label: str 
 
 
 def conform_rows(got: Dict[str, Tensor], case: Case, inp: Dict, label: str = "",
-                 skip: Optional[Tensor] = None, floor: float = 1e-5) -> Dict:
+                 skip: Optional[Tensor] = None, floor: float = 1e-5, unit: float = 0.0) -> Dict:
     """:func:`conform` for inputs with non-finite values: :func:`check_nonfinite`, then
     :func:`check` of every float output on the rows where the truth's is finite, of idx and
     assign on every row, and of the weight gradients the truth has finite. ``skip`` (T,)
     bool: rows left out of the value comparison, and with them the weight gradients (sums
-    over every row). ``floor``: that of :func:`check`. Returns the truth."""
+    over every row). ``floor``, ``unit``: those of :func:`check`. Returns the truth."""
     dtype = inp["x"].dtype
     want = truth(case, inp)
     check_nonfinite(got, want, label)
@@ -561,7 +563,7 @@ def conform_rows(got: Dict[str, Tensor], case: Case, inp: Dict, label: str = "",
     if dtype in LOW:
         baselines = (reference_lowp(case, inp),
                      run_op(Target("torch", inp["x"].device.type), case, inp))
-    check(rows(got), rows(want), dtype, [rows(b) for b in baselines], label, floor)
+    check(rows(got), rows(want), dtype, [rows(b) for b in baselines], label, floor, unit)
     return want
 
 
