@@ -160,7 +160,7 @@ def run_case(seed: int, targets, log) -> int:
             alone_inp, alone_case = drop_tokens(clean, case, bad_tokens)
             if alone_case.T:
                 alone = run_op(t, alone_case, alone_inp)
-                check_other_tokens(got, alone, bad, dtype, label, skip=skip)
+                check_other_tokens(got, alone, bad, dtype, label, skip=skip, unit=1.0)
         runs += 1
     return runs
 

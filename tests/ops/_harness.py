@@ -586,9 +586,10 @@ def drop_tokens(inp: Dict, case: Case, rows: Sequence[int]):
 
 def check_other_tokens(got: Dict[str, Tensor], alone: Dict[str, Tensor], bad: Tensor,
                        dtype: torch.dtype, label: str = "",
-                       skip: Optional[Tensor] = None) -> None:
+                       skip: Optional[Tensor] = None, unit: float = 0.0) -> None:
     """The rows of ``got`` outside ``bad`` (and ``skip``) are ``alone``, the same call run
-    without the bad tokens: idx and assign exactly, floats within :data:`WITHOUT_TOL`."""
+    without the bad tokens: idx and assign exactly, floats within :data:`WITHOUT_TOL` of their
+    largest value (at least ``unit``, as in :func:`check`)."""
     rows = ~bad if skip is None else ~bad & ~skip
     sub = rows[~bad]
     for k in TOKEN_FLOATS + ("idx", "assign"):
@@ -599,6 +600,7 @@ def check_other_tokens(got: Dict[str, Tensor], alone: Dict[str, Tensor], bad: Te
             assert torch.equal(a, b), f"{label} {k}: the other tokens' values moved"
             continue
         assert bool(torch.isfinite(b).all()), f"{label} {k}: the clean call is not finite"
-        tol = WITHOUT_TOL[dtype] * (b.double().abs().max().item() if b.numel() else 0.0)
+        tol = WITHOUT_TOL[dtype] * max(b.double().abs().max().item() if b.numel() else 0.0,
+                                       unit)
         e = (a.double() - b.double()).abs().max().item() if b.numel() else 0.0
         assert e <= tol, f"{label} {k}: the other tokens moved by {e:.3g} > {tol:.3g}"
