@@ -17,7 +17,6 @@ last line before a crash names it. Exit status 0: every case held; 1: a case fai
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import sys
