@@ -38,7 +38,7 @@ def cluster_distance(
 ) -> Tuple[Tensor, Tensor]:
     """Out-of-domain distance of each token (``docs/method.md`` §2).
 
-    ``j* = argmin_j ||x - c_j||²`` (ties: lower index), then
+    ``j* = argmin_j ||x - c_j||²`` (ties: lower index; a non-finite value first, §1.5), then
     ``d = reduce_k(|x_k - c_{j*,k}| * inv_std_{j*,k}) - 1`` with reduce max | mean | rms,
     where ``inv_std = 1/sqrt(var + eps)``. No gradient flows through d.
     Returns (d (T,) in the accumulation dtype, assign (T,) int64).
@@ -49,7 +49,8 @@ def cluster_distance(
     s = inv_std.to(acc)
     diff = xf[:, None, :] - c[None, :, :]  # (T, C, K)
     sq = (diff * diff).sum(-1)  # (T, C)
-    assign = sq.argmin(dim=1)  # first minimum wins
+    # first minimum wins; a non-finite sq counts as -inf, so the first such one wins
+    assign = torch.where(torch.isfinite(sq), sq, float("-inf")).argmin(dim=1)
     u = diff.gather(1, assign[:, None, None].expand(-1, 1, x.shape[1])).squeeze(1).abs()
     u = u * s[assign]
     if reduce == "max":
@@ -64,16 +65,28 @@ def cluster_distance(
 
 
 def topk_softmax(z: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """Top-k then softmax over the kept logits (``docs/method.md`` §1, step 3).
+    """Top-k then softmax over the kept logits (``docs/method.md`` §1.3, §1.5).
 
-    The k largest logits are kept, ties to the lower index: a stable descending sort keeps
-    equal logits in index order. Returns (dense gates (T, E), zero for unselected experts;
-    the selected indices (T, k) int64 in decreasing order, ties by lower index).
+    The k largest logits are kept, NaN last (below -inf), ties to the lower index: a stable
+    descending sort keeps equal logits in index order, and a second stable sort on "is NaN"
+    moves the NaNs behind every number (``torch.sort`` alone puts NaN first). A token with a
+    non-finite logit gets NaN for every gate. Returns (dense gates (T, E), zero for unselected
+    experts; the selected indices (T, k) int64 in that order).
     """
-    order = torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :k]
+    nan = z.isnan()
+    order = torch.sort(z.masked_fill(nan, float("-inf")), dim=-1, descending=True,
+                       stable=True).indices
+    order = order.gather(-1, torch.sort(nan.gather(-1, order).to(torch.uint8), dim=-1,
+                                        stable=True).indices)[:, :k]
     keep = torch.zeros_like(z, dtype=torch.bool).scatter_(1, order, True)
-    gates = torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1).masked_fill(~keep, 0.0)
-    return gates, order
+    # times the 0/1 mask rather than masked_fill: a NaN upstream gradient on an unselected
+    # expert then reaches dz as 0 · NaN, as every backend's chain rule gives it (§1.5)
+    gates = torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1) * keep
+    # times NaN rather than a NaN constant: the gradient through these gates is NaN too, as
+    # the backends' chain rule gives it (and times 1 on the other tokens)
+    bad = ~torch.isfinite(z).all(-1, keepdim=True)
+    poison = torch.ones_like(bad, dtype=gates.dtype).masked_fill(bad, float("nan"))
+    return gates * poison, order
 
 
 def slim_reference(

@@ -34,24 +34,29 @@ def check_reduce(reduce: str) -> str:
 
 
 def topk_softmax(z: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """Top-k then softmax over the kept logits.
+    """Top-k then softmax over the kept logits (``docs/method.md`` §1.3, §1.5).
 
-    Ties: the lower index wins. Expert i is kept iff
-    ``#{j: z_j > z_i} + #{j < i: z_j == z_i} < k``.
+    Order: larger first, NaN last (below -inf), ties (and two NaNs) to the lower index; expert
+    i is kept iff ``#{j ranked before i} < k``, so the ranks are a permutation and the k index
+    slots a valid prefix of it. A token with any non-finite logit gets NaN for all its gates.
     Returns (dense gates (T, E) with zeros for unselected experts, indices (T, k) int64 of the
-    selected experts in decreasing gate order, ties by lower index).
+    selected experts in rank order).
     """
     T, E = z.shape
-    zi = z[:, :, None]  # i
-    zj = z[:, None, :]  # j
+    nan = z.isnan()
+    zf = z.masked_fill(nan, float("-inf"))
+    zi, zj = zf[:, :, None], zf[:, None, :]  # [t, i, j]
+    ni, nj = nan[:, :, None], nan[:, None, :]
     lower = torch.ones(E, E, dtype=torch.bool, device=z.device).tril(-1)  # [i, j]: j < i
-    rank = (zj > zi).sum(-1) + ((zj == zi) & lower).sum(-1)  # (T, E)
+    # j ranks before i: a number before NaN; else larger first, equal (or both NaN) by index
+    before = (ni & ~nj) | ((ni == nj) & ((zj > zi) | ((zj == zi) & lower)))
+    rank = before.sum(-1)  # (T, E), a permutation of 0..E-1 per token
     keep = rank < k
     neg_inf = torch.full_like(z, float("-inf"))
     zk = torch.where(keep, z, neg_inf)
     gates = torch.softmax(zk, dim=-1) if T > 0 else torch.zeros_like(z)
     gates = torch.where(keep, gates, torch.zeros_like(gates))
-    # selected indices ordered by rank (rank is a permutation of 0..E-1 per token)
+    gates = gates.masked_fill(~torch.isfinite(z).all(-1, keepdim=True), float("nan"))
     order = torch.argsort(rank, dim=-1)[:, :k]
     return gates, order
 
@@ -59,7 +64,7 @@ def topk_softmax(z: Tensor, k: int) -> Tuple[Tensor, Tensor]:
 @torch.no_grad()
 def cluster_distance(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str
                      ) -> Tuple[Tensor, Tensor]:
-    """``j* = argmin_j ||x - c_j||²`` (first minimum wins), then
+    """``j* = argmin_j ||x - c_j||²`` (first minimum wins, a non-finite one first), then
     ``d = reduce_k(|x_k - c_{j*,k}| * inv_std_{j*,k}) - 1``, reduce max | mean | rms.
     Returns (d (T,) in the accumulation dtype, assign (T,) int64). No gradient flows."""
     check_reduce(reduce)
@@ -67,7 +72,8 @@ def cluster_distance(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str
     xf = x.to(acc)
     c = centers.to(acc)
     sq = (xf * xf).sum(1, keepdim=True) - 2.0 * (xf @ c.t()) + (c * c).sum(1)[None, :]
-    assign = sq.argmin(dim=1)
+    # a non-finite squared distance counts as -inf: the first one wins (§1.5)
+    assign = sq.masked_fill(~torch.isfinite(sq), float("-inf")).argmin(dim=1)
     u = (xf - c[assign]).abs_().mul_(inv_std.to(acc)[assign])
     if reduce == "max":
         r = u.amax(dim=1) if u.shape[1] > 0 else u.sum(dim=1)

@@ -20,7 +20,11 @@
 //   dh_e = s g_e dhg_e;  dB_eᵀ += hg_eᵀ dy_e,  dA_e += dh_eᵀ x_e,  dR += dzᵀ x  (per-chunk
 //   partial sums, reduced at the end);  dx = dy W (one GEMM first) += dz R + dh_e A_e.
 // Only the selected experts are computed in sparse mode; h of the unselected experts is 0
-// (the backward never reads it: their gate, hence every term they enter, is 0).
+// (the backward never reads it: their gate, hence every term they enter, is 0). Non-finite
+// values (docs/method.md §1.5): top-k and the cluster argmin are total over NaN
+// (csrc/common/topk.h), and sparse mode computes every expert for a token whose input, h or
+// dy row is not finite, and for every token when a LoRA factor is not finite, so that the
+// same rows come out non-finite as when every expert is computed.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -39,6 +43,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "common/topk.h"
 
 namespace slim_cpu {
 namespace {
@@ -132,8 +137,9 @@ void cluster_distance_row(const acc_t* x, const acc_t* dots, int64_t dot_stride,
   int64_t best = 0;
   acc_t best_sq = std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < C; ++j) {
-    const acc_t sq = csq[j] - acc_t(2) * dots[j * dot_stride];
-    if (j == 0 || sq < best_sq) {  // ties: the lower index
+    // ties: the lower index; a non-finite sq wins (docs/method.md §1.5)
+    const acc_t sq = slim_topk::argmin_key(csq[j] - acc_t(2) * dots[j * dot_stride]);
+    if (j == 0 || sq < best_sq) {
       best_sq = sq;
       best = j;
     }
@@ -141,12 +147,15 @@ void cluster_distance_row(const acc_t* x, const acc_t* dots, int64_t dot_stride,
   const float* c = centers + best * K;
   const float* s = inv_std + best * K;
   acc_t r = 0;
-  if (reduce == 0) {  // max
-#pragma omp simd reduction(max : r)
+  if (reduce == 0) {  // max; it drops NaN, so NaN u are summed into probe (as torch.amax)
+    acc_t probe = 0;
+#pragma omp simd reduction(max : r) reduction(+ : probe)
     for (int64_t k = 0; k < K; ++k) {
       acc_t u = std::abs(x[k] - static_cast<acc_t>(c[k])) * static_cast<acc_t>(s[k]);
       r = u > r ? u : r;
+      probe += u != u ? u : acc_t(0);
     }
+    r += probe;
   } else if (reduce == 1) {  // mean
 #pragma omp simd reduction(+ : r)
     for (int64_t k = 0; k < K; ++k)
@@ -164,31 +173,26 @@ void cluster_distance_row(const acc_t* x, const acc_t* dots, int64_t dot_stride,
   *assign_out = best;
 }
 
-// top-k (ties: lower index) + softmax over the kept logits of one token.
+// p[0..n) all finite (the sum of v * 0 is 0 for finite v, NaN otherwise)
 template <typename acc_t>
-void topk_softmax_row(const acc_t* z, int64_t E, int64_t k, acc_t* gates, int64_t* idx) {
-  acc_t zmax = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t i = 0; i < E; ++i) {
-    int64_t rank = 0;
-    for (int64_t j = 0; j < E; ++j) rank += (z[j] > z[i]) || (j < i && z[j] == z[i]);
-    if (rank < k) {
-      idx[rank] = i;
-      zmax = std::max(zmax, z[i]);
-    }
-    gates[i] = acc_t(0);
-  }
-  acc_t sum = 0;
-  for (int64_t q = 0; q < k; ++q) {
-    acc_t e = std::exp(z[idx[q]] - zmax);
-    gates[idx[q]] = e;
-    sum += e;
-  }
-  for (int64_t q = 0; q < k; ++q) gates[idx[q]] /= sum;
+bool all_finite(const acc_t* p, int64_t n) {
+  acc_t probe = 0;
+#pragma omp simd reduction(+ : probe)
+  for (int64_t i = 0; i < n; ++i) probe += p[i] * acc_t(0);
+  return probe == acc_t(0);
 }
 
 struct Shapes {
   int64_t T, K, N, E, EL, r, R, C, k;
 };
+
+// Sparse mode skips the experts a token did not select. That equals computing them (gate 0)
+// only while their factors are finite: a NaN or inf in any A_e or B_e makes every row
+// non-finite (0 * NaN), so then every expert runs for every token (docs/method.md §1.5).
+template <typename acc_t, typename scalar_t>
+bool factors_finite(const SmallWeights<acc_t, scalar_t>& w, const Shapes& s) {
+  return all_finite(w.A, s.R * s.K) && all_finite(w.B, s.N * s.R);
+}
 
 // the sizes every pass needs, read off the op's tensors (C and k are set by the forward)
 Shapes op_shapes(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& router,
@@ -242,6 +246,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
   const SmallWeights<acc_t, scalar_t> small(router, lora_A, lora_B);
   const acc_t* Ap = small.A;
   const acc_t* Bp = small.B;
+  const bool dense = !sparse || !factors_finite(small, s);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* xlp = x_lora.has_value() ? x_lora->data_ptr<scalar_t>() : nullptr;
   const scalar_t* Wp = weight.data_ptr<scalar_t>();
@@ -312,9 +317,12 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
           dp[t] = acc_t(0);
           ap[t] = -1;
         }
-        topk_softmax_row<acc_t>(zi, s.E, s.k, gp + t * s.E, ip + t * s.k);
+        slim_topk::topk_softmax_row<acc_t>(zi, s.E, s.k, gp + t * s.E, ip + t * s.k);
+        // every expert for a token whose LoRA input is not finite (a NaN gate is != 0
+        // already): its row must come out non-finite, as computing all experts gives
+        const bool every = dense || !all_finite(xab + i * s.K, s.K);
         for (int64_t e = 0; e < s.EL; ++e)
-          if (!sparse || gp[t * s.E + e] != acc_t(0)) sel[e].push_back(i);
+          if (every || gp[t * s.E + e] != acc_t(0)) sel[e].push_back(i);
       }
       // ---- base rows of y (fused-base mode, fp32/fp64 only)
       if constexpr (is_acc_v<scalar_t>) {
@@ -415,6 +423,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const c10::optional<
   const acc_t* Rp = small.R;
   const acc_t* Ap = small.A;
   const acc_t* Bp = small.B;
+  const bool dense = !sparse || !factors_finite(small, s);
   const scalar_t* dyp = dy.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* xlp = has_xl ? x_lora->data_ptr<scalar_t>() : nullptr;
@@ -481,9 +490,14 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const c10::optional<
         if (dgp)
           for (int64_t i = 0; i < tb * s.E; ++i) dg[i] = dgp[t0 * s.E + i];
         for (auto& v : sel) v.clear();
-        for (int64_t i = 0; i < tb; ++i)
+        for (int64_t i = 0; i < tb; ++i) {
+          const int64_t t = t0 + i;
+          // as the forward: every expert for a token with a non-finite h or dy row
+          const bool every = dense || !all_finite(hp + t * s.R, s.R) ||
+                             !all_finite(dyb + i * s.N, s.N);
           for (int64_t e = 0; e < s.EL; ++e)
-            if (!sparse || gp[(t0 + i) * s.E + e] != acc_t(0)) sel[e].push_back(i);
+            if (every || gp[t * s.E + e] != acc_t(0)) sel[e].push_back(i);
+        }
 
         for (int64_t e = 0; e < s.EL; ++e) {
           const auto& L = sel[e];

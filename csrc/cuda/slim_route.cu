@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "common/topk.h"
 #include "slim_cuda.h"
 
 namespace slim_cuda {
@@ -31,8 +32,6 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 template <typename T> __device__ __forceinline__ T from_acc(double v);
 template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
 
-__device__ __forceinline__ float dev_exp(float v) { return expf(v); }
-__device__ __forceinline__ double dev_exp(double v) { return exp(v); }
 __device__ __forceinline__ float dev_sqrt(float v) { return sqrtf(v); }
 __device__ __forceinline__ double dev_sqrt(double v) { return sqrt(v); }
 
@@ -84,7 +83,7 @@ route_forward_kernel(int64_t K, int E, int EL, int r, int C, int top_k,
 
   A d = 0;
   if (centers != nullptr && C > 0) {
-    // j* = argmin_j ||x - c_j||² (ties: lower index)
+    // j* = argmin_j ||x - c_j||² (ties: lower index; a non-finite one first, §1.5)
     A best = 0;
     int bj = 0;
     for (int j = 0; j < C; ++j) {
@@ -94,7 +93,7 @@ route_forward_kernel(int64_t K, int E, int EL, int r, int C, int top_k,
         A df = to_acc(xr[k]) - (A)c[k];
         s += df * df;
       }
-      s = block_sum(s, red);
+      s = slim_topk::argmin_key(block_sum(s, red));
       if (j == 0 || s < best) {
         best = s;
         bj = j;
@@ -102,16 +101,22 @@ route_forward_kernel(int64_t K, int E, int EL, int r, int C, int top_k,
     }
     const float* c = centers + (int64_t)bj * K;
     const float* sd = inv_std + (int64_t)bj * K;
-    A v = 0;
+    A v = 0, probe = 0;  // probe: NaN when some u is NaN (the max drops NaN; torch.amax not)
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
       A df = to_acc(xr[k]) - (A)c[k];
       A u = (df < 0 ? -df : df) * (A)sd[k];
-      if (reduce == 0) v = u > v ? u : v;
-      else if (reduce == 1) v += u;
-      else v += u * u;
+      if (reduce == 0) {
+        v = u > v ? u : v;
+        if (u != u) probe = u;
+      } else if (reduce == 1) {
+        v += u;
+      } else {
+        v += u * u;
+      }
     }
     if (reduce == 0) {
       v = block_max(v, red);
+      v += block_sum(probe, red);
     } else {
       v = block_sum(v, red);
       v = v / (A)K;
@@ -131,26 +136,13 @@ route_forward_kernel(int64_t K, int E, int EL, int r, int C, int top_k,
     A z[kMaxExperts];
     for (int e = 0; e < E; ++e) {
       z[e] = to_acc(z_in[t * ld_z + e]);
-      if (e >= EL && centers != nullptr && C > 0) z[e] += yield_strength * d;
+      // yielding off (λ = 0) adds nothing, not 0 · d: d may be NaN (§1.2, §1.5)
+      if (e >= EL && centers != nullptr && C > 0 && yield_strength != (A)0)
+        z[e] += yield_strength * d;
     }
-    int64_t* it = idx + t * top_k;
-    A zmax = z[0];
-    for (int i = 0; i < E; ++i) {
-      int rank = 0;
-      for (int j = 0; j < E; ++j) rank += (z[j] > z[i]) || (j < i && z[j] == z[i]);
-      if (rank < top_k) {
-        it[rank] = i;
-        if (rank == 0) zmax = z[i];
-      }
-      g_sh[i] = 0;
-    }
-    A sum = 0;
-    for (int q = 0; q < top_k; ++q) {
-      A e = dev_exp(z[it[q]] - zmax);
-      g_sh[it[q]] = e;
-      sum += e;
-    }
-    for (int q = 0; q < top_k; ++q) g_sh[it[q]] /= sum;
+    // top-k (NaN last, ties to the lower index) and softmax: csrc/common/topk.h, the code
+    // the CPU kernels run (§1.3, §1.5)
+    slim_topk::topk_softmax_row<A>(z, E, top_k, g_sh, idx + t * top_k);
     for (int e = 0; e < E; ++e) gates[t * E + e] = g_sh[e];
   }
   __syncthreads();

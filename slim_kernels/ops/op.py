@@ -12,11 +12,14 @@ distance and h are fp32, or fp64 when x is fp64 ("acc" dtype below).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from ..routing import check_reduce
 from .dispatch import backend_module, resolve_backend
 
 __all__ = ["slim_linear_op"]
@@ -110,6 +113,15 @@ def _backward(ctx, dy, dgates, _didx, _dd, _dassign, _dh):
 torch.library.register_autograd("slim_kernels::slim_fwd", _backward, setup_context=_setup_context)
 
 
+def _matrix(name: str, t, dim: int = 2) -> Tensor:
+    """``t`` is a tensor with ``dim`` dimensions (checked before its shape is read)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
 def _check(name: str, t: Optional[Tensor], x: Tensor, shape: Tuple[int, ...], dtype=None) -> None:
     if t is None:
         return
@@ -125,6 +137,23 @@ def _check(name: str, t: Optional[Tensor], x: Tensor, shape: Tuple[int, ...], dt
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
 
 
+def _int(name: str, v) -> int:
+    """A Python or numpy integer (not a bool, not a float), as int."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    return int(v)
+
+
+def _finite(name: str, v) -> float:
+    """A finite Python or numpy real number (not a bool), as float (docs/method.md §1.5)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__} {v!r}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name}={v!r} is invalid: expected a finite number")
+    return v
+
+
 def slim_linear_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
     router: Tensor, *, num_lora_experts: int, top_k: int, scaling: float,
@@ -136,7 +165,9 @@ def slim_linear_op(
 
     Args: x (T, K); weight (N, K) frozen; bias (N,) or None, frozen; lora_A = A_all
     (E_L·r, K); lora_B = B_all (N, E_L·r); router (E, K); centers/inv_std (C, K) fp32 or None
-    (no yielding); x_lora (T, K): x after LoRA dropout, or None.
+    (no yielding); x_lora (T, K): x after LoRA dropout, or None. ``scaling`` and
+    ``yield_strength`` must be finite (any sign); tensor values are not checked: non-finite
+    ones follow docs/method.md §1.5 on every backend.
     Returns (y, gates, topk_idx, distance, assign).
     """
     if not isinstance(x, Tensor):
@@ -146,12 +177,22 @@ def slim_linear_op(
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (T, K), got shape {tuple(x.shape)}")
     T, K = x.shape
-    N = weight.shape[0]
-    E = router.shape[0]
-    if num_lora_experts < 1 or lora_A.shape[0] % num_lora_experts:
-        raise ValueError(f"lora_A rows ({lora_A.shape[0]}) must be num_lora_experts "
-                         f"({num_lora_experts}) x rank")
-    R = lora_A.shape[0]
+    if K == 0:
+        raise ValueError("x has 0 features (shape (T, 0)): the layer needs in_features >= 1")
+    num_lora_experts = _int("num_lora_experts", num_lora_experts)
+    top_k = _int("top_k", top_k)
+    scaling = _finite("scaling", scaling)
+    yield_strength = _finite("yield_strength", yield_strength)
+    if not isinstance(distance_reduce, str):
+        raise TypeError(f"distance_reduce must be a str, got {type(distance_reduce).__name__}")
+    check_reduce(distance_reduce)
+    N = _matrix("weight", weight).shape[0]
+    E = _matrix("router", router).shape[0]
+    R = _matrix("lora_A", lora_A).shape[0]
+    _matrix("lora_B", lora_B)
+    if num_lora_experts < 1 or R == 0 or R % num_lora_experts:
+        raise ValueError(f"lora_A rows ({R}) must be num_lora_experts ({num_lora_experts}) "
+                         "x rank, with num_lora_experts >= 1 and rank >= 1")
     _check("weight", weight, x, (N, K))
     _check("bias", bias, x, (N,))
     _check("lora_A", lora_A, x, (R, K))
@@ -165,7 +206,7 @@ def slim_linear_op(
     if (centers is None) != (inv_std is None):
         raise ValueError("centers and inv_std must be given together (or both None)")
     if centers is not None:
-        C = centers.shape[0]
+        C = _matrix("centers", centers).shape[0]
         _check("centers", centers, x, (C, K), dtype=torch.float32)
         _check("inv_std", inv_std, x, (C, K), dtype=torch.float32)
         if C == 0:
@@ -177,7 +218,6 @@ def slim_linear_op(
     y, gates, idx, d, assign, _h = _slim_fwd(
         x.contiguous(), None if x_lora is None else x_lora.contiguous(), weight, bias,
         lora_A.contiguous(), lora_B.contiguous(), router.contiguous(), centers, inv_std,
-        int(num_lora_experts), int(top_k), float(scaling), float(yield_strength),
-        str(distance_reduce), name,
+        num_lora_experts, top_k, scaling, yield_strength, distance_reduce, name,
     )
     return y, gates, idx, d, assign

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from ._harness import CASES, Target, conform, make_inputs, require, run_op
+from ._harness import CASES, Target, conform, conform_rows, make_inputs, require, run_op
 
 CPP = Target("cpp", "cpu")
 MODES = ("sparse", "dense", "sparse-fused", "dense-fused")
@@ -34,6 +34,22 @@ def test_modes_agree_with_the_reference(mode, monkeypatch):
     monkeypatch.setenv("SLIM_KERNELS_CPP_MODE", mode)
     conforms(MANY, torch.float32)
     conforms(MANY_FP64, torch.float64)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_hold_the_nonfinite_contract(mode, monkeypatch):
+    """docs/method.md §1.5 in every mode: bad tokens in two blocks, and a NaN in the last
+    expert's B (sparse mode must then run every expert for every token)."""
+    monkeypatch.setenv("SLIM_KERNELS_CPP_MODE", mode)
+    for arg in ("x", "x_lora", "lora_B"):
+        inp = make_inputs(MANY, torch.float32)
+        t = inp[arg].clone()
+        if arg == "lora_B":
+            t[0, -1] = float("nan")
+        else:
+            t[[3, 140], 5] = float("inf")
+        inp[arg] = t
+        conform_rows(run_op(CPP, MANY, inp), MANY, inp, f"cpp {mode} {arg}")
 
 
 @pytest.mark.parametrize("block", ["1", "7", "4096"])

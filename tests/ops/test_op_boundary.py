@@ -7,7 +7,7 @@ import torch
 import slim_kernels
 from slim_kernels.ops import dispatch
 
-from ._harness import CASES, Case, make_inputs
+from ._harness import CASES, INTERPRET, Case, Target, make_inputs, require
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -77,3 +77,59 @@ def test_bad_inputs_raise_clear_errors():
         op(x, W, b, A, B, R, **{**kw, "backend": "nope"})
     with pytest.raises(ValueError, match="frozen"):
         op(x, W.requires_grad_(), b, A, B, R, **kw)
+    with pytest.raises(ValueError, match="distance_reduce='foo' is invalid"):
+        op(x, W.detach(), b, A, B, R, **{**kw, "distance_reduce": "foo"})
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_bad_arguments_are_named_before_any_backend_runs(backend, monkeypatch):
+    """Arguments a kernel could misread are rejected at the op, on every backend, with the
+    argument's name: the backend is never called (each is replaced by a trap here)."""
+    import numpy as np
+
+    case = CASES["basic"].but(T=4)
+    c = make_inputs(case, torch.float32)
+    x, W, b, A, B, R = (c[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "router"))
+    kw = dict(num_lora_experts=3, top_k=2, scaling=1.0, centers=c["centers"],
+              inv_std=c["inv_std"], backend=backend)
+
+    def trap(*a, **k):
+        raise AssertionError("the backend ran on invalid arguments")
+
+    monkeypatch.setattr(slim_kernels.ops.op, "resolve_backend", trap)
+    op = slim_kernels.slim_linear_op
+    bad = [
+        (dict(distance_reduce="foo"), ValueError, "distance_reduce='foo' is invalid"),
+        (dict(distance_reduce=None), TypeError, "distance_reduce must be a str"),
+        (dict(scaling=float("nan")), ValueError, "scaling=nan is invalid"),
+        (dict(scaling=float("inf")), ValueError, "scaling=inf is invalid"),
+        (dict(scaling="1.0"), TypeError, "scaling must be a float"),
+        (dict(scaling=torch.tensor(1.0)), TypeError, "scaling must be a float"),
+        (dict(yield_strength=float("-inf")), ValueError, "yield_strength=-inf is invalid"),
+        (dict(yield_strength=True), TypeError, "yield_strength must be a float"),
+        (dict(top_k=2.0), TypeError, "top_k must be an int"),
+        (dict(top_k=True), TypeError, "top_k must be an int"),
+        (dict(top_k=0), ValueError, "top_k=0 must be in"),
+        (dict(num_lora_experts=3.0), TypeError, "num_lora_experts must be an int"),
+        (dict(num_lora_experts=0), ValueError, "num_lora_experts"),
+    ]
+    for extra, exc, msg in bad:
+        with pytest.raises(exc, match=msg.replace("(", r"\(").replace("[", r"\[")):
+            op(x, W, b, A, B, R, **{**kw, **extra})
+    with pytest.raises(ValueError, match="router must be 2-D"):
+        op(x, W, b, A, B, R[0], **kw)
+    with pytest.raises(ValueError, match="centers must be 2-D"):
+        op(x, W, b, A, B, R, **{**kw, "centers": c["centers"][0]})
+    with pytest.raises(ValueError, match="rank >= 1"):
+        op(x, W, b, A[:0], B[:, :0], R, **kw)
+    with pytest.raises(ValueError, match="0 features"):
+        op(x[:, :0], W[:, :0], b, A[:, :0], B, R[:, :0], **kw)
+    # numpy scalars are numbers like Python's: they reach the backend
+    monkeypatch.undo()
+    if backend == "triton" and not INTERPRET:
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
+    if backend == "cpp":
+        require(Target("cpp", "cpu"))
+    y = op(x, W, b, A, B, R, **{**kw, "top_k": np.int64(2), "num_lora_experts": np.int32(3),
+                                "scaling": np.float32(1.0), "yield_strength": np.float64(0.5)})[0]
+    assert torch.isfinite(y).all()

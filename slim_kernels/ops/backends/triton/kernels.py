@@ -8,7 +8,7 @@ Three kernels:
   ``[h | z] = x [A_all; R]ᵀ`` (h from x_lora when given, loaded in the same loop) and, for
   each of the C clusters, the squared distance and the one reduce of ``|x - c| * inv_std``
   the call asks for (max, sum, or sum of squares). The epilogue picks j*, forms d, adds yielding to the identity
-  logits, does top-k (rank-count, ties to the lower index), the softmax over the kept
+  logits, does top-k (rank-count, NaN last, ties to the lower index), the softmax over the kept
   experts, and writes gates, topk_idx, distance, assign, h (fp32) and
   ``hg = s * g ⊙ h`` (x dtype) for the fused linear kernel.
 * ``fused_linear_kernel``: ``out = Σ_seg a_seg b_seg (+ bias)`` over up to three K
@@ -130,6 +130,10 @@ def route_fwd_kernel(
                 if REDUCE == 0:
                     u = tl.abs(diff) * isd[None, :]
                     c_mx = tl.where(sel, tl.maximum(c_mx, tl.max(u, axis=1)[:, None]), c_mx)
+                    # the max may drop NaN: c_sm (unused by max) sums the NaN u, added to
+                    # the max in the epilogue, so d is NaN as with torch.amax (§1.5)
+                    c_sm = tl.where(sel, c_sm + tl.sum(tl.where(u != u, u, 0.0), axis=1)[:, None],
+                                    c_sm)
                 elif REDUCE == 1:
                     u = tl.abs(diff) * isd[None, :]
                     c_sm = tl.where(sel, c_sm + tl.sum(u, axis=1)[:, None], c_sm)
@@ -140,12 +144,15 @@ def route_fwd_kernel(
     # ---- epilogue: cluster choice, distance, yielding -------------------------------
     z = acc_z
     if C > 0:
-        sqm = tl.where(ccol[None, :] < C, c_sq, float("inf"))
+        # j* = first minimum, a non-finite squared distance counting as -inf (§1.5): no NaN
+        # enters the comparisons, so j* is always a valid cluster
+        sqm = tl.where(c_sq - c_sq == 0.0, c_sq, float("-inf"))
+        sqm = tl.where(ccol[None, :] < C, sqm, float("inf"))
         mn = tl.min(sqm, axis=1)
         jstar = tl.min(tl.where(sqm == mn[:, None], ccol[None, :], CP), axis=1)
         pick = ccol[None, :] == jstar[:, None]
         if REDUCE == 0:
-            red = tl.sum(tl.where(pick, c_mx, 0.0), axis=1)
+            red = tl.sum(tl.where(pick, c_mx + c_sm, 0.0), axis=1)
         elif REDUCE == 1:
             red = tl.sum(tl.where(pick, c_sm, 0.0), axis=1) / K
         else:
@@ -161,17 +168,26 @@ def route_fwd_kernel(
                  mask=wmask)
         tl.store(assign_ptr + rows64, tl.full((BLOCK_T,), -1, dtype=tl.int64), mask=wmask)
 
-    # ---- top-k by rank count: rank_i = #{j: z_j > z_i} + #{j < i: z_j == z_i} --------
+    # ---- top-k by rank count (§1.3, §1.5): rank_i = #{j ranked before i}, where a number
+    # ranks before NaN, larger before smaller, equal values (and NaNs) by lower index: a
+    # total order, so the ranks are a permutation and every idx slot is written once
+    isnan = z != z
+    zf = tl.where(isnan, float("-inf"), z)
     rank = tl.zeros((BLOCK_T, EP), dtype=tl.int32)
     for j in tl.static_range(E):
-        zj = tl.sum(tl.where(ecol[None, :] == j, z, 0.0), axis=1)[:, None]
-        beats = (zj > z) | ((zj == z) & (ecol[None, :] > j))
+        onej = ecol[None, :] == j
+        zj = tl.sum(tl.where(onej, zf, 0.0), axis=1)[:, None]
+        nj = tl.sum(tl.where(onej, isnan.to(tl.int32), 0), axis=1)[:, None] > 0
+        beats = (isnan & ~nj) | ((isnan == nj) & ((zj > zf) | ((zj == zf) & (ecol[None, :] > j))))
         rank += beats.to(tl.int32)
     keep = (rank < TOPK) & (ecol[None, :] < E)
-    zk = tl.where(keep, z, float("-inf"))
+    zk = tl.where(keep, zf, float("-inf"))
     m = tl.max(zk, axis=1)
     p = tl.where(keep, tl.exp(zk - m[:, None]), 0.0)
-    g = p / tl.sum(p, axis=1)[:, None]
+    g = tl.where(keep, p / tl.sum(p, axis=1)[:, None], 0.0)
+    # a token with any non-finite logit gets NaN for every gate
+    bad = tl.sum(((z - z != 0.0) & (ecol[None, :] < E)).to(tl.int32), axis=1) > 0
+    g = tl.where(bad[:, None], float("nan"), g)
 
     gmask = wmask[:, None] & (ecol[None, :] < E)
     tl.store(gates_ptr + rows64[:, None] * E + ecol[None, :],

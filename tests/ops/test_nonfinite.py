@@ -1,0 +1,117 @@
+"""The non-finite contract (``docs/method.md`` §1.5) on every target, in every dtype it runs.
+
+* A token with NaN or inf in x or x_lora (one element, a whole -inf row, an all-NaN token):
+  nothing crashes; its output row is non-finite; every other token's outputs and input
+  gradients are what the same call gives without the bad tokens; the weight gradients are
+  non-finite (as the reference's: a GradScaler skips the step); the index slots are valid.
+* NaN or ±inf in a weight or buffer (weight, bias, lora_A, lora_B, router, centers, the
+  cluster variances inv_std is formed from): the same rows are non-finite as in the
+  reference, on every output and gradient, and the finite rows conform to it
+  (:func:`_harness.conform_rows`).
+
+tests/ops/test_fuzz.py draws such cases at random, in a subprocess.
+"""
+import pytest
+import torch
+
+from ._harness import (CASES, EPS, bad_rows, check_other_tokens, conform_rows,
+                       drop_tokens, dtypes, make_inputs, run_op, skip_unsupported,
+                       valid_topk)
+
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    # the Triton interpreter computes in numpy, which warns on NaN arithmetic
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
+]
+
+NAN, INF = float("nan"), float("inf")
+# more tokens than the cpp backend's block of 128, so that bad tokens sit in two blocks
+BIG = CASES["basic"].but(T=150, lam=0.7, reduce="max", seed=21)
+BIG_XL = CASES["x_lora"].but(T=150, seed=22)
+BAD = (0, 77, 149)  # the poisoned tokens
+
+# name: (argument, what is written, where: "elem" = one element per bad token, "row")
+TOKEN_INJECTIONS = {
+    "x_nan": ("x", NAN, "elem"),
+    "x_inf": ("x", INF, "elem"),
+    "x_neginf_row": ("x", -INF, "row"),
+    "x_nan_row": ("x", NAN, "row"),
+    "x_lora_nan": ("x_lora", NAN, "elem"),
+    "x_lora_inf": ("x_lora", -INF, "elem"),
+}
+
+
+def poison_tokens(inp, arg, value, where, rows=BAD):
+    out = dict(inp)
+    t = inp[arg].clone()
+    for i, r in enumerate(rows):
+        if where == "row":
+            t[r] = value
+        else:
+            t[r, (7 * i + 3) % t.shape[1]] = value
+    out[arg] = t
+    return out
+
+
+@dtypes()
+@pytest.mark.parametrize("name", list(TOKEN_INJECTIONS))
+def test_a_bad_token_leaves_the_others_alone(target, name, dtype):
+    skip_unsupported(target, dtype)
+    arg, value, where = TOKEN_INJECTIONS[name]
+    case = BIG_XL if arg == "x_lora" else BIG
+    clean = make_inputs(case, dtype, target.device)
+    inp = poison_tokens(clean, arg, value, where)
+    got = run_op(target, case, inp)
+    label = f"{target.id} {name} {dtype}"
+    conform_rows(got, case, inp, label)
+
+    bad = torch.zeros(case.T, dtype=torch.bool)
+    bad[list(BAD)] = True
+    assert (~torch.isfinite(got["y"][bad])).all(), f"{label}: a bad token has a finite y entry"
+    assert torch.equal(bad_rows(got["y"]), bad), label
+    for k in ("dA", "dB", "dR"):
+        assert bad_rows(got[k]).any(), f"{label}: {k} is finite (a GradScaler would not skip)"
+    alone_inp, alone_case = drop_tokens(clean, case, BAD)
+    alone = run_op(target, alone_case, alone_inp)
+    check_other_tokens(got, alone, bad, dtype, label)
+
+
+# (argument, value): an element of a weight or buffer, set in place
+WEIGHT_INJECTIONS = [
+    (arg, v) for arg in ("weight", "bias", "lora_A", "lora_B", "router", "centers")
+    for v in (NAN, INF, -INF)
+    # the cluster variances, from which inv_std = 1/sqrt(var + eps) is formed as the layer
+    # does: NaN and negative give NaN, -eps gives +inf, +inf gives 0
+] + [("vars", v) for v in (NAN, -1.0, -EPS, INF)]
+
+
+def _wid(p):
+    return f"{p[0]}-{p[1]}"
+
+
+@dtypes(torch.float64, torch.float32, torch.bfloat16)
+@pytest.mark.parametrize("inj", WEIGHT_INJECTIONS, ids=_wid)
+@pytest.mark.parametrize("cname", ["reduce_max", "x_lora"])
+def test_a_bad_weight_gives_the_reference_rows(target, cname, inj, dtype):
+    skip_unsupported(target, dtype)
+    arg, value = inj
+    case = CASES[cname]
+    inp = make_inputs(case, dtype, target.device)
+    t = inp[arg].clone()
+    # lora_A / lora_B: an element of the last LoRA expert (selected by few tokens, so the
+    # cpp backend's sparse mode would have missed most rows)
+    if arg == "lora_B":
+        t[3, -1] = value
+    elif t.dim() == 1:
+        t[1] = value
+    else:
+        t[-1, 2] = value
+    inp[arg] = t
+    if arg == "vars":
+        inp["inv_std"] = (t.cpu() + EPS).rsqrt().to(target.device)
+    got = run_op(target, case, inp)
+    conform_rows(got, case, inp, f"{target.id} {cname} {arg}={value} {dtype}")
+    assert valid_topk(got["idx"], case.E)
+    assert ((got["assign"] >= 0) & (got["assign"] < case.C)).all()
+
