@@ -25,6 +25,7 @@ still run (no stop at the first failure). In order:
 5. ``kernel``: per-kernel times (route forward, fused linear, route backward with each way of
    summing dB, dB GEMM, dx, [dA; dR]) and whether the deterministic dB repeats bit for bit.
 6. ``decode``: T in {1, 16, 64}: the gradients as in 2, and forward times against the base.
+(The fp32 half of 2 runs last.)
 
 Timing: :func:`slim_kernels.bench.measuring.time_interleaved` (the project's one harness;
 CUDA events with the L2 flushed on a GPU). Autotuning is printed (TRITON_PRINT_AUTOTUNING=1)
@@ -467,11 +468,11 @@ def main() -> int:
                 need=60 if i == 0 else 30)
     for case in cases:
         rep.run("kernel", shape_name(case), lambda c=case: kernel_section(rep, c), need=20)
-    for case in cases:
-        rep.run("grads", f"fp32 {shape_name(case)}",
-                lambda c=case: grads_check(rep, "grads", c, torch.float32), need=40)
     rep.run("decode", "T in " + ",".join(map(str, DECODE_T)), lambda: decode_section(rep),
             need=30)
+    for case in cases:  # last: fp32 is also held to the reference by the interpreter tests
+        rep.run("grads", f"fp32 {shape_name(case)}",
+                lambda c=case: grads_check(rep, "grads", c, torch.float32), need=40)
     write_tuned(rep)
     # the child's rows are in results.csv too: count every row
     with open(rep.csv) as f:
