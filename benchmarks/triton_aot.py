@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the SLIM kernels for real GPUs, without a GPU.
 
 ``kernel_specs()`` lists every kernel at each block configuration the launchers use on a GPU
-(``backend.route_config`` and ``backend.linear_configs``), with the argument
+(``launch.route_config`` and ``tuning.linear_configs``), with the argument
 specialisation Triton's JIT would apply at the benchmark shape (16-byte-aligned pointers,
 integers divisible by 16 marked so, unit strides as the constant 1). ``compile_spec`` runs
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and ``resources``
@@ -22,7 +22,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from slim_kernels.ops.backends.triton import kernels as K
-from slim_kernels.ops.backends.triton.launch import _pad16, linear_configs, route_config
+from slim_kernels.ops.backends.triton.launch import _pad16, route_config
+from slim_kernels.ops.backends.triton.tuning import bucket, linear_configs, split_k
 
 # the benchmark shape: T=8192, K=N=4096, E_L=8, r=16, E_I=2, top_k=2, C=4
 BENCH = dict(T=8192, K=4096, N=4096, E_L=8, r=16, E_I=2, top_k=2, C=4)
@@ -93,11 +94,64 @@ def _ptxas_report(ptx: str, arch: int) -> Dict[str, int]:
                 spill_loads=int(spill.group(2)) if spill else 0)
 
 
+_DEF = re.compile(r"^\s*(%[\w.$-]+)(?::\d+)?\s*=\s*([\w.]+)\b(.*)$")
+_REF = re.compile(r"%[\w.$-]+")
+
+
+def _strip_loc(text: str) -> str:
+    return re.sub(r"\s*loc\([^()]*\)\s*$", "", text)
+
+
+def i32_offset_products(ttir: str) -> List[str]:
+    """The ``tt.addptr`` lines of ``ttir`` whose int32 offset is computed with an int32
+    multiplication by a runtime integer argument (an index times a size or stride): what
+    overflows once the product passes 2^31. Offsets that are int64, or int32 sums of
+    bounded column indices and constants (at most one row long), are not listed."""
+    defs: Dict[str, tuple] = {}
+    int_args = set()
+    for line in ttir.splitlines():
+        if "tt.func" in line:
+            int_args.update(m.group(1) for m in re.finditer(r"(%[\w.$-]+): i(?:32|64)\b", line))
+        m = _DEF.match(line)
+        if m:
+            body = _strip_loc(m.group(3))
+            operands, _, ty = body.partition(" : ")
+            defs[m.group(1)] = (m.group(2), _REF.findall(operands), ty.strip(), line.strip())
+
+    def reaches_arg(name, seen):
+        if name in int_args:
+            return True
+        if name in seen or name not in defs:
+            return False
+        seen.add(name)
+        return any(reaches_arg(o, seen) for o in defs[name][1])
+
+    def bad(name, seen):
+        if name in seen or name not in defs:
+            return False
+        seen.add(name)
+        op, operands, ty, _ = defs[name]
+        if op == "arith.muli" and re.search(r"\bi32\b|xi32>", ty) and any(
+                reaches_arg(o, set()) for o in operands):
+            return True
+        return any(bad(o, seen) for o in operands)
+
+    out = []
+    for name, (op, operands, ty, line) in defs.items():
+        if op != "tt.addptr" or len(operands) < 2:
+            continue
+        off_ty = ty.rsplit(",", 1)[-1].strip()
+        if re.search(r"\bi32\b|xi32>", off_ty) and bad(operands[1], set()):
+            out.append(line)
+    return out
+
+
 def resources(compiled, arch: int) -> Dict[str, int]:
     out = _ptxas_report(compiled.asm["ptx"], arch)
     out["n_spills"] = out["spill_stores"] + out["spill_loads"]
     out["shared"] = int(compiled.metadata.shared)
     out["wgmma"] = int("wgmma" in compiled.asm["ptx"])
+    out["i32_offsets"] = len(i32_offset_products(compiled.asm["ttir"]))
     return out
 
 
@@ -109,7 +163,10 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
                  lora_cols=(None,)) -> List[Spec]:
     """Every kernel at each block configuration used on a GPU, at ``shape`` (default BENCH).
 
-    lora_cols: extra E_L·r widths for the route kernels (None = the shape's E_L·r)."""
+    lora_cols: extra E_L·r widths for the route kernels (None = the shape's E_L·r). The
+    fused linear: forward, dx, the two weight gradients (dB = dyᵀ hg and [dA; dR] =
+    [dh | dz]ᵀ x, split-K as the launcher splits them on a 132-SM GPU) at every large-M
+    configuration, and the decode forward and dx (T = 16) at every small-M one."""
     s = dict(BENCH if shape is None else shape)
     T, Kd, N, E_L, r, E_I, C = s["T"], s["K"], s["N"], s["E_L"], s["r"], s["E_I"], s["C"]
     E = E_L + E_I
@@ -133,57 +190,79 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
                  YIELD=bool(C and E_I), UPCAST=False, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk),
             w, st))
         bt, bk, w, st, _ = route_config(RP, interpret=False, backward=True, fp32=not half)
-        specs.append(Spec(
-            "route_bwd_kernel", f"ER={ER},BT={bt},BK={bk}", K.route_bwd_kernel,
-            dict(dy_ptr=P, b_ptr=P, h_ptr="*fp32", gates_ptr="*fp32", dgates_ptr="*fp32",
-                 dhz_ptr=P, hg_ptr=P, T=T, N=N, stride_dyt=N, stride_bn=ER,
-                 stride_dhz=ER + E, stride_dg=E, scaling=2.0),
-            dict(ER=ER, R=R, E=E, E_L=E_L, RP=RP, EP=EP, HAS_DG=False, UPCAST=False, DOT_PREC=prec,
-                 BLOCK_T=bt, BLOCK_K=bk),
-            w, st))
+        for db_mode in (0, 1, 2):  # dB: its own GEMM, fused with partials, fused with atomics
+            specs.append(Spec(
+                "route_bwd_kernel", f"ER={ER},BT={bt},BK={bk},DB={db_mode}", K.route_bwd_kernel,
+                dict(dy_ptr=P, b_ptr=P, h_ptr="*fp32", gates_ptr="*fp32", dgates_ptr="*fp32",
+                     dhz_ptr=P, hg_ptr=P, db_ptr="*fp32", T=T, N=N, stride_dyt=N,
+                     stride_bn=ER, stride_dhz=ER + E, stride_dg=E, stride_dbp=N * ER,
+                     scaling=2.0),
+                dict(ER=ER, R=R, E=E, E_L=E_L, RP=RP, EP=EP, HAS_DG=False, DB_MODE=db_mode,
+                     UPCAST=False, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk),
+                w, st, meta=dict(db_mode=db_mode)))
     ER = E_L * r
-    for bm, bn, bk, gm, w, st in linear_configs(not half):
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
-        base = dict(a1_ptr=P, b1_ptr=P, a2_ptr=P, b2_ptr=P, a3_ptr=P, b3_ptr=P,
-                    bias_ptr=P, out_ptr=P, s_bias=1)  # a contiguous bias (launch passes 1 without)
-        # forward: y = [x | hg] [W | B_all]ᵀ + b   (W (N,K) read as Wᵀ: k stride 1)
-        fwd = dict(base, M=T, N=N, K1=Kd, K2=ER, K3=ER,
-                   s_a1m=Kd, s_a1k=1, s_b1k=1, s_b1n=Kd,
-                   s_a2m=ER, s_a2k=1, s_b2k=1, s_b2n=ER,
-                   s_a3m=ER, s_a3k=1, s_b3k=1, s_b3n=ER, s_om=N, s_on=1)
+    base = dict(a1_ptr=P, b1_ptr=P, a2_ptr=P, b2_ptr=P, a3_ptr=P, b3_ptr=P,
+                bias_ptr=P, out_ptr=P, s_bias=1)  # a contiguous bias (launch passes 1 without)
+
+    def linear(label, cfg, args, flags, meta=None, split=1, out=P):
+        bm, bn, bk, gm, w, st = cfg
+        M_, N_, K_ = args["M"], args["N"], args["K1"]
+        a = dict(base, **args, out_ptr="*fp32" if split > 1 else out,
+                 s_split=M_ * N_ if split > 1 else 0, SPLIT_K=split,
+                 KEY_M=bucket(M_), KEY_N=bucket(N_), KEY_K=bucket(K_))
+        f = dict(dict(HAS_2=False, HAS_3=False, HAS_BIAS=False, IS_FP64=False, UPCAST=False,
+                      DOT_PREC=prec), **flags)
         specs.append(Spec(
-            "fused_linear_kernel", f"fwd,{bm}x{bn}x{bk},w{w},s{st}", K.fused_linear_kernel,
-            fwd, dict(HAS_2=True, HAS_3=False, HAS_BIAS=True, IS_FP64=False, UPCAST=False,
-                      DOT_PREC=prec, **cfg), w, st, meta=dict(linear_fwd=True)))
-        # backward dx = [dy | dh | dz] [W ; A_all ; R]   (dhz is (T, ER+E))
-        bwd = dict(base, M=T, N=Kd, K1=N, K2=ER, K3=E,
-                   s_a1m=N, s_a1k=1, s_b1k=Kd, s_b1n=1,
-                   s_a2m=ER + E, s_a2k=1, s_b2k=Kd, s_b2n=1,
-                   s_a3m=ER + E, s_a3k=1, s_b3k=Kd, s_b3n=1, s_om=Kd, s_on=1)
-        specs.append(Spec(
-            "fused_linear_kernel", f"dx,{bm}x{bn}x{bk},w{w},s{st}", K.fused_linear_kernel,
-            bwd, dict(HAS_2=True, HAS_3=True, HAS_BIAS=False, IS_FP64=False, UPCAST=False,
-                      DOT_PREC=prec, **cfg), w, st))
-        # weight gradient dB_all = dyᵀ hg  (dy read transposed; reduction over T)
-        wg = dict(base, M=N, N=ER, K1=T, K2=T, K3=T,
-                  s_a1m=1, s_a1k=N, s_b1k=ER, s_b1n=1,
-                  s_a2m=1, s_a2k=N, s_b2k=ER, s_b2n=1,
-                  s_a3m=1, s_a3k=N, s_b3k=ER, s_b3n=1, s_om=ER, s_on=1)
-        specs.append(Spec(
-            "fused_linear_kernel", f"wgrad,{bm}x{bn}x{bk},w{w},s{st}", K.fused_linear_kernel,
-            wg, dict(HAS_2=False, HAS_3=False, HAS_BIAS=False, IS_FP64=False, UPCAST=False,
-                     DOT_PREC=prec, **cfg), w, st))
+            "fused_linear_kernel", f"{label},{bm}x{bn}x{bk},w{w},s{st}" + (
+                f",split{split}" if split > 1 else ""), K.fused_linear_kernel,
+            a, dict(f, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm), w, st,
+            meta=dict(meta or {}, label=label, block_m=bm)))
+
+    def fwd(M_):  # y = [x | hg] [W | B_all]ᵀ + b   (W (N,K) read as Wᵀ: k stride 1)
+        return dict(M=M_, N=N, K1=Kd, K2=ER, K3=ER,
+                    s_a1m=Kd, s_a1k=1, s_b1k=1, s_b1n=Kd,
+                    s_a2m=ER, s_a2k=1, s_b2k=1, s_b2n=ER,
+                    s_a3m=ER, s_a3k=1, s_b3k=1, s_b3n=ER, s_om=N, s_on=1)
+
+    def dx(M_):  # dx = [dy | dh | dz] [W ; A_all ; R]   (dhz is (T, ER+E))
+        return dict(M=M_, N=Kd, K1=N, K2=ER, K3=E,
+                    s_a1m=N, s_a1k=1, s_b1k=Kd, s_b1n=1,
+                    s_a2m=ER + E, s_a2k=1, s_b2k=Kd, s_b2n=1,
+                    s_a3m=ER + E, s_a3k=1, s_b3k=Kd, s_b3n=1, s_om=Kd, s_on=1)
+
+    fwd_flags = dict(HAS_2=True, HAS_BIAS=True)
+    dx_flags = dict(HAS_2=True, HAS_3=True)
+    # dB_all = dyᵀ hg (dy read transposed; the reduction runs over T)
+    wg_b = dict(M=N, N=ER, K1=T, K2=T, K3=T, s_a1m=1, s_a1k=N, s_b1k=ER, s_b1n=1,
+                s_a2m=1, s_a2k=N, s_b2k=ER, s_b2n=1, s_a3m=1, s_a3k=N, s_b3k=ER, s_b3n=1,
+                s_om=ER, s_on=1)
+    # [dA; dR] = [dh | dz]ᵀ x
+    wg_ar = dict(M=ER + E, N=Kd, K1=T, K2=T, K3=T, s_a1m=1, s_a1k=ER + E, s_b1k=Kd, s_b1n=1,
+                 s_a2m=1, s_a2k=ER + E, s_b2k=Kd, s_b2n=1, s_a3m=1, s_a3k=ER + E, s_b3k=Kd,
+                 s_b3n=1, s_om=Kd, s_on=1)
+    sms = 132
+    for cfg in linear_configs(not half, decode=False):
+        linear("fwd", cfg, fwd(T), fwd_flags, meta=dict(linear_fwd=True))
+        linear("dx", cfg, dx(T), dx_flags)
+        linear("wgrad_dB", cfg, wg_b, {}, split=split_k(N, ER, T, sms))
+        linear("wgrad_dAR", cfg, wg_ar, {}, split=split_k(ER + E, Kd, T, sms))
+    Td = 16
+    for cfg in linear_configs(not half, decode=True):
+        linear("decode_fwd", cfg, fwd(Td), fwd_flags, split=split_k(Td, N, Kd, sms))
+        linear("decode_dx", cfg, dx(Td), dx_flags, split=split_k(Td, Kd, N, sms))
     return specs
 
 
 def quick_specs() -> List[Spec]:
     """The configurations the AOT test compiles (the benchmark shape, bf16): the route kernels
-    and the first two fused-linear autotune configs (forward variant)."""
-    out = []
+    (route_bwd with each way of summing dB), the first large-M fused-linear configuration
+    as forward and as the split-K [dA; dR] weight gradient, and the first decode one."""
+    out, seen = [], set()
     for sp in kernel_specs("bf16"):
         if sp.name != "fused_linear_kernel":
             out.append(sp)
-        elif sp.meta.get("linear_fwd") and not sp.variant.split(",")[1].startswith("64x"):
+        elif sp.meta["label"] in ("fwd", "wgrad_dAR", "decode_fwd") and sp.meta["label"] not in seen:
+            seen.add(sp.meta["label"])
             out.append(sp)
     return out
 

@@ -1,6 +1,7 @@
 """Write benchmarks/triton_resources.csv: registers, spills and shared memory of every SLIM
 Triton kernel at every block configuration the launchers use on a GPU, for sm_80 and sm_90,
-compiled ahead of time (no GPU needed; ptxas report + compiled metadata).
+compiled ahead of time (no GPU needed; ptxas report + compiled metadata), and the count of
+int32 index x stride pointer offsets in the TTIR (``triton_aot.i32_offset_products``; 0).
 
     python benchmarks/triton_resources.py [--out benchmarks/triton_resources.csv]
 """
@@ -31,7 +32,7 @@ def main():
     dtypes += ["fp32"] * (len(specs) - len(dtypes))
     cols = ["kernel", "variant", "dtype", "arch", "num_warps", "num_stages", "n_regs",
             "spill_stores", "spill_loads", "n_spills", "shared", "smem_limit", "wgmma",
-            "shape", "triton"]
+            "i32_offsets", "shape", "triton"]
     shape = "T={T},K={K},N={N},E_L={E_L},r={r},E_I={E_I},C={C}".format(**aot.BENCH)
     with open(a.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
@@ -41,7 +42,7 @@ def main():
                 row.update(dtype=dt, shape=shape, triton=triton.__version__)
                 w.writerow({k: row[k] for k in cols})
                 f.flush()
-                print(",".join(str(row[k]) for k in cols[:13]), flush=True)
+                print(",".join(str(row[k]) for k in cols[:14]), flush=True)
     print(f"wrote {a.out}")
 
 

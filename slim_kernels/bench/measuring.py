@@ -5,7 +5,9 @@ Metrics (the ``metric`` CSV column):
 
 * ``time_ms``: wall time of one call, median / p20 / p80 over repetitions that go
   round-robin over the providers (the start provider rotates each repetition), so drift of
-  a shared machine hits every provider alike. CUDA: synchronised before and after.
+  a shared machine hits every provider alike. CUDA: the GPU time between two CUDA events
+  recorded around the call, with the L2 cache flushed before it (as
+  ``triton.testing.do_bench`` does).
 * ``cpu_ms`` (CPU only): process CPU time of the same calls (all threads), quantiles as
   above. On a shared machine it leaves out the time the process waited for a core.
 * ``peak_MB``: peak of the bytes allocated *during* the call above what was allocated at its
@@ -102,9 +104,29 @@ class Timings:
     failed: Dict[str, str] = field(default_factory=dict)
 
 
+class _CudaClock:
+    """GPU time of a call: CUDA events recorded before and after it on the current stream,
+    the L2 cache flushed (a 256 MB write) before the first event, as do_bench does."""
+
+    def __init__(self):
+        self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+
+    def start(self):
+        self.flush.zero_()
+        self.t0 = torch.cuda.Event(enable_timing=True)
+        self.t1 = torch.cuda.Event(enable_timing=True)
+        self.t0.record()
+
+    def stop(self) -> float:
+        self.t1.record()
+        self.t1.synchronize()
+        return self.t0.elapsed_time(self.t1)
+
+
 def time_interleaved(steps: Mapping[str, Tuple[Call, Call]], *, reps: int, warmup: int,
                      sync: Callable[[], None] = lambda: None,
-                     tick: Callable[[int, str], None] = lambda n, name: None) -> Timings:
+                     tick: Callable[[int, str], None] = lambda n, name: None,
+                     cuda_events: bool = False) -> Timings:
     """Time ``steps`` (name -> (prep, timed)) side by side.
 
     Each provider first runs ``warmup`` untimed calls (compiles, autotunes, allocates); one
@@ -112,9 +134,11 @@ def time_interleaved(steps: Mapping[str, Tuple[Call, Call]], *, reps: int, warmu
     repetitions: each runs every provider once, the start provider rotating, so the drift of
     a shared machine hits every provider alike. A call is timed from after its untimed
     ``prep`` (and a ``sync``) to after the ``sync`` that follows it, in wall time
-    (``perf_counter``) and process CPU time (all threads). ``tick(calls, name)`` is told of
-    every ``calls`` done (for a progress bar)."""
+    (``perf_counter``) and process CPU time (all threads); with ``cuda_events``, in GPU time
+    between CUDA events (:class:`_CudaClock`). ``tick(calls, name)`` is told of every
+    ``calls`` done (for a progress bar)."""
     out = Timings()
+    clock = _CudaClock() if cuda_events else None
     names = []
     for n, (prep, timed) in steps.items():
         try:
@@ -138,14 +162,17 @@ def time_interleaved(steps: Mapping[str, Tuple[Call, Call]], *, reps: int, warmu
             prep, timed = steps[n]
             prep()
             sync()
+            if clock is not None:
+                clock.start()
             c0 = time.process_time()
             t0 = time.perf_counter()
             res = timed()
+            gpu_ms = clock.stop() if clock is not None else None
             sync()
             t1 = time.perf_counter()
             c1 = time.process_time()
             del res
-            out.wall_ms[n].append((t1 - t0) * 1e3)
+            out.wall_ms[n].append(gpu_ms if gpu_ms is not None else (t1 - t0) * 1e3)
             out.cpu_ms[n].append((c1 - c0) * 1e3)
             tick(1, n)
     return out
@@ -362,7 +389,8 @@ def run_bench(
                     bar.set_postfix_str(f"{xval} {mode}", refresh=False)
 
             steps = {n: step(r, mode, inp.dy) for n, r in runners.items()}
-            t = time_interleaved(steps, reps=reps, warmup=warmup, sync=sync, tick=tick)
+            t = time_interleaved(steps, reps=reps, warmup=warmup, sync=sync, tick=tick,
+                                 cuda_events=dev_name == "cuda")
             for n, msg in t.failed.items():
                 skipped.setdefault(n, f"failed at {kernel} {xval} {mode}: {msg}")
                 logger.warning("bench: skipping %s: %s", n, msg)

@@ -13,10 +13,15 @@ Three kernels:
   ``hg = s * g ⊙ h`` (x dtype) for the fused linear kernel.
 * ``fused_linear_kernel``: ``out = Σ_seg a_seg b_seg (+ bias)`` over up to three K
   segments with arbitrary strides (the bias's too), fp32 accumulation, grouped program
-  ordering. Used for ``y = [x | hg][W | B_all]ᵀ + b``, ``dx = [dy | dh | dz][W; A_all; R]``
-  and the weight gradients (transposed strides).
+  ordering, optional split-K of the first segment into fp32 partials. Used for
+  ``y = [x | hg][W | B_all]ᵀ + b``, ``dx = [dy | dh | dz][W; A_all; R]`` and the weight
+  gradients (transposed strides; split-K when the output has few tiles).
 * ``route_bwd_kernel``: ``dhg = dy B_all`` (K loop over N) and the epilogue to
-  ``dg``, ``dz`` (softmax backward), ``dh = s g ⊙ dhg`` and ``hg`` (recomputed from h).
+  ``dg``, ``dz`` (softmax backward), ``dh = s g ⊙ dhg`` and ``hg`` (recomputed from h);
+  optionally ``dB_all = dyᵀ hg`` summed in the same pass over dy.
+
+Offsets: every product of an index and a stride is int64 (an index that can reach T, N, K
+or E_L·r, times a stride); only offsets bounded by one row's length stay int32.
 
 UPCAST (constexpr) is set when the interpreter runs bf16/fp16: the interpreter's half
 arithmetic is wrong, so tiles are converted to fp32 right after tl.load. On a GPU the dot
@@ -88,6 +93,11 @@ def route_fwd_kernel(
     ecol = tl.arange(0, EP)
     ccol = tl.arange(0, CP)
     kk = tl.arange(0, BLOCK_K)
+    # every index x stride product in int64 (a row of A or R, a cluster row): rows64 above
+    hcol64 = hcol.to(tl.int64)
+    ecol64 = ecol.to(tl.int64)
+    stride_c64 = tl.cast(stride_c, tl.int64)
+    stride_s64 = tl.cast(stride_s, tl.int64)
 
     acc_h = tl.zeros((BLOCK_T, RP), dtype=ACC)
     acc_z = tl.zeros((BLOCK_T, EP), dtype=ACC)
@@ -101,9 +111,9 @@ def route_fwd_kernel(
         kmask = ks < K
         xm = tmask[:, None] & kmask[None, :]
         x = tl.load(x_ptr + rows64[:, None] * stride_xt + ks[None, :], mask=xm, other=0.0)
-        a = tl.load(a_ptr + hcol[:, None] * stride_a + ks[None, :],
+        a = tl.load(a_ptr + hcol64[:, None] * stride_a + ks[None, :],
                     mask=(hcol[:, None] < ER) & kmask[None, :], other=0.0)
-        rt = tl.load(r_ptr + ecol[:, None] * stride_r + ks[None, :],
+        rt = tl.load(r_ptr + ecol64[:, None] * stride_r + ks[None, :],
                      mask=(ecol[:, None] < E) & kmask[None, :], other=0.0)
         if HAS_XL:
             xl = tl.load(xl_ptr + rows64[:, None] * stride_xlt + ks[None, :], mask=xm, other=0.0)
@@ -121,8 +131,8 @@ def route_fwd_kernel(
             # CUDA-core work per element and cluster, so only what the reduce needs:
             # masked K columns load x = c = 0 (diff 0); masked token rows are never stored
             for c in tl.static_range(C):
-                cen = tl.load(c_ptr + c * stride_c + ks, mask=kmask, other=0.0).to(ACC)
-                isd = tl.load(s_ptr + c * stride_s + ks, mask=kmask, other=0.0).to(ACC)
+                cen = tl.load(c_ptr + c * stride_c64 + ks, mask=kmask, other=0.0).to(ACC)
+                isd = tl.load(s_ptr + c * stride_s64 + ks, mask=kmask, other=0.0).to(ACC)
                 diff = xf - cen[None, :]
                 d2 = diff * diff
                 sel = ccol[None, :] == c
@@ -206,21 +216,58 @@ def route_fwd_kernel(
 
 
 @triton.jit
+def _gemm_segment(acc, a_ptr, b_ptr, rm, rn, mm, nm, lo, hi, s_am, s_ak, s_bk, s_bn,
+                  UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += a[rm, lo:hi] b[lo:hi, rn]. The offsets are int64 (rm, rn are; the k offsets are
+    made so): a weight gradient loops over T, and (T-1)·stride passes 2^31 at T ~ 150k for
+    K = 14336. The tile's offsets are loop-invariant; a scalar base pointer advances by
+    BLOCK_K·stride per step (loop-carried pointer tensors cost ~70 registers more, and
+    spilled in the three-segment dx GEMM: benchmarks/triton_resources.csv)."""
+    rk = tl.arange(0, BLOCK_K)
+    s_ak64 = tl.cast(s_ak, tl.int64)
+    s_bk64 = tl.cast(s_bk, tl.int64)
+    rk64 = rk.to(tl.int64)
+    a_off = rm[:, None] * s_am + rk64[None, :] * s_ak64
+    b_off = rk64[:, None] * s_bk64 + rn[None, :] * s_bn
+    a_base = a_ptr + lo * s_ak64
+    b_base = b_ptr + lo * s_bk64
+    for k0 in range(lo, hi, BLOCK_K):
+        km = (k0 + rk) < hi
+        a = tl.load(a_base + a_off, mask=mm[:, None] & km[None, :], other=0.0)
+        b = tl.load(b_base + b_off, mask=km[:, None] & nm[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=acc.dtype)
+        a_base += BLOCK_K * s_ak64
+        b_base += BLOCK_K * s_bk64
+    return acc
+
+
+@triton.jit
 def fused_linear_kernel(
     a1_ptr, b1_ptr, a2_ptr, b2_ptr, a3_ptr, b3_ptr, bias_ptr, out_ptr,
     M, N, K1, K2, K3,
     s_a1m, s_a1k, s_b1k, s_b1n,
     s_a2m, s_a2k, s_b2k, s_b2n,
     s_a3m, s_a3k, s_b3k, s_b3n,
-    s_om, s_on, s_bias,
+    s_om, s_on, s_bias, s_split,
+    SPLIT_K, KEY_M, KEY_N, KEY_K,
     HAS_2: tl.constexpr, HAS_3: tl.constexpr, HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """out (M, N) = a1 b1 + a2 b2 + a3 b3 (+ bias[N]); a_i (M, K_i), b_i (K_i, N) and bias
-    (element stride s_bias) strided."""
+    (element stride s_bias) strided.
+
+    Split-K (grid axis 1, SPLIT_K programs per tile): program k sums its BLOCK_K-aligned chunk
+    of segment 1 and writes the fp32 (fp64) partial at out + k·s_split; split 0 also adds
+    segments 2 and 3 (E_L·r and E columns) and the bias. The launcher reduces the partials in
+    a fixed order. KEY_M/N/K are not read: they are the autotuning key (power-of-two buckets
+    of M, N and K1, so a new token count does not re-tune)."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
@@ -232,7 +279,6 @@ def fused_linear_kernel(
 
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
     mm = rm < M
     nm = rn < N
     if IS_FP64:
@@ -241,64 +287,50 @@ def fused_linear_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ACC = acc.dtype
 
-    for k0 in range(0, K1, BLOCK_K):
-        ks = k0 + rk
-        km = ks < K1
-        a = tl.load(a1_ptr + rm[:, None] * s_a1m + ks[None, :] * s_a1k,
-                    mask=mm[:, None] & km[None, :], other=0.0)
-        b = tl.load(b1_ptr + ks[:, None] * s_b1k + rn[None, :] * s_b1n,
-                    mask=km[:, None] & nm[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+    chunk = tl.cdiv(tl.cdiv(K1, SPLIT_K), BLOCK_K) * BLOCK_K
+    lo = pid_k * chunk
+    hi = tl.minimum(lo + chunk, K1)
+    acc = _gemm_segment(acc, a1_ptr, b1_ptr, rm, rn, mm, nm, lo, hi,
+                        s_a1m, s_a1k, s_b1k, s_b1n, UPCAST, DOT_PREC, BLOCK_K)
+    first = pid_k == 0
     if HAS_2:
-        for k0 in range(0, K2, BLOCK_K):
-            ks = k0 + rk
-            km = ks < K2
-            a = tl.load(a2_ptr + rm[:, None] * s_a2m + ks[None, :] * s_a2k,
-                        mask=mm[:, None] & km[None, :], other=0.0)
-            b = tl.load(b2_ptr + ks[:, None] * s_b2k + rn[None, :] * s_b2n,
-                        mask=km[:, None] & nm[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+        acc = _gemm_segment(acc, a2_ptr, b2_ptr, rm, rn, mm, nm, 0, tl.where(first, K2, 0),
+                            s_a2m, s_a2k, s_b2k, s_b2n, UPCAST, DOT_PREC, BLOCK_K)
     if HAS_3:
-        for k0 in range(0, K3, BLOCK_K):
-            ks = k0 + rk
-            km = ks < K3
-            a = tl.load(a3_ptr + rm[:, None] * s_a3m + ks[None, :] * s_a3k,
-                        mask=mm[:, None] & km[None, :], other=0.0)
-            b = tl.load(b3_ptr + ks[:, None] * s_b3k + rn[None, :] * s_b3n,
-                        mask=km[:, None] & nm[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+        acc = _gemm_segment(acc, a3_ptr, b3_ptr, rm, rn, mm, nm, 0, tl.where(first, K3, 0),
+                            s_a3m, s_a3k, s_b3k, s_b3n, UPCAST, DOT_PREC, BLOCK_K)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn * s_bias, mask=nm, other=0.0).to(ACC)
+        bias = tl.load(bias_ptr + rn * s_bias, mask=rn < tl.where(first, N, 0), other=0.0)
+        bias = bias.to(ACC)
         acc = acc + bias[None, :]
-    tl.store(out_ptr + rm[:, None] * s_om + rn[None, :] * s_on,
+    o_ptr = out_ptr + pid_k.to(tl.int64) * s_split
+    tl.store(o_ptr + rm[:, None] * s_om + rn[None, :] * s_on,
              _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=mm[:, None] & nm[None, :])
 
 
 @triton.jit
 def route_bwd_kernel(
     dy_ptr, b_ptr, h_ptr, gates_ptr, dgates_ptr,
-    dhz_ptr, hg_ptr,
+    dhz_ptr, hg_ptr, db_ptr,
     T, N,
-    stride_dyt, stride_bn, stride_dhz, stride_dg,
+    stride_dyt, stride_bn, stride_dhz, stride_dg, stride_dbp,
     scaling,
     ER: tl.constexpr, R: tl.constexpr, E: tl.constexpr, E_L: tl.constexpr,
     RP: tl.constexpr, EP: tl.constexpr,
-    HAS_DG: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DG: tl.constexpr, DB_MODE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dhg = dy B_all (K loop over N); epilogue writes dhz = [dh | dz] and hg (x dtype).
 
     dg_e = s Σ_{c in chunk e} dhg_c h_c (+ dgates_e);  dz = g ⊙ (dg − Σ g dg);
     dh = s g_e dhg;  hg = s g_e h.
+
+    DB_MODE > 0 also sums dB_all = dyᵀ hg in the same pass over dy (hg = s g ⊙ h is known
+    before the loop; ``docs/method.md`` §6): each step's (BLOCK_K, E_L·r) block of this
+    program's tokens goes to db_ptr, fp32 (fp64). DB_MODE 1: stored as this program's partial
+    at db_ptr + pid·stride_dbp (the launcher sums the partials in program order:
+    deterministic). DB_MODE 2: atomically added into one (N, E_L·r) buffer (order-dependent
+    rounding: only when the caller allows non-deterministic algorithms).
     """
     pid = tl.program_id(0)
     ACC = h_ptr.dtype.element_ty
@@ -308,6 +340,21 @@ def route_bwd_kernel(
     hcol = tl.arange(0, RP)
     ecol = tl.arange(0, EP)
     kk = tl.arange(0, BLOCK_K)
+
+    if DB_MODE > 0:
+        # hg in x's dtype, as the unfused dB GEMM reads it (the epilogue below recomputes it)
+        hm = tmask[:, None] & (hcol[None, :] < ER)
+        h0 = tl.load(h_ptr + rows64[:, None] * ER + hcol[None, :], mask=hm, other=0.0).to(ACC)
+        g0 = tl.load(gates_ptr + rows64[:, None] * E + ecol[None, :],
+                     mask=tmask[:, None] & (ecol[None, :] < E), other=0.0).to(ACC)
+        hg_op = _cast(scaling * _expand_gates(g0, ecol, hcol, R, E_L) * h0,
+                      dy_ptr.dtype.element_ty, UPCAST)
+        if UPCAST:
+            hg_op = hg_op.to(tl.float32)
+        if DB_MODE == 1:
+            db_base = db_ptr + pid.to(tl.int64) * stride_dbp
+        else:
+            db_base = db_ptr
 
     acc = tl.zeros((BLOCK_T, RP), dtype=ACC)
     for n0 in range(0, N, BLOCK_K):
@@ -321,6 +368,14 @@ def route_bwd_kernel(
             dy = dy.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(dy, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+        if DB_MODE > 0:
+            dbp = tl.dot(tl.trans(dy), hg_op, input_precision=DOT_PREC, out_dtype=ACC)
+            dbo = db_base + ns[:, None].to(tl.int64) * ER + hcol[None, :]
+            dbm = nmask[:, None] & (hcol[None, :] < ER)
+            if DB_MODE == 1:
+                tl.store(dbo, dbp, mask=dbm)
+            else:
+                tl.atomic_add(dbo, dbp, mask=dbm, sem="relaxed")
 
     hmask = tmask[:, None] & (hcol[None, :] < ER)
     emask = tmask[:, None] & (ecol[None, :] < E)

@@ -11,19 +11,28 @@ Launches per call (T tokens, K in, N out, ER = E_L·r, E experts):
 forward   route_fwd  (T/BLOCK_T programs)   [h | z] = x [A_all; R]ᵀ, clusters, top-k, hg
           fused_linear (T×N tiles)          y = [x | hg] [W | B_all]ᵀ + b
 backward  route_bwd  (T/BLOCK_T programs)   dhg = dy B_all -> dhz = [dh | dz], hg
+                                            (+ dB_all = dyᵀ hg: partials or atomics)
           fused_linear (T×K tiles)          dx = [dy | dh | dz] [W ; A_all ; R]
-          fused_linear (N×ER tiles)         dB_all = dyᵀ hg
-          fused_linear ((ER+E)×K tiles)     [dA_all; dR] = [dh | dz]ᵀ x
+          fused_linear (N×ER tiles × split) dB_all = dyᵀ hg   (when not in route_bwd)
+          fused_linear ((ER+E)×K × split)   [dA_all; dR] = [dh | dz]ᵀ x
 (with x_lora: dx = [dy | dz][W; R], dx_lora = dh A_all, dA = dhᵀ x_lora, dR = dzᵀ x).
 The weight gradients run on the same Triton fused-linear kernel with transposed strides.
+
+Every launch runs under ``torch.cuda.device(x.device)``. The fused linear's block
+configuration: :mod:`.tuning` (autotuned per power-of-two bucket of the sizes, or the shipped
+table per architecture under CUDA graphs and with ``SLIM_KERNELS_AUTOTUNE=0``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .tuning import (DECODE_M, LINEAR_CONFIG_INTERPRET, autotune_enabled, db_mode, exact_key,
+                     family, linear_configs, split_k, table_config, tune_key)
 
 NAME = "triton"
 MAX_LORA_COLS = 1024  # E_L·r
@@ -114,38 +123,82 @@ def route_config(rp: int, interpret: bool = _INTERPRET, backward: bool = False,
     return 16, 32, 8, 2, rp
 
 
-# fused linear: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
-LINEAR_CONFIGS_GPU = [  # bf16 / fp16: tensor-core dots (wgmma on sm_90, mma on sm_80)
-    (128, 256, 64, 8, 8, 3),
-    (128, 128, 32, 8, 4, 4),
-    (64, 128, 64, 8, 4, 4),
-    (64, 64, 64, 8, 4, 4),  # the skinny weight-gradient GEMMs (N = E_L·r): more programs
-]
-LINEAR_CONFIGS_GPU_FP32 = [  # fp32: ieee FMA dots (torch's fp32 matmul default is ieee too)
-    (64, 64, 32, 8, 4, 3),
-    (128, 64, 16, 8, 8, 3),
-]
-LINEAR_CONFIG_INTERPRET = (32, 32, 32, 8, 4, 1)
-
 _linear_autotuned = {}
+_TUNED_HERE: Dict[tuple, tuple] = {}  # what autotuning picked in this process (arch, key...)
 
 
-def linear_configs(fp32: bool):
-    return LINEAR_CONFIGS_GPU_FP32 if fp32 else LINEAR_CONFIGS_GPU
+def _triton_config(cfg):
+    bm, bn, bk, gm, w, s = cfg
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
+                         num_warps=w, num_stages=s)
 
 
 def _linear_kernel(fp32: bool):
-    """The autotuned fused-linear kernel on GPU, one autotuner per config family."""
+    """The autotuned fused-linear kernel on GPU, one autotuner per dtype family, keyed on
+    the power-of-two buckets KEY_M/N/K (not the sizes: a new T does not re-tune)."""
     if fp32 not in _linear_autotuned:
-        configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
-                          num_warps=w, num_stages=s)
-            for bm, bn, bk, gm, w, s in linear_configs(fp32)
-        ]
+        big = [_triton_config(c) for c in linear_configs(fp32, decode=False)]
+        small = [_triton_config(c) for c in linear_configs(fp32, decode=True)]
+
+        def prune(configs, named_args, **kwargs):
+            return small if named_args["KEY_M"] <= DECODE_M else big
+
         _linear_autotuned[fp32] = triton.autotune(
-            configs=configs, key=["M", "N", "K1", "K2", "K3", "HAS_2", "HAS_3"]
+            configs=big + small,
+            key=["KEY_M", "KEY_N", "KEY_K", "HAS_2", "HAS_3", "SPLIT_K"],
+            prune_configs_by={"early_config_prune": prune},
         )(_k.fused_linear_kernel)
     return _linear_autotuned[fp32]
+
+
+def _device_arch(dev: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(dev)
+    return f"sm_{major}{minor}"
+
+
+_SMS: Dict[int, int] = {}
+
+
+def _num_sms(dev: torch.device) -> int:
+    if _INTERPRET or dev.type != "cuda":
+        return 4
+    i = dev.index if dev.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
+def _capturing(dev: torch.device) -> bool:
+    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def linear_plan(dev: torch.device, fp32: bool, key, has_2: bool, has_3: bool, split: int):
+    """("interpret" | "table" | "autotune", config or None) for one fused-linear launch: the
+    interpreter's one configuration; the shipped table when SLIM_KERNELS_AUTOTUNE=0 or under
+    CUDA-graph capture (what autotuning picked earlier in this process first, if it did);
+    autotuning otherwise."""
+    if _INTERPRET:
+        return "interpret", LINEAR_CONFIG_INTERPRET
+    if autotune_enabled() and not _capturing(dev):
+        return "autotune", None
+    arch = _device_arch(dev)
+    cfg = _TUNED_HERE.get((arch, fp32, key, has_2, has_3, split))
+    return "table", cfg or table_config(arch, fp32, key, has_2, has_3, split)
+
+
+def tuned_here():
+    """What autotuning picked in this process, as rows for :data:`tuning.TUNED`:
+    (arch, family, exact key, config)."""
+    return [(arch, family(fp32), exact_key(key, h2, h3, sp), cfg)
+            for (arch, fp32, key, h2, h3, sp), cfg in sorted(_TUNED_HERE.items(), key=str)]
+
+
+def _device_guard(t: Tensor):
+    """Triton launches on the *current* CUDA device: make it t's for the launch (a model
+    spread over GPUs with device_map calls layers on several)."""
+    if t.device.type == "cpu":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def _flags(dt: torch.dtype) -> Tuple[bool, str]:
@@ -169,9 +222,14 @@ def _check_sizes(ER: int, E: int, E_L: int) -> None:
 # ------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------
-def fused_linear(segments, out: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def fused_linear(segments, out: Tensor, bias: Optional[Tensor] = None,
+                 split: Optional[int] = None) -> Tensor:
     """out (M, N) = Σ a_i b_i (+ bias) for up to 3 (a_i (M, K_i), b_i (K_i, N)) segments,
-    any strides (views such as ``W.t()``, ``dy.t()`` or a bias ``b[::2]`` are read in place)."""
+    any strides (views such as ``W.t()``, ``dy.t()`` or a bias ``b[::2]`` are read in place).
+
+    ``split`` programs share each output tile's first-segment K loop (None: :func:`split_k`);
+    with more than one, each writes an fp32 (fp64) partial and the partials are summed in
+    split order (deterministic), then cast into ``out``."""
     M, N = out.shape
     if M == 0 or N == 0:
         return out
@@ -182,27 +240,51 @@ def fused_linear(segments, out: Tensor, bias: Optional[Tensor] = None) -> Tensor
     (a1, b1), (a2, b2), (a3, b3) = segs
     for a, b in segs:
         assert a.shape[0] == M and b.shape[1] == N and a.shape[1] == b.shape[0]
-    upcast, prec = _flags(out.dtype)
-    args = (
-        a1, b1, a2, b2, a3, b3, bias if bias is not None else out, out,
-        M, N, a1.shape[1], a2.shape[1], a3.shape[1],
-        a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
-        a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1),
-        a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1),
-        out.stride(0), out.stride(1),
-        bias.stride(0) if bias is not None else 1,  # bias is read through its stride (b[::2])
-    )
-    flags = dict(HAS_2=len(segments) >= 2, HAS_3=len(segments) >= 3,
-                 HAS_BIAS=bias is not None, IS_FP64=out.dtype == torch.float64,
-                 UPCAST=upcast, DOT_PREC=prec)
-    if _INTERPRET:
-        bm, bn, bk, gm, w, s = LINEAR_CONFIG_INTERPRET
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _k.fused_linear_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                     GROUP_M=gm, num_warps=w, num_stages=s)
-    else:
-        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-        _linear_kernel(out.dtype == torch.float32)[grid](*args, **flags)
+    K1 = a1.shape[1]
+    with _device_guard(out):
+        if split is None:
+            split = split_k(M, N, K1, _num_sms(out.device))
+        split = max(1, min(int(split), max(1, K1)))
+        dst = out
+        if split > 1:
+            acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+            dst = torch.empty((split, M, N), dtype=acc, device=out.device)
+        upcast, prec = _flags(out.dtype)
+        key = tune_key(M, N, K1)
+        has_2, has_3 = len(segments) >= 2, len(segments) >= 3
+        args = (
+            a1, b1, a2, b2, a3, b3, bias if bias is not None else out, dst,
+            M, N, K1, a2.shape[1], a3.shape[1],
+            a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
+            a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1),
+            a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1),
+            dst.stride(-2), dst.stride(-1),
+            bias.stride(0) if bias is not None else 1,  # bias is read through its stride (b[::2])
+            dst.stride(0) if split > 1 else 0,
+            split, *key,
+        )
+        flags = dict(HAS_2=has_2, HAS_3=has_3, HAS_BIAS=bias is not None,
+                     IS_FP64=out.dtype == torch.float64, UPCAST=upcast, DOT_PREC=prec)
+        fp32 = out.dtype == torch.float32
+        mode, cfg = linear_plan(out.device, fp32, key, has_2, has_3, split)
+        if mode == "autotune":
+            grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),
+                                 split)
+            kern = _linear_kernel(fp32)
+            kern[grid](*args, **flags)
+            best = getattr(kern, "best_config", None)
+            if best is not None:
+                kw = best.kwargs
+                _TUNED_HERE[(_device_arch(out.device), fp32, key, has_2, has_3, split)] = (
+                    kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"], best.num_warps,
+                    best.num_stages)
+        else:
+            bm, bn, bk, gm, w, s = cfg
+            grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), split)
+            _k.fused_linear_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                         GROUP_M=gm, num_warps=w, num_stages=s)
+        if split > 1:
+            out.copy_(dst.sum(0))  # a fixed-order reduction over the splits
     return out
 
 
@@ -266,15 +348,16 @@ def forward(
     N = weight.shape[0]
     ER, E = lora_A.shape[0], router.shape[0]
     _check_sizes(ER, E, num_lora_experts)
-    x = x.contiguous()
-    x_lora = None if x_lora is None else x_lora.contiguous()
-    lora_A, router = lora_A.contiguous(), router.contiguous()
-    gates, idx, dist, assign, h, hg = route_forward(
-        x, x_lora, lora_A, router, centers, inv_std, num_lora_experts, top_k,
-        scaling, yield_strength, distance_reduce)
-    y = torch.empty((T, N), dtype=x.dtype, device=x.device)
-    if T > 0:
-        fused_linear([(x, weight.t()), (hg, lora_B.t())], y, bias)
+    with _device_guard(x):
+        x = x.contiguous()
+        x_lora = None if x_lora is None else x_lora.contiguous()
+        lora_A, router = lora_A.contiguous(), router.contiguous()
+        gates, idx, dist, assign, h, hg = route_forward(
+            x, x_lora, lora_A, router, centers, inv_std, num_lora_experts, top_k,
+            scaling, yield_strength, distance_reduce)
+        y = torch.empty((T, N), dtype=x.dtype, device=x.device)
+        if T > 0:
+            fused_linear([(x, weight.t()), (hg, lora_B.t())], y, bias)
     return y, gates, idx, dist, assign, h
 
 
@@ -296,7 +379,9 @@ def backward(
 
     Kernels: route_bwd computes dhg and the epilogue (dh, dz into one (T, ER+E) buffer, and
     hg recomputed from the saved h); the fused-linear kernel computes dx with the K loop
-    extended over [dy | dh | dz], and the weight gradients with transposed strides.
+    extended over [dy | dh | dz], and the weight gradients with transposed strides (split-K
+    when they have few output tiles). dB_all is summed either inside route_bwd's pass over dy
+    (dy read twice in all) or by a GEMM of its own (three times): :func:`tuning.db_mode`.
     W and b are frozen: no dW, no db.
     """
     T, K = x.shape
@@ -304,13 +389,68 @@ def backward(
     ER, E = lora_A.shape[0], router.shape[0]
     E_L = num_lora_experts
     _check_sizes(ER, E, E_L)
-    dt = x.dtype
-    dev = x.device
     if T == 0:
         dx = torch.zeros_like(x)
         dxl = None if x_lora is None else torch.zeros_like(x_lora)
         return (dx, dxl, torch.zeros_like(lora_A), torch.zeros_like(lora_B),
                 torch.zeros_like(router))
+    with _device_guard(x):
+        return _backward(dy, dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,
+                         E_L, scaling)
+
+
+def _db_mode(T: int, N: int, ER: int, block_t: int, dt: torch.dtype) -> str:
+    elem = torch.empty((), dtype=dt).element_size()
+    return db_mode(T, N, ER, block_t, elem, torch.are_deterministic_algorithms_enabled())
+
+
+def route_backward(dy, dgates, lora_B, gates, h, num_lora_experts, scaling, db=None):
+    """Launch route_bwd: returns dhz = [dh | dz] and hg (x dtype), and dB_all (x dtype) when
+    it is summed in the same pass over dy, else None. ``db``: "gemm" | "fused" | "atomic"
+    (None: :func:`tuning.db_mode`). Contiguous inputs."""
+    T, N = dy.shape
+    ER, E = h.shape[1], gates.shape[1]
+    E_L = num_lora_experts
+    dt, dev = dy.dtype, dy.device
+    dhz = torch.empty((T, ER + E), dtype=dt, device=dev)
+    hg = torch.empty((T, ER), dtype=dt, device=dev)
+    RP, EP = _pad16(ER), _pad16(E)
+    bt, bk, w, s, _ = route_config(RP, backward=True, fp32=dt == torch.float32)
+    upcast, prec = _flags(dt)
+    programs = triton.cdiv(T, bt)
+    mode = db or _db_mode(T, N, ER, bt, dt)
+    acc = h.dtype  # fp32 (fp64 for fp64 x)
+    if mode == "fused":  # one (N, ER) partial per program, summed below in program order
+        buf = torch.empty((programs, N, ER), dtype=acc, device=dev)
+    elif mode == "atomic":
+        buf = torch.zeros((N, ER), dtype=acc, device=dev)
+    else:
+        buf = hg  # a dummy, never read
+    _k.route_bwd_kernel[(programs,)](
+        dy, lora_B, h, gates, dgates if dgates is not None else gates,
+        dhz, hg, buf,
+        T, N,
+        dy.stride(0), lora_B.stride(0), dhz.stride(0),
+        dgates.stride(0) if dgates is not None else 0,
+        N * ER,
+        float(scaling),
+        ER=ER, R=ER // E_L, E=E, E_L=E_L, RP=RP, EP=EP, HAS_DG=dgates is not None,
+        DB_MODE={"gemm": 0, "fused": 1, "atomic": 2}[mode],
+        UPCAST=upcast, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk, num_warps=w, num_stages=s,
+    )
+    dB = None
+    if mode == "fused":
+        dB = buf.sum(0).to(dt)  # a fixed-order reduction over the programs
+    elif mode == "atomic":
+        dB = buf.to(dt)
+    return dhz, hg, dB
+
+
+def _backward(dy, dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h, E_L, scaling):
+    T, K = x.shape
+    ER, E = lora_A.shape[0], router.shape[0]
+    dt = x.dtype
+    dev = x.device
     dy = dy.contiguous()
     x = x.contiguous()
     lora_A, lora_B, router = lora_A.contiguous(), lora_B.contiguous(), router.contiguous()
@@ -318,27 +458,13 @@ def backward(
     gates = gates.contiguous()
     if dgates is not None:
         dgates = dgates.contiguous()
-
-    dhz = torch.empty((T, ER + E), dtype=dt, device=dev)
-    hg = torch.empty((T, ER), dtype=dt, device=dev)
-    RP, EP = _pad16(ER), _pad16(E)
-    bt, bk, w, s, _ = route_config(RP, backward=True, fp32=dt == torch.float32)
-    upcast, prec = _flags(dt)
-    _k.route_bwd_kernel[(triton.cdiv(T, bt),)](
-        dy, lora_B, h, gates, dgates if dgates is not None else gates,
-        dhz, hg,
-        T, N,
-        dy.stride(0), lora_B.stride(0), dhz.stride(0),
-        dgates.stride(0) if dgates is not None else 0,
-        float(scaling),
-        ER=ER, R=ER // E_L, E=E, E_L=E_L, RP=RP, EP=EP, HAS_DG=dgates is not None,
-        UPCAST=upcast, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk, num_warps=w, num_stages=s,
-    )
+    dhz, hg, dB = route_backward(dy, dgates, lora_B, gates, h, E_L, scaling)
     dh, dz = dhz[:, :ER], dhz[:, ER:]
 
+    if dB is None:
+        dB = torch.empty_like(lora_B)
+        fused_linear([(dy.t(), hg)], dB)  # (N, ER) = dyᵀ hg
     dx = torch.empty((T, K), dtype=dt, device=dev)
-    dB = torch.empty_like(lora_B)
-    fused_linear([(dy.t(), hg)], dB)  # (N, ER) = dyᵀ hg
     if x_lora is None:
         fused_linear([(dy, weight), (dh, lora_A), (dz, router)], dx)
         dx_lora = None

@@ -1,0 +1,329 @@
+"""The triton backend's launchers (``docs/method.md`` §6): which device a launch runs on, which
+block configuration it gets (autotuning keyed on size buckets, the shipped table with no
+autotuning), split-K, and the ways backward sums dB_all.
+
+Device and configuration choices are checked on CPU by running the launchers with
+``meta`` tensors and the kernels replaced by recorders (no GPU, no interpreter): each launch
+records the device that ``torch.cuda.device`` made current and the arguments it got. The
+numerics of split-K and of the fused dB run under the interpreter against the fp64
+reference."""
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from slim_kernels.ops.backends.triton import launch as tb
+from slim_kernels.ops.backends.triton import tuning
+
+from ._harness import (CASES, LOW, Target, check, dtypes, make_inputs,
+                       reference_lowp, run_backend, truth)
+
+if tb._IMPORT_ERROR is not None:  # pragma: no cover
+    pytest.skip(f"triton does not import: {tb._IMPORT_ERROR}", allow_module_level=True)
+
+ARG_NAMES = {n: list(getattr(tb._k, n).arg_names)
+             for n in ("route_fwd_kernel", "route_bwd_kernel", "fused_linear_kernel")}
+
+
+# ------------------------------------------------------------------------------------------
+# a fake GPU: meta tensors, recording kernels, a recording torch.cuda.device
+# ------------------------------------------------------------------------------------------
+class FakeGPU:
+    """Patches the launcher so that nothing runs: kernels and the autotuner record their
+    launches (kernel name, current device, arguments by name)."""
+
+    def __init__(self, monkeypatch, arch="sm_90", sms=132, capturing=False):
+        self.current = []  # the device stack torch.cuda.device maintains
+        self.launches = []
+        self.autotuned = []
+        gpu = self
+
+        @contextlib.contextmanager
+        def device(dev):
+            gpu.current.append(torch.device(dev))
+            try:
+                yield
+            finally:
+                gpu.current.pop()
+
+        class Kernel:
+            def __init__(self, name, log):
+                self.name, self.log = name, log
+
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    named = dict(zip(ARG_NAMES[self.name], args), **kw)
+                    self.log.append(SimpleNamespace(
+                        name=self.name, device=gpu.current[-1] if gpu.current else None,
+                        args=named, grid=grid))
+                return launch
+
+        class Autotuner(Kernel):
+            best_config = None
+
+            def __getitem__(self, grid):
+                launch = super().__getitem__(grid)
+
+                def run(*args, **kw):
+                    launch(*args, **kw)
+                    import triton
+                    Autotuner.best_config = triton.Config(
+                        {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2},
+                        num_warps=2, num_stages=2)
+                return run
+
+        kernels = SimpleNamespace(**{n: Kernel(n, self.launches) for n in ARG_NAMES})
+        monkeypatch.setattr(tb, "_k", kernels)
+        monkeypatch.setattr(tb, "_INTERPRET", False)
+        monkeypatch.setattr(torch.cuda, "device", device)
+        monkeypatch.setattr(tb, "_device_arch", lambda dev: arch)
+        monkeypatch.setattr(tb, "_num_sms", lambda dev: sms)
+        monkeypatch.setattr(tb, "_capturing", lambda dev: gpu.capturing)
+        monkeypatch.setattr(tb, "_linear_kernel",
+                            lambda fp32: Autotuner("fused_linear_kernel", self.autotuned))
+        monkeypatch.setattr(tb, "_TUNED_HERE", {})
+        self.capturing = capturing
+
+    def linear_launches(self):
+        return ([x for x in self.launches if x.name == "fused_linear_kernel"]
+                + list(self.autotuned))
+
+
+def meta_call(T=37, K=45, N=29, E_L=3, r=5, E_I=2, dtype=torch.bfloat16, backward=True):
+    """forward (and backward) of the triton launcher on meta tensors."""
+    m = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
+    ER, E = E_L * r, E_L + E_I
+    x, W, b = m(T, K), m(N, K), m(N)
+    A, B, R = m(ER, K), m(N, ER), m(E, K)
+    cen, isd = m(2, K, dt=torch.float32), m(2, K, dt=torch.float32)
+    y, gates, idx, d, assign, h = tb.forward(x, None, W, b, A, B, R, cen, isd, E_L, 2, 0.5,
+                                             1.0, "rms")
+    if backward:
+        tb.backward(m(T, N), None, x, None, W, A, B, R, gates, h, E_L, 0.5)
+    return x
+
+
+# ------------------------------------------------------------------------------------------
+# the device guard
+# ------------------------------------------------------------------------------------------
+def test_every_launch_runs_on_the_inputs_device(monkeypatch):
+    """Triton launches on the current device: forward and backward make it x's for every
+    kernel (route, fused linear, autotuned or not)."""
+    gpu = FakeGPU(monkeypatch)
+    x = meta_call()
+    launches = gpu.launches + gpu.autotuned
+    names = {x.name for x in launches}
+    assert names == {"route_fwd_kernel", "route_bwd_kernel", "fused_linear_kernel"}, names
+    for launch in launches:
+        assert launch.device == x.device, (launch.name, launch.device)
+    assert gpu.current == []
+    # and the fused linear called on its own
+    out = torch.empty(5, 7, dtype=torch.bfloat16, device="meta")
+    a, b = torch.empty(5, 3, dtype=out.dtype, device="meta"), torch.empty(3, 7,
+                                                                          dtype=out.dtype,
+                                                                          device="meta")
+    n = len(gpu.autotuned)
+    tb.fused_linear([(a, b)], out)
+    assert gpu.autotuned[n].device == out.device
+
+
+# ------------------------------------------------------------------------------------------
+# configuration choice: bucketed autotuning, the table, SLIM_KERNELS_AUTOTUNE, CUDA graphs
+# ------------------------------------------------------------------------------------------
+def test_bucket():
+    assert [tuning.bucket(n) for n in (0, 1, 2, 3, 16, 17, 1000, 1024, 1025)] == [
+        1, 1, 2, 4, 16, 32, 1024, 1024, 2048]
+    assert tuning.bucket(10**6) == tuning.BUCKET_CAP == 32768
+    assert tuning.tune_key(8191, 4096, 14336) == (8192, 4096, 16384)
+
+
+def test_autotuning_is_keyed_on_buckets(monkeypatch):
+    """Forwards at T = 1000 and 1024 share a key; T = 1025 gets the next bucket. The key
+    arguments are buckets of M, N, K1 (T is K1 in the weight gradients)."""
+    monkeypatch.delenv("SLIM_KERNELS_AUTOTUNE", raising=False)
+    gpu = FakeGPU(monkeypatch)
+    keys = []
+    for T in (1000, 1024, 1025):
+        n = len(gpu.autotuned)
+        meta_call(T=T, K=64, N=96, backward=True)
+        new = gpu.autotuned[n:]
+        assert new and not [x for x in gpu.launches if x.name == "fused_linear_kernel"]
+        for launch in new:
+            a = launch.args
+            assert (a["KEY_M"], a["KEY_N"], a["KEY_K"]) == tuning.tune_key(a["M"], a["N"],
+                                                                           a["K1"])
+        keys.append(new[0].args["KEY_M"])  # the forward: M = T
+    assert keys == [1024, 1024, 2048]
+
+
+@pytest.mark.parametrize("why", ["env", "capture"])
+def test_no_autotuning_uses_the_table(monkeypatch, why):
+    """SLIM_KERNELS_AUTOTUNE=0, or a CUDA-graph capture: nothing is benchmarked; every fused
+    linear launch gets the shipped table's configuration for its key."""
+    monkeypatch.delenv("SLIM_KERNELS_AUTOTUNE", raising=False)
+    if why == "env":
+        monkeypatch.setenv("SLIM_KERNELS_AUTOTUNE", "0")
+    gpu = FakeGPU(monkeypatch, capturing=why == "capture")
+    for T in (1, 4096):
+        meta_call(T=T, K=4096, N=4096, E_L=8, r=16)
+    assert gpu.autotuned == []
+    launches = gpu.linear_launches()
+    assert len(launches) == 2 * 4
+    for launch in launches:
+        a = launch.args
+        key = (a["KEY_M"], a["KEY_N"], a["KEY_K"])
+        want = tuning.table_config("sm_90", False, key, a["HAS_2"], a["HAS_3"], a["SPLIT_K"])
+        got = tuple(a[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps",
+                                   "num_stages"))
+        assert got == want, (key, got, want)
+    decode = [x for x in launches if x.args["M"] == 1]
+    assert decode and all(x.args["BLOCK_M"] == 16 for x in decode)
+
+
+def test_capture_reuses_what_autotuning_picked(monkeypatch):
+    monkeypatch.delenv("SLIM_KERNELS_AUTOTUNE", raising=False)
+    gpu = FakeGPU(monkeypatch)
+    meta_call(T=300, backward=False)
+    assert len(gpu.autotuned) == 1 and gpu.launches[-1].name == "route_fwd_kernel"
+    gpu.capturing = True
+    meta_call(T=300, backward=False)
+    replay = gpu.launches[-1]
+    assert replay.name == "fused_linear_kernel"
+    assert (replay.args["BLOCK_M"], replay.args["num_warps"]) == (64, 2)  # the tuned config
+    rows = tb.tuned_here()
+    assert rows == [("sm_90", "half", "512,32,64,1,0,1", (64, 32, 16, 2, 2, 2))]
+
+
+def test_env_var_and_table_lookup(monkeypatch):
+    for v, on in (("0", False), ("off", False), ("1", True), ("", True)):
+        monkeypatch.setenv("SLIM_KERNELS_AUTOTUNE", v)
+        assert tuning.autotune_enabled() is on
+    # unknown architectures fall back to the nearest lower one listed
+    assert tuning.table_arch("sm_89") == "sm_80" and tuning.table_arch("sm_100") == "sm_90"
+    assert tuning.table_arch("sm_70") == "sm_80"
+    assert tuning.table_config("sm_90", False, (1, 4096, 4096))[0] == 16
+    assert tuning.table_config("sm_90", False, (8192, 128, 8192))[:2] == (64, 64)
+    assert tuning.table_config("sm_90", True, (8192, 4096, 4096)) == (64, 64, 32, 8, 4, 3)
+    monkeypatch.setitem(tuning.TUNED, "sm_90", {"half": {"8192,4096,4096,1,0,1":
+                                                         (128, 128, 64, 8, 8, 3)}})
+    assert tuning.table_config("sm_90", False, (8192, 4096, 4096), True, False, 1) == (
+        128, 128, 64, 8, 8, 3)
+    # every configuration of the table is one the autotuner can pick (and the AOT compiles)
+    for arch, fams in tuning.TABLE.items():
+        for fam, rules in fams.items():
+            for _, _, cfg in rules:
+                assert cfg in tuning.linear_configs(fam == "fp32"), (arch, fam, cfg)
+
+
+# ------------------------------------------------------------------------------------------
+# split-K
+# ------------------------------------------------------------------------------------------
+def test_split_k_choice():
+    # [dA; dR] at the benchmark shape on 132 SMs: 3 x 64 tiles, 128 steps over T each
+    assert tuning.split_k(138, 4096, 8192, 132) == 2
+    assert tuning.split_k(4096, 128, 8192, 132) == 3  # dB = dyᵀ hg
+    assert tuning.split_k(1, 4096, 4096, 132) == 5  # decode forward
+    assert tuning.split_k(8192, 4096, 4096, 132) == 1  # the forward: enough tiles
+    assert tuning.split_k(138, 4096, 600, 132) == 1  # too short to split
+
+
+def test_weight_gradients_split_on_a_big_gpu(monkeypatch):
+    gpu = FakeGPU(monkeypatch, sms=132)
+    meta_call(T=8192, K=4096, N=4096, E_L=8, r=16)
+    by_m = {x.args["M"]: x for x in gpu.autotuned}
+    assert by_m[138].args["SPLIT_K"] == 2  # [dA; dR]
+    assert by_m[8192].args["SPLIT_K"] == 1  # forward, dx
+
+
+@pytest.mark.skipif(not tb._INTERPRET, reason="runs kernels under the Triton interpreter")
+@dtypes()
+@pytest.mark.parametrize("split", [2, 3])
+def test_split_k_matches_reference(dtype, split):
+    """Three strided segments, a strided bias, the first segment split in 2 or 3 (K1 = 70:
+    the last split is partial); against fp64, with the unsplit kernel as the low-precision
+    baseline (the same blocks, one accumulator)."""
+    g = torch.Generator().manual_seed(0)
+    f = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    M, N = 37, 29
+    a1, b1 = f(70, M).t(), f(N, 70).t()  # transposed storage, like dyᵀ and Wᵀ
+    a2, b2, a3, b3 = f(M, 9), f(9, N), f(M, 4), f(4, N)
+    bias = f(2 * N)[::2]
+    segs = [(a1, b1), (a2, b2), (a3, b3)]
+    want = a1 @ b1 + a2 @ b2 + a3 @ b3 + bias
+    lp = [(a.to(dtype), b.to(dtype)) for a, b in segs]
+    outs = {}
+    for s in (1, split):
+        outs[s] = tb.fused_linear(lp, torch.empty(M, N, dtype=dtype), bias.to(dtype), split=s)
+    e = (outs[split].double() - want).norm() / want.norm()
+    if dtype in LOW:
+        e1 = (outs[1].double() - want).norm() / want.norm()
+        assert e <= 2 * e1 + 1e-5, (e, e1)
+    else:
+        assert e <= {torch.float64: 1e-12, torch.float32: 1e-5}[dtype], e
+
+
+# ------------------------------------------------------------------------------------------
+# dB_all: its own GEMM, or summed in route backward (partials or atomics)
+# ------------------------------------------------------------------------------------------
+def test_db_mode_choice(monkeypatch):
+    monkeypatch.delenv("SLIM_KERNELS_DB", raising=False)
+    # the benchmark shape: 128 programs' (4096, 128) fp32 partials cost 8x the dy pass saved
+    assert tuning.db_mode(8192, 4096, 128, 64, 2, True) == "gemm"
+    assert tuning.db_mode(8192, 4096, 8, 64, 2, True) == "fused"  # narrow LoRA: cheaper
+    monkeypatch.setenv("SLIM_KERNELS_DB", "fused")
+    assert tuning.db_mode(8192, 4096, 128, 64, 2, True) == "fused"
+    monkeypatch.setenv("SLIM_KERNELS_DB", "atomic")
+    assert tuning.db_mode(8192, 4096, 128, 64, 2, False) == "atomic"
+    # atomics only when non-deterministic algorithms are allowed
+    assert tuning.db_mode(8192, 4096, 128, 64, 2, True) == "fused"
+    monkeypatch.setenv("SLIM_KERNELS_DB", "nonsense")
+    with pytest.raises(ValueError, match="SLIM_KERNELS_DB"):
+        tuning.db_mode(1, 1, 1, 1, 2, True)
+
+
+@pytest.mark.parametrize("env,deterministic,mode", [
+    ("fused", True, 1), ("atomic", False, 2), ("atomic", True, 1), ("gemm", False, 0)])
+def test_db_mode_reaches_the_kernel(monkeypatch, env, deterministic, mode):
+    """SLIM_KERNELS_DB and torch.use_deterministic_algorithms decide the route-backward
+    kernel's DB_MODE; with dB in route backward no dyᵀ hg GEMM is launched."""
+    monkeypatch.setenv("SLIM_KERNELS_DB", env)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        gpu = FakeGPU(monkeypatch)
+        meta_call(T=64, K=32, N=48, E_L=2, r=4)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    bwd, = [x for x in gpu.launches if x.name == "route_bwd_kernel"]
+    assert bwd.args["DB_MODE"] == mode
+    dB_gemms = [x for x in gpu.autotuned if (x.args["M"], x.args["N"]) == (48, 8)]
+    assert len(dB_gemms) == (1 if mode == 0 else 0)
+
+
+@pytest.mark.skipif(not tb._INTERPRET, reason="runs kernels under the Triton interpreter")
+@pytest.mark.parametrize("db", ["fused", "atomic"])
+@dtypes()
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_db_matches_reference(monkeypatch, db, name, dtype):
+    """Every conformance case with dB_all summed inside route backward's pass over dy (the
+    default on CPU is the separate GEMM for these small shapes: ``tuning.db_mode``), held to
+    the fp64 reference as test_conformance holds every backend; bf16/fp16 by the 2x rule
+    against the reference in that precision and the triton backend with the dB GEMM."""
+    monkeypatch.setenv("SLIM_KERNELS_DB", db)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        case = CASES[name]
+        inp = make_inputs(case, dtype)
+        got = run_backend(Target("triton", "cpu"), case, inp)
+        baselines = ()
+        if dtype in LOW:
+            monkeypatch.setenv("SLIM_KERNELS_DB", "gemm")
+            baselines = (reference_lowp(case, inp),
+                         run_backend(Target("triton", "cpu"), case, inp))
+        check(got, truth(case, inp), dtype, baselines, f"triton {db} {name} {dtype}")
+    finally:
+        torch.use_deterministic_algorithms(before)
