@@ -1,5 +1,5 @@
 """Build the wheel, install it offline into a fresh virtual environment that already has torch,
-and run a smoke forward/backward from outside the repository (issue 8, "Build wheels").
+and run a smoke forward/backward from outside the repository.
 
     pip wheel --no-build-isolation --no-deps -w WHEELHOUSE .
     python -m venv VENV        # + a .pth naming the running interpreter's site-packages
