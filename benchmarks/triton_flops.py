@@ -23,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from slim_kernels.ops.backends.triton.launch import route_config  # noqa: E402
 from slim_kernels.ops.backends.triton.tuning import split_k  # noqa: E402
+from slim_kernels.provenance import provenance_string  # noqa: E402
 
 
 def p2(n):
@@ -107,6 +108,9 @@ def main():
     a = ap.parse_args()
     shape = (a.T, a.K, a.N, a.E_L, a.r, a.E_I, a.C)
     rows = table(*shape, db=a.db, sms=a.sms)
+    prov = provenance_string()  # computed figures: the code they describe is what matters
+    for row in rows:
+        row["provenance"] = prov
     w = csv.DictWriter(open(a.out, "w", newline="") if a.out else sys.stdout,
                        fieldnames=list(rows[0]))
     w.writeheader()

@@ -26,20 +26,23 @@ def main():
     sys.path.insert(0, str(ROOT))
     import triton
     import triton_aot as aot
+    from slim_kernels.provenance import provenance_string
+
+    prov = provenance_string()
 
     specs = aot.kernel_specs("bf16", lora_cols=(None, 1024)) + aot.kernel_specs("fp32")
     dtypes = ["bf16"] * len(aot.kernel_specs("bf16", lora_cols=(None, 1024)))
     dtypes += ["fp32"] * (len(specs) - len(dtypes))
     cols = ["kernel", "variant", "dtype", "arch", "num_warps", "num_stages", "n_regs",
             "spill_stores", "spill_loads", "n_spills", "shared", "smem_limit", "wgmma",
-            "i32_offsets", "shape", "triton"]
+            "i32_offsets", "shape", "triton", "provenance"]
     shape = "T={T},K={K},N={N},E_L={E_L},r={r},E_I={E_I},C={C}".format(**aot.BENCH)
     with open(a.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for sp, dt in zip(specs, dtypes):
             for row in aot.run([sp]):
-                row.update(dtype=dt, shape=shape, triton=triton.__version__)
+                row.update(dtype=dt, shape=shape, triton=triton.__version__, provenance=prov)
                 w.writerow({k: row[k] for k in cols})
                 f.flush()
                 print(",".join(str(row[k]) for k in cols[:14]), flush=True)
