@@ -127,3 +127,11 @@ def trl_common(args, over=None) -> dict:
                 gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
                 report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True,
                 seed=args.seed, use_cpu=not torch.cuda.is_available()), **(over or {})}
+
+
+def train_and_save(trainer, args) -> dict:
+    """Train, then save the SLIM adapter of the PeftModel the TRL trainer built."""
+    trainer.train()
+    model = trainer.model
+    model.save_pretrained(args.output_dir)
+    return {"trainer": trainer, "model": model, "path": args.output_dir}

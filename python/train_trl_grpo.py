@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     arithmetic_rows, build_model, build_tokenizer, parse_recipe_args, slim_peft_config,
-    trl_common, words,
+    train_and_save, trl_common, words,
 )
 
 import slim_kernels as sk  # noqa: E402
@@ -52,10 +52,7 @@ def main(argv=None, *, beta: float = 0.04, callbacks=None, config_over=None,
         reward_funcs=continues_sequence, args=cfg,
         train_dataset=datasets.Dataset.from_list(rows), processing_class=build_tokenizer(args),
         callbacks=callbacks)
-    trainer.train()
-    model = trainer.model  # the PeftModel the trainer built
-    model.save_pretrained(args.output_dir)
-    return {"trainer": trainer, "model": model, "path": args.output_dir}
+    return train_and_save(trainer, args)
 
 
 if __name__ == "__main__":
