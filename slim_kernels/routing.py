@@ -17,20 +17,23 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .config import DISTANCE_REDUCES
+
 __all__ = ["acc_dtype", "cluster_batch_stats", "cluster_distance", "merge_masks", "topk_softmax"]
-
-REDUCES = ("max", "mean", "rms")
-
 
 def acc_dtype(t: Tensor) -> torch.dtype:
     """Accumulation dtype of the routing maths: fp64 stays fp64, everything else fp32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def check_reduce(reduce: str) -> str:
-    if reduce not in REDUCES:
-        raise ValueError(f"distance_reduce={reduce!r} is invalid: expected one of max, mean, rms")
-    return reduce
+def reduce_code(reduce: str) -> int:
+    """The integer code of ``distance_reduce`` that the C++, CUDA and Triton kernels take
+    (0 max, 1 mean, 2 rms: its index in :data:`slim_kernels.config.DISTANCE_REDUCES`); a
+    clear error for an unknown name."""
+    if reduce not in DISTANCE_REDUCES:
+        raise ValueError(f"distance_reduce={reduce!r} is invalid: expected one of "
+                         f"{', '.join(DISTANCE_REDUCES)}")
+    return DISTANCE_REDUCES.index(reduce)
 
 
 def topk_softmax(z: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -67,7 +70,7 @@ def cluster_distance(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str
     """``j* = argmin_j ||x - c_j||²`` (first minimum wins, a non-finite one first), then
     ``d = reduce_k(|x_k - c_{j*,k}| * inv_std_{j*,k}) - 1``, reduce max | mean | rms.
     Returns (d (T,) in the accumulation dtype, assign (T,) int64). No gradient flows."""
-    check_reduce(reduce)
+    reduce_code(reduce)
     acc = acc_dtype(x)
     xf = x.to(acc)
     c = centers.to(acc)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..routing import check_reduce
+from ..routing import reduce_code
 from .dispatch import backend_module, resolve_backend
 
 __all__ = ["slim_linear_op"]
@@ -185,7 +185,7 @@ def slim_linear_op(
     yield_strength = _finite("yield_strength", yield_strength)
     if not isinstance(distance_reduce, str):
         raise TypeError(f"distance_reduce must be a str, got {type(distance_reduce).__name__}")
-    check_reduce(distance_reduce)
+    reduce_code(distance_reduce)
     N = _matrix("weight", weight).shape[0]
     E = _matrix("router", router).shape[0]
     R = _matrix("lora_A", lora_A).shape[0]

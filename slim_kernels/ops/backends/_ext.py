@@ -33,17 +33,6 @@ def load() -> Optional[str]:
     return _state["reason"]
 
 
-# distance_reduce names -> the integer codes the C++/CUDA ops take (0 max, 1 mean, 2 rms)
-_REDUCE_CODES = {"max": 0, "mean": 1, "rms": 2}
-
-
-def reduce_code(distance_reduce: str) -> int:
-    """The extension's code for ``distance_reduce``; a clear error for an unknown name."""
-    if distance_reduce not in _REDUCE_CODES:
-        raise ValueError(
-            f"distance_reduce={distance_reduce!r} is invalid: expected one of max, mean, rms"
-        )
-    return _REDUCE_CODES[distance_reduce]
 
 
 def has_op(name: str) -> bool:

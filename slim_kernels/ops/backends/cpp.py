@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _ext
+from ...routing import reduce_code
 
 NAME = "cpp"
 
@@ -73,7 +74,7 @@ def forward(
     y, gates, idx, d, assign, h = torch.ops.slim_kernels_C.forward(
         x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
         int(num_lora_experts), int(top_k), float(scaling), float(yield_strength),
-        _ext.reduce_code(distance_reduce), _mode(),
+        reduce_code(distance_reduce), _mode(),
     )
     return y, gates, idx, d, assign, h
 

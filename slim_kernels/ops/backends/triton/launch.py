@@ -31,6 +31,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ....routing import reduce_code
 from .tuning import (DECODE_M, LINEAR_CONFIG_INTERPRET, autotune_enabled, db_mode, exact_key,
                      family, linear_configs, split_k, table_config, tune_key)
 
@@ -305,10 +306,7 @@ def route_forward(x, x_lora, lora_A, router, centers, inv_std, num_lora_experts,
     hg = torch.empty((T, ER), dtype=x.dtype, device=dev)
     if T == 0:
         return gates, idx, dist, assign, h, hg
-    reduce_id = {"max": 0, "mean": 1, "rms": 2}.get(distance_reduce)
-    if reduce_id is None:
-        raise ValueError(f"distance_reduce={distance_reduce!r} is invalid: expected one of "
-                         "max, mean, rms")
+    reduce_id = reduce_code(distance_reduce)
     C = 0 if centers is None else centers.shape[0]
     if C:
         centers = centers.contiguous()
