@@ -13,7 +13,8 @@ all of them, failures included (a run that raises is logged with its error)::
     # the markdown table of every logged run
     python benchmarks/forgetting_sweep.py table
 
-Each line records the label, role (``select``: used to choose; ``report``: held out, used
+Each line records the label, role (``probe``: a look at the task before the protocol was
+fixed; ``select``: used to choose; ``report``: held out, used
 only to report), bench, task, seed, arm, the SLIM overrides, the new-task accuracy, every
 retention measure, the routing means, CPU and wall seconds, the command, and provenance.
 """
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     r.add_argument("--steps", type=int, default=None, help="default: 120 embedded, 150 real")
     r.add_argument("--model", default="smollm2", help="real bench: model dir or smollm2")
     r.add_argument("--label", required=True)
-    r.add_argument("--role", choices=["select", "report"], required=True)
+    r.add_argument("--role", choices=["probe", "select", "report"], required=True)
     r.add_argument("--log", default=str(LOG))
     r.add_argument("--no-progress", action="store_true")
     t = sub.add_parser("table", help="print the markdown table of the log")
