@@ -305,7 +305,10 @@ class SlimLinear(nn.Module):
         """A like PEFT's LoRA (kaiming-uniform, a=sqrt(5)), B = 0, router ~ N(0, 0.02);
         clusters uninitialised."""
         self._init_cached: Optional[bool] = False
-        self._snapshot: Optional[Tuple[Tensor, Tensor, bool]] = None
+        # (centres, variances, initialised, (mu, var of r) or None): what the last updating
+        # forward routed with, for a checkpointed re-run
+        self._snapshot: Optional[Tuple[Tensor, Tensor, bool,
+                                       Optional[Tuple[Tensor, Tensor]]]] = None
         self._eval_masks: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
         self._aux_pending = False  # a forward ran since the last reset_aux_loss()
         self._last_balance: Optional[Tensor] = None  # load-balance term of the last forward
@@ -331,7 +334,8 @@ class SlimLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # Cluster statistics stay fp32 (the op requires it): a dtype cast of the model
         # (model.to(torch.bfloat16), .half()) moves them to the new device but keeps fp32.
-        keep = {n: self._buffers.get(n) for n in ("cluster_centers", "cluster_vars") + DISTANCE_KEYS}
+        keep = {n: self._buffers.get(n)
+                for n in ("cluster_centers", "cluster_vars") + DISTANCE_KEYS}
         super()._apply(fn, recurse)
         for n, old in keep.items():
             new = self._buffers.get(n)
@@ -661,7 +665,8 @@ class SlimLinear(nn.Module):
         an all-reduce assembles the centres. So the ranks agree whatever their seeds, any rank
         may hold few or no tokens, and a single process fed the concatenated global batch
         (with rank 0's seed) picks exactly the same tokens: the init does not depend on how
-        the batch is split across ranks.
+        the batch is split across ranks. With distance_scale="spread" the mean and variance
+        of r against the fresh clusters are set too (:meth:`_init_distance_stats`).
         """
         C = self.config.num_clusters
         T, K = xs.shape
@@ -714,8 +719,9 @@ class SlimLinear(nn.Module):
         """distance_scale="spread": the mean and population variance of r over the
         initialising (global) batch, r computed against the fresh clusters as the layer will
         route with them (inv_std = 1/sqrt(v + eps) in fp32); fp32 scalars, or None when they
-        are not finite or no r is (then the whole initialisation waits for the next batch). Each rank
-        contributes the count, sum and sum of squares of its tokens' finite r (all-reduced)."""
+        are not finite or no r is (then the whole initialisation waits for the next batch).
+        Each rank contributes the count, sum and sum of squares of its tokens' finite r
+        (all-reduced)."""
         c = self.config
         inv_std = (vars_ + c.cluster_eps).rsqrt()
         zero = torch.zeros(c.num_clusters, dtype=torch.float32, device=xs.device)

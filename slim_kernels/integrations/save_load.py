@@ -55,7 +55,7 @@ CONFIG_FILE = "slim_config.json"
 ADAPTER_FILE = "slim_adapter.safetensors"  # the tensor file of format 1
 FORMAT = "slim_kernels.slim_adapter"
 FORMAT_VERSION = 2
-TENSORS = SLIM_KEYS  # per wrapped module (slim_keys(config): and the distance statistics)
+TENSORS = SLIM_KEYS  # per wrapped module; slim_keys(config) adds distance_mean/distance_var
 _TENSOR_FILE = re.compile(r"slim_adapter\.[0-9a-f]{16}\.safetensors\Z")
 _TMP = re.compile(r"(slim_adapter\.[0-9a-f]{16}\.safetensors|slim_config\.json)\.tmp-[0-9a-f]{32}\Z")
 
