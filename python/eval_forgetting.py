@@ -290,8 +290,12 @@ def new_task_metrics(model, tok, rows, args) -> dict:
 def load_base(args):
     import transformers as tf
 
+    from packaging.version import Version
+
+    # transformers < 4.56 reads torch_dtype (and would ignore dtype)
+    key = "dtype" if Version(tf.__version__) >= Version("4.56") else "torch_dtype"
     return tf.AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=DTYPES[args.dtype], device_map=args.device).eval()
+        args.model, **{key: DTYPES[args.dtype]}, device_map=args.device).eval()
 
 
 def load_tokenizer(args):
