@@ -179,16 +179,23 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
         R = ER // E_L if er is None else er // E_L
         RP, EP = _pad16(ER), _pad16(E)
         bt, bk, w, st, hb = route_config(RP, interpret=False, fp32=not half)
-        specs.append(Spec(
-            "route_fwd_kernel", f"ER={ER},C={C},BT={bt},BK={bk},HB={hb}", K.route_fwd_kernel,
-            dict(x_ptr=P, xl_ptr=P, a_ptr=P, r_ptr=P, c_ptr="*fp32", s_ptr="*fp32",
-                 gates_ptr="*fp32", idx_ptr="*i64", dist_ptr="*fp32", assign_ptr="*i64",
-                 h_ptr="*fp32", hg_ptr=P, T=T, K=Kd, stride_xt=Kd, stride_xlt=Kd,
-                 stride_a=Kd, stride_r=Kd, stride_c=Kd, stride_s=Kd, scaling=2.0, lam=1.0),
-            dict(ER=ER, R=R, E=E, E_L=E_L, TOPK=s["top_k"], C=C, RP=hb, EP=EP,
-                 CP=max(1, 1 << (C - 1).bit_length()) if C else 1, HAS_XL=False, REDUCE=2,
-                 YIELD=bool(C and E_I), UPCAST=False, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk),
-            w, st))
+        # without a distance shift (distance_scale="none"), and with one (the layer's "spread":
+        # one value expanded, stride 0)
+        for shift in (False, True):
+            specs.append(Spec(
+                "route_fwd_kernel",
+                f"ER={ER},C={C},BT={bt},BK={bk},HB={hb}" + (",SHIFT" if shift else ""),
+                K.route_fwd_kernel,
+                dict(x_ptr=P, xl_ptr=P, a_ptr=P, r_ptr=P, c_ptr="*fp32", s_ptr="*fp32",
+                     sh_ptr="*fp32", gates_ptr="*fp32", idx_ptr="*i64", dist_ptr="*fp32",
+                     assign_ptr="*i64", h_ptr="*fp32", hg_ptr=P, T=T, K=Kd, stride_xt=Kd,
+                     stride_xlt=Kd, stride_a=Kd, stride_r=Kd, stride_c=Kd, stride_s=Kd,
+                     stride_sh=0, scaling=2.0, lam=1.0),
+                dict(ER=ER, R=R, E=E, E_L=E_L, TOPK=s["top_k"], C=C, RP=hb, EP=EP,
+                     CP=max(1, 1 << (C - 1).bit_length()) if C else 1, HAS_XL=False, REDUCE=2,
+                     YIELD=bool(C and E_I), HAS_SHIFT=shift, UPCAST=False, DOT_PREC=prec,
+                     BLOCK_T=bt, BLOCK_K=bk),
+                w, st))
         bt, bk, w, st, _ = route_config(RP, interpret=False, backward=True, fp32=not half)
         for db_mode in (0, 1, 2):  # dB: its own GEMM, fused with partials, fused with atomics
             specs.append(Spec(

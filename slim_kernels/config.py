@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Tuple, Union
 
 DISTANCE_REDUCES = ("max", "mean", "rms")
+DISTANCE_SCALES = ("none", "spread")
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 INT_FIELDS = ("num_lora_experts", "num_identity_experts", "rank", "top_k", "num_clusters")
 FLOAT_FIELDS = ("alpha", "lora_dropout", "yield_strength", "cluster_momentum", "cluster_eps",
@@ -22,9 +23,12 @@ FLOAT_FIELDS = ("alpha", "lora_dropout", "yield_strength", "cluster_momentum", "
 BOOL_FIELDS = ("use_rslora", "merge_rescale", "merge_at_eval")
 # the fields that fix the shapes of a layer's parameters and buffers
 SHAPE_FIELDS = ("num_lora_experts", "num_identity_experts", "rank", "num_clusters")
+# the fields fixed once a layer is built: the shape fields, and distance_scale (which decides
+# whether the layer has the distance_mean / distance_var buffers)
+BUILD_FIELDS = SHAPE_FIELDS + ("distance_scale",)
 
 
-__all__ = ["SlimConfig", "DISTANCE_REDUCES", "BACKENDS"]
+__all__ = ["SlimConfig", "DISTANCE_REDUCES", "DISTANCE_SCALES", "BACKENDS"]
 
 
 def _is_bool(v: Any) -> bool:  # Python or NumPy bools
@@ -43,8 +47,10 @@ class SlimConfig:
     Weight yielding: ``num_clusters`` sliding clusters of the training inputs give each token
     an out-of-domain distance d; identity logits get ``yield_strength * d``. ``num_clusters=0``
     or ``yield_strength=0`` turns yielding off. ``distance_reduce`` picks how the per-channel
-    normalised distances are reduced (max | mean | rms); ``cluster_momentum`` is the EMA rate,
-    ``cluster_eps`` the variance floor.
+    normalised distances are reduced (max | mean | rms); ``distance_scale`` how d is scaled:
+    ``"none"`` (the paper's ``d = r - 1``) or ``"spread"`` (``d = (r - mu) / sigma``, mu and
+    sigma the layer's running mean and standard deviation of r over its training tokens);
+    ``cluster_momentum`` is the EMA rate, ``cluster_eps`` the variance floor.
 
     Dynamic merging: ``merge_drop`` is the overall drop ratio p of the LoRA delta, realised as
     random output rows of B and input columns of A, each dropped at ``1 - sqrt(1 - p)``;
@@ -59,9 +65,10 @@ class SlimConfig:
     are stored as Python ``int`` / ``float`` / ``bool``. Fields are checked when the config is
     built, not when one is assigned later. A layer reads its config at every forward, so the
     other fields may be changed between forwards, but the shape fields
-    (``num_lora_experts``, ``num_identity_experts``, ``rank``, ``num_clusters``) are fixed
-    once a :class:`~slim_kernels.SlimLinear` is built from the config: its forward raises if
-    they no longer match its parameters.
+    (``num_lora_experts``, ``num_identity_experts``, ``rank``, ``num_clusters``) and
+    ``distance_scale`` (which decides the layer's buffers) are fixed once a
+    :class:`~slim_kernels.SlimLinear` is built from the config: its forward raises if they no
+    longer match its parameters and buffers.
     """
 
     num_lora_experts: int = 8
@@ -74,6 +81,7 @@ class SlimConfig:
     num_clusters: int = 4
     yield_strength: float = 1.0
     distance_reduce: str = "rms"
+    distance_scale: str = "none"
     cluster_momentum: float = 0.01
     cluster_eps: float = 1e-5
     merge_drop: float = 0.0
@@ -128,6 +136,8 @@ class SlimConfig:
         need(self.yield_strength >= 0, "yield_strength", "a number >= 0")
         need(self.distance_reduce in DISTANCE_REDUCES, "distance_reduce",
              f"one of {', '.join(DISTANCE_REDUCES)}")
+        need(isinstance(self.distance_scale, str) and self.distance_scale in DISTANCE_SCALES,
+             "distance_scale", f"one of {', '.join(DISTANCE_SCALES)}")
         need(0.0 < self.cluster_momentum <= 1.0, "cluster_momentum", "a number in (0, 1]")
         need(self.cluster_eps > 0, "cluster_eps", "a number > 0")
         need(0.0 <= self.merge_drop < 1.0, "merge_drop", "a number in [0, 1)")

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import SHAPE_FIELDS, SlimConfig
+from .config import BUILD_FIELDS, SHAPE_FIELDS, SlimConfig
 from . import cluster_sync as _dist
 from .ops import slim_linear_op
-from .routing import cluster_batch_stats, merge_masks
+from .routing import cluster_batch_stats, cluster_distance, merge_masks
 
 __all__ = ["SlimLinear", "aux_loss", "routing_stats", "token_mask", "slim_modules",
-           "base_weight", "unsupported_base", "accumulate_aux", "aux_accumulating"]
+           "base_weight", "unsupported_base", "accumulate_aux", "aux_accumulating", "slim_keys"]
 
 SUPPORTED_BASES = ("torch.nn.Linear (floating-point weight)", "bitsandbytes Linear4bit",
                    "bitsandbytes Linear8bitLt",
@@ -39,6 +39,19 @@ _TOKEN_MASK: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar(
 )
 # the layer's own state-dict entries (everything else is the base layer's)
 SLIM_KEYS = ("lora_A", "lora_B", "router", "cluster_centers", "cluster_vars", "cluster_initialized")
+# and those of a layer with distance_scale="spread" (docs/method.md §2): the running mean and
+# variance of r, fp32 scalars
+DISTANCE_KEYS = ("distance_mean", "distance_var")
+# their values in a layer whose clusters are not initialised yet, and in a state dict saved
+# without them: mu = 1, sigma² = 1, so that d = (r - 1) / sqrt(1 + eps), the paper's d
+# (up to that factor)
+DISTANCE_DEFAULTS = {"distance_mean": 1.0, "distance_var": 1.0}
+
+
+def slim_keys(config: SlimConfig) -> Tuple[str, ...]:
+    """The layer's own state-dict entries under ``config``: :data:`SLIM_KEYS`, and
+    :data:`DISTANCE_KEYS` with ``distance_scale="spread"``."""
+    return SLIM_KEYS + (DISTANCE_KEYS if config.distance_scale == "spread" else ())
 # Seed of the fixed eval-mode merge mask (merge_at_eval=True).
 EVAL_MASK_SEED = 0x5115
 
@@ -155,7 +168,9 @@ class SlimLinear(nn.Module):
     layer's own quantized kernels may round differently).
 
     Parameters: ``lora_A`` (E_L, r, K), ``lora_B`` (E_L, N, r) (zero init), ``router`` (E, K).
-    Buffers: ``cluster_centers`` (C, K), ``cluster_vars`` (C, K) (fp32), ``cluster_initialized``.
+    Buffers: ``cluster_centers`` (C, K), ``cluster_vars`` (C, K) (fp32), ``cluster_initialized``;
+    with ``distance_scale="spread"`` also ``distance_mean`` and ``distance_var`` (fp32 scalars:
+    the running mean and variance of r, docs/method.md §2).
     """
 
     def __init__(
@@ -227,6 +242,10 @@ class SlimLinear(nn.Module):
         self.register_buffer(
             "cluster_initialized", torch.zeros((), dtype=torch.bool, device=weight.device)
         )
+        if c.distance_scale == "spread":  # fixed once built (config.BUILD_FIELDS)
+            for n in DISTANCE_KEYS:
+                self.register_buffer(n, torch.full((), DISTANCE_DEFAULTS[n], **fkw))
+            self._register_load_state_dict_pre_hook(self._default_distance_keys)
         self._base_only = 0  # > 0 inside disable_slim (integrations/hf.py): the base linear only
         self._register_load_state_dict_pre_hook(self._forget_cached_flag)
         self._register_load_state_dict_pre_hook(self._old_base_keys)
@@ -265,15 +284,31 @@ class SlimLinear(nn.Module):
             return
         for k in [k for k in state_dict if k.startswith(prefix)]:
             rest = k[len(prefix):]
-            if rest.split(".", 1)[0] not in SLIM_KEYS and not rest.startswith("base_layer."):
+            if rest.split(".", 1)[0] not in SLIM_KEYS + DISTANCE_KEYS \
+                    and not rest.startswith("base_layer."):
                 state_dict[prefix + "base_layer." + rest] = state_dict.pop(k)
+
+    def _default_distance_keys(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A state dict of this layer's SLIM state saved without distance_mean / distance_var
+        # (a layer built before distance_scale existed, or with "none") loads into a "spread"
+        # layer with the defaults mu = 1, sigma² = 1: the paper's d, which its router was
+        # trained with (docs/method.md §2). The EMA moves them from there.
+        if prefix + "cluster_centers" not in state_dict:
+            return  # not this layer's SLIM state (a partial state dict): nothing to fill in
+        ref = self.cluster_centers
+        for n in DISTANCE_KEYS:
+            state_dict.setdefault(prefix + n, torch.full((), DISTANCE_DEFAULTS[n],
+                                                         dtype=torch.float32, device=ref.device))
 
     # -- parameters ---------------------------------------------------------------------
     def reset_slim_parameters(self) -> None:
         """A like PEFT's LoRA (kaiming-uniform, a=sqrt(5)), B = 0, router ~ N(0, 0.02);
         clusters uninitialised."""
         self._init_cached: Optional[bool] = False
-        self._snapshot: Optional[Tuple[Tensor, Tensor, bool]] = None
+        # (centres, variances, initialised, (mu, var of r) or None): what the last updating
+        # forward routed with, for a checkpointed re-run
+        self._snapshot: Optional[Tuple[Tensor, Tensor, bool,
+                                       Optional[Tuple[Tensor, Tensor]]]] = None
         self._eval_masks: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
         self._aux_pending = False  # a forward ran since the last reset_aux_loss()
         self._last_balance: Optional[Tensor] = None  # load-balance term of the last forward
@@ -291,12 +326,16 @@ class SlimLinear(nn.Module):
             self.cluster_centers.zero_()
             self.cluster_vars.fill_(1.0)
             self.cluster_initialized.fill_(False)
+            for n in DISTANCE_KEYS:
+                if n in self._buffers:
+                    self._buffers[n].fill_(DISTANCE_DEFAULTS[n])
         self._init_key = self._flag_key()
 
     def _apply(self, fn, recurse=True):
         # Cluster statistics stay fp32 (the op requires it): a dtype cast of the model
         # (model.to(torch.bfloat16), .half()) moves them to the new device but keeps fp32.
-        keep = {n: self._buffers.get(n) for n in ("cluster_centers", "cluster_vars")}
+        keep = {n: self._buffers.get(n)
+                for n in ("cluster_centers", "cluster_vars") + DISTANCE_KEYS}
         super()._apply(fn, recurse)
         for n, old in keep.items():
             new = self._buffers.get(n)
@@ -409,14 +448,16 @@ class SlimLinear(nn.Module):
         E_L, r, _ = _dist.full_shape(self.lora_A)
         built = dict(num_lora_experts=E_L, rank=r,
                      num_identity_experts=_dist.full_shape(self.router)[0] - E_L,
-                     num_clusters=self.cluster_centers.shape[0])
-        for name in SHAPE_FIELDS:
+                     num_clusters=self.cluster_centers.shape[0],
+                     distance_scale="spread" if "distance_mean" in self._buffers else "none")
+        for name in BUILD_FIELDS:
             if getattr(c, name) != built[name]:
                 raise ValueError(
                     f"SlimLinear: config.{name}={getattr(c, name)!r} but the layer was built "
-                    f"with {name}={built[name]}: the shape fields {', '.join(SHAPE_FIELDS)} "
-                    f"cannot change after the layer is built (build a new layer, or apply SLIM "
-                    f"again, for another shape)")
+                    f"with {name}={built[name]!r}: the shape fields {', '.join(SHAPE_FIELDS)} "
+                    f"and distance_scale (which decides the layer's buffers) cannot change after "
+                    f"the layer is built (build a new layer, or apply SLIM again, for another "
+                    f"value)")
 
     def forward(self, x: Tensor) -> Tensor:
         if self._base_only:  # exactly what the wrapped base layer computes
@@ -453,18 +494,30 @@ class SlimLinear(nn.Module):
         recompute = _in_backward()
         updating = self.training and c.num_clusters > 0 and not recompute
 
-        centers = inv_std = None
+        centers = inv_std = shift = None
+        spread = None  # distance_scale="spread": (sigma, mu / sigma) the op is called with
         if c.num_clusters > 0:
             if recompute and self._snapshot is not None:
-                cen, var, ready = self._snapshot
+                cen, var, ready, dstat = self._snapshot
             else:
                 ready = self._clusters_ready()
                 cen, var = self.cluster_centers, self.cluster_vars
+                dstat = None
+                if c.distance_scale == "spread":
+                    dstat = (self.distance_mean, self.distance_var)
                 if updating:  # what this forward saw, for a checkpointed re-run
                     cen, var = cen.clone(), var.clone()
-                    self._snapshot = (cen, var, ready)
+                    dstat = None if dstat is None else tuple(t.clone() for t in dstat)
+                    self._snapshot = (cen, var, ready, dstat)
             if ready:
                 centers, inv_std = cen, (var + c.cluster_eps).rsqrt()
+                if dstat is not None:
+                    # d = (r - mu) / sigma: 1/sigma folded into inv_std (every reduce is
+                    # positively homogeneous), mu/sigma the shift of every cluster (§2)
+                    sigma = (dstat[1] + c.cluster_eps).sqrt()
+                    inv_std = inv_std / sigma
+                    spread = (sigma, dstat[0] / sigma)
+                    shift = spread[1].expand(c.num_clusters)
 
         x_lora = None
         if self.training and c.lora_dropout > 0:
@@ -476,7 +529,7 @@ class SlimLinear(nn.Module):
             num_lora_experts=E_L, top_k=c.top_k, scaling=c.scaling,
             yield_strength=c.yield_strength if c.num_identity_experts > 0 else 0.0,
             distance_reduce=c.distance_reduce, centers=centers, inv_std=inv_std,
-            x_lora=x_lora, backend=c.backend,
+            x_lora=x_lora, backend=c.backend, distance_shift=shift,
         )
 
         # The balance term is built in a checkpointed re-run too (and dropped there): non-reentrant
@@ -485,7 +538,7 @@ class SlimLinear(nn.Module):
         if not recompute:
             mask = self._current_token_mask(T, x.device)
             if updating:
-                self._update_clusters(x2, assign, mask, centers is not None)
+                self._update_clusters(x2, assign, mask, centers is not None, dist, spread)
             prev, n = self._last_balance, getattr(self, "_balance_n", 0)
             if _AUX_ACCUMULATE.get() and self._aux_pending and prev is not None \
                     and balance is not None:
@@ -507,10 +560,14 @@ class SlimLinear(nn.Module):
     # -- sliding clustering ---------------------------------------------------------------
     @torch.no_grad()
     def _update_clusters(self, x2: Tensor, assign: Tensor, mask: Optional[Tensor],
-                         had_clusters: bool) -> None:
+                         had_clusters: bool, dist: Optional[Tensor] = None,
+                         spread: Optional[Tuple[Tensor, Tensor]] = None) -> None:
         # docs/method.md §2, "Non-finite tokens": padding tokens and tokens with a non-finite
         # entry never enter the statistics, and an update that would make a centre or a
-        # variance non-finite is dropped whole (the clusters stay as they were).
+        # variance (or, with distance_scale="spread", the mean or variance of r) non-finite is
+        # dropped whole (the clusters stay as they were).
+        # ``spread``: (sigma, mu/sigma) of the routing, to recover r = sigma (d + mu/sigma)
+        # from the op's distance d (no second pass over x).
         c = self.config
         C = c.num_clusters
         xs = x2.detach()
@@ -526,11 +583,18 @@ class SlimLinear(nn.Module):
         assign = assign.masked_fill(~keep, C)
         counts, sums, sumsq = (t[:C] for t in cluster_batch_stats(xs, assign, C + 1))
         K = sums.shape[1]
-        packed = torch.cat([counts, sums.reshape(-1), sumsq.reshape(-1)])
+        parts = [counts, sums.reshape(-1), sumsq.reshape(-1)]
+        if spread is not None:  # count, sum and sum of squares of r over the kept tokens
+            sigma, sh = spread
+            r = (dist.detach().double() + sh.double()) * sigma.double()
+            keep_r = keep & torch.isfinite(r)
+            r = r.masked_fill(~keep_r, 0.0)
+            parts.append(torch.stack([keep_r.double().sum(), r.sum(), (r * r).sum()]))
+        packed = torch.cat(parts)
         _dist.all_reduce_sum_(packed)
         counts = packed[:C]
         sums = packed[C: C + C * K].view(C, K)
-        sumsq = packed[C + C * K:].view(C, K)
+        sumsq = packed[C + C * K: C + 2 * C * K].view(C, K)
         seen = counts > 0
         n = counts.clamp_min(1.0)[:, None]
         mean = sums / n
@@ -542,6 +606,18 @@ class SlimLinear(nn.Module):
         new_c, new_v = new_c.to(old_c.dtype), new_v.to(old_v.dtype)
         # the same on every rank: computed from all-reduced statistics
         ok = torch.isfinite(new_c).all() & torch.isfinite(new_v).all()
+        if spread is not None:
+            n_r, s_r, ss_r = packed[C + 2 * C * K:]
+            m_r = s_r / n_r.clamp_min(1.0)
+            v_r = (ss_r / n_r.clamp_min(1.0) - m_r * m_r).clamp_min(0.0)
+            old_m, old_dv = self.distance_mean, self.distance_var
+            new_m = torch.where(n_r > 0, (1 - mom) * old_m.double() + mom * m_r, old_m.double())
+            new_dv = torch.where(n_r > 0, (1 - mom) * old_dv.double() + mom * v_r,
+                                 old_dv.double())
+            new_m, new_dv = new_m.to(old_m.dtype), new_dv.to(old_dv.dtype)
+            ok = ok & torch.isfinite(new_m) & torch.isfinite(new_dv)
+            old_m.copy_(torch.where(ok, new_m, old_m))
+            old_dv.copy_(torch.where(ok, new_dv, old_dv))
         old_c.copy_(torch.where(ok, new_c, old_c))
         old_v.copy_(torch.where(ok, new_v, old_v))
         self._note_rejected(~ok)
@@ -589,7 +665,8 @@ class SlimLinear(nn.Module):
         an all-reduce assembles the centres. So the ranks agree whatever their seeds, any rank
         may hold few or no tokens, and a single process fed the concatenated global batch
         (with rank 0's seed) picks exactly the same tokens: the init does not depend on how
-        the batch is split across ranks.
+        the batch is split across ranks. With distance_scale="spread" the mean and variance
+        of r against the fresh clusters are set too (:meth:`_init_distance_stats`).
         """
         C = self.config.num_clusters
         T, K = xs.shape
@@ -621,11 +698,48 @@ class SlimLinear(nn.Module):
         if not bool(torch.isfinite(centers).all() & torch.isfinite(var).all()):
             self._warn_rejected()
             return
+        vars_ = var[None, :].expand(C, K)
+        dstat = None
+        if self.config.distance_scale == "spread":
+            dstat = self._init_distance_stats(xs, centers, vars_)
+            if dstat is None:
+                self._warn_rejected()
+                return
+        if dstat is not None:
+            self.distance_mean.copy_(dstat[0])
+            self.distance_var.copy_(dstat[1])
         self.cluster_centers.copy_(centers)
-        self.cluster_vars.copy_(var[None, :].expand(C, K))
+        self.cluster_vars.copy_(vars_)
         self.cluster_initialized.fill_(True)
         self._init_cached = True
         self._init_key = self._flag_key()
+
+    def _init_distance_stats(self, xs: Tensor, centers: Tensor, vars_: Tensor
+                             ) -> Optional[Tuple[Tensor, Tensor]]:
+        """distance_scale="spread": the mean and population variance of r over the
+        initialising (global) batch, r computed against the fresh clusters as the layer will
+        route with them (inv_std = 1/sqrt(v + eps) in fp32); fp32 scalars, or None when they
+        are not finite or no r is (then the whole initialisation waits for the next batch).
+        Each rank contributes the count, sum and sum of squares of its tokens' finite r
+        (all-reduced)."""
+        c = self.config
+        inv_std = (vars_ + c.cluster_eps).rsqrt()
+        zero = torch.zeros(c.num_clusters, dtype=torch.float32, device=xs.device)
+        r, _ = cluster_distance(xs, centers, inv_std, c.distance_reduce, zero)
+        r = r.double()
+        keep = torch.isfinite(r)
+        r = r.masked_fill(~keep, 0.0)
+        packed = torch.stack([keep.double().sum(), r.sum(), (r * r).sum()])
+        _dist.all_reduce_sum_(packed)
+        n, s, ss = packed
+        if not bool(n > 0):  # every r overflowed (finite inputs): as a non-finite result
+            return None
+        mean = s / n
+        var = (ss / n - mean * mean).clamp_min(0.0)
+        mean, var = mean.float(), var.float()
+        if not bool(torch.isfinite(mean) & torch.isfinite(var)):
+            return None
+        return mean, var
 
     # -- aux losses and statistics --------------------------------------------------------
     def _record(self, gates: Tensor, idx: Tensor, dist: Tensor, mask: Optional[Tensor],

@@ -13,6 +13,9 @@ Conventions (shared with every backend, see :mod:`slim_kernels.ops.backends`):
 * ``centers`` (C, K), ``cluster_vars`` (C, K): the sliding clusters (fp32 buffers), or None
   for "no yielding" (d = 0).
 * ``x_lora``: the input of the LoRA A products after LoRA dropout (None: x itself).
+* ``distance_shift`` (C,) fp32 or None: the distance is ``r - distance_shift[j*]``; None is
+  the constant 1 (the paper's ``d = r - 1``). With ``distance_scale="spread"`` the layer
+  passes mu/sigma here and folds 1/sigma into the variances (``docs/method.md`` §2).
 
 Returned: ``y`` (T, N) in x's dtype, ``gates`` (T, E) (zero for unselected experts),
 ``distance`` (T,) and ``assign`` (T,) int64 (-1 when there are no clusters).
@@ -34,13 +37,15 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 
 @torch.no_grad()
 def cluster_distance(
-    x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str
+    x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str,
+    shift: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Out-of-domain distance of each token (``docs/method.md`` §2).
 
     ``j* = argmin_j ||x - c_j||²`` (ties: lower index; a non-finite value first, §1.5), then
-    ``d = reduce_k(|x_k - c_{j*,k}| * inv_std_{j*,k}) - 1`` with reduce max | mean | rms,
-    where ``inv_std = 1/sqrt(var + eps)``. No gradient flows through d.
+    ``d = reduce_k(|x_k - c_{j*,k}| * inv_std_{j*,k}) - shift_{j*}`` with reduce
+    max | mean | rms, where ``inv_std = 1/sqrt(var + eps)`` and ``shift`` (C,) is 1 when None.
+    No gradient flows through d.
     Returns (d (T,) in the accumulation dtype, assign (T,) int64).
     """
     acc = _acc_dtype(x)
@@ -61,7 +66,9 @@ def cluster_distance(
         r = (u * u).mean(dim=1).sqrt()
     else:
         raise ValueError(f"distance_reduce={reduce!r} is invalid: expected one of max, mean, rms")
-    return r - 1.0, assign
+    if shift is None:
+        return r - 1.0, assign
+    return r - shift.to(acc)[assign], assign
 
 
 def topk_softmax(z: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -105,6 +112,7 @@ def slim_reference(
     cluster_vars: Optional[Tensor] = None,
     cluster_eps: float = 1e-5,
     x_lora: Optional[Tensor] = None,
+    distance_shift: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """y = x Wᵀ + b + s · Σ_{i<E_L} g_i B'_i A'_i x (per expert, as docs/method.md §1 writes it)."""
     T, K = x.shape
@@ -116,7 +124,7 @@ def slim_reference(
     if centers is not None:
         # the clusters are fp32 buffers; 1/sqrt(v + eps) is formed in fp32, as the layer does
         inv_std = (cluster_vars.float() + cluster_eps).rsqrt()
-        d, assign = cluster_distance(x, centers, inv_std, distance_reduce)
+        d, assign = cluster_distance(x, centers, inv_std, distance_reduce, distance_shift)
         if yield_strength != 0.0 and E > E_L:
             bump = torch.zeros(E, dtype=acc, device=x.device)
             bump[E_L:] = 1.0

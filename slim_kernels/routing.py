@@ -65,10 +65,11 @@ def topk_softmax(z: Tensor, k: int) -> Tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def cluster_distance(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str
-                     ) -> Tuple[Tensor, Tensor]:
+def cluster_distance(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str,
+                     shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``j* = argmin_j ||x - c_j||²`` (first minimum wins, a non-finite one first), then
-    ``d = reduce_k(|x_k - c_{j*,k}| * inv_std_{j*,k}) - 1``, reduce max | mean | rms.
+    ``d = reduce_k(|x_k - c_{j*,k}| * inv_std_{j*,k}) - shift_{j*}``, reduce max | mean | rms;
+    ``shift`` (C,) is the constant 1 when None (the paper's ``d = r - 1``).
     Returns (d (T,) in the accumulation dtype, assign (T,) int64). No gradient flows."""
     reduce_code(reduce)
     acc = acc_dtype(x)
@@ -84,7 +85,9 @@ def cluster_distance(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str
         r = u.mean(dim=1)
     else:
         r = u.square_().mean(dim=1).sqrt_()
-    return r - 1.0, assign
+    if shift is None:
+        return r - 1.0, assign
+    return r - shift.to(acc)[assign], assign
 
 
 @torch.no_grad()

@@ -264,23 +264,32 @@ def non_finite_global_batches():
     return out
 
 
-def non_finite_layer() -> SlimLinear:
+def non_finite_layer(distance_scale: str = "none") -> SlimLinear:
     torch.manual_seed(0)
     return SlimLinear(6, 4, config=sk.SlimConfig(num_lora_experts=2, rank=2, num_clusters=3,
-                                                 cluster_momentum=0.5, backend="torch")).train()
+                                                 cluster_momentum=0.5, backend="torch",
+                                                 distance_scale=distance_scale)).train()
 
 
-def non_finite_case(rank: int, world: int):
+def layer_state(layer: SlimLinear):
+    """(centres, variances, initialised[, mean of r, variance of r]) of one layer."""
+    st = (layer.cluster_centers.clone(), layer.cluster_vars.clone(),
+          bool(layer.cluster_initialized))
+    if layer.config.distance_scale == "spread":
+        st += (layer.distance_mean.clone(), layer.distance_var.clone())
+    return st
+
+
+def non_finite_case(rank: int, world: int, distance_scale: str = "none"):
     """The clusters of one SlimLinear after each step, each rank feeding its shard."""
-    layer = non_finite_layer()
+    layer = non_finite_layer(distance_scale)
     states = []
     for x in non_finite_global_batches():
         n = x.shape[0] // world
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             layer(x[rank * n:(rank + 1) * n])
-        states.append((layer.cluster_centers.clone(), layer.cluster_vars.clone(),
-                       bool(layer.cluster_initialized)))
+        states.append(layer_state(layer))
     return states
 
 
@@ -301,6 +310,7 @@ def main() -> None:
     res = run_ddp_case(rank, world)
     res["in_sync"] = clusters_in_sync_checks(rank)
     res["non_finite"] = non_finite_case(rank, world)
+    res["non_finite_spread"] = non_finite_case(rank, world, "spread")
     res["forward_sync"] = run_ddp_case(rank, world, forward_sync=True)
     res["checkpointing"] = run_ddp_case(rank, world, checkpointing=True)
     res["resume"] = run_ddp_case(rank, world, resume_on_rank0=True)

@@ -8,7 +8,8 @@ from slim_kernels import SlimConfig
 EXPECTED_FIELDS = {
     "num_lora_experts": 8, "num_identity_experts": 2, "rank": 16, "alpha": 32.0,
     "use_rslora": False, "top_k": 2, "lora_dropout": 0.0, "num_clusters": 4,
-    "yield_strength": 1.0, "distance_reduce": "rms", "cluster_momentum": 0.01,
+    "yield_strength": 1.0, "distance_reduce": "rms", "distance_scale": "none",
+    "cluster_momentum": 0.01,
     "cluster_eps": 1e-5, "merge_drop": 0.0, "merge_rescale": False, "merge_at_eval": False,
     "l1_coef": 0.0, "balance_coef": 0.0,
     "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -29,9 +30,12 @@ def test_exact_fields_and_defaults():
 
 def test_json_round_trip(tmp_path):
     c = SlimConfig(num_lora_experts=3, rank=5, distance_reduce="max", merge_drop=0.25,
-                   target_modules=("q_proj", "down_proj"), backend="torch")
+                   target_modules=("q_proj", "down_proj"), backend="torch",
+                   distance_scale="spread")
     text = c.to_json()
     assert json.loads(text)["target_modules"] == ["q_proj", "down_proj"]
+    assert json.loads(text)["distance_scale"] == "spread"
+    assert SlimConfig.from_dict(c.to_dict()) == c
     assert SlimConfig.from_json(text) == c
     p = tmp_path / "c.json"
     c.to_json(str(p))
@@ -51,6 +55,9 @@ def test_json_round_trip(tmp_path):
     (dict(num_clusters=-1), "num_clusters"),
     (dict(yield_strength=-0.5), "yield_strength"),
     (dict(distance_reduce="median"), "distance_reduce"),
+    (dict(distance_scale="std"), "distance_scale"),
+    (dict(distance_scale=None), "distance_scale"),
+    (dict(distance_scale=["spread"]), "distance_scale"),
     (dict(cluster_momentum=0.0), "cluster_momentum"),
     (dict(cluster_momentum=1.5), "cluster_momentum"),
     (dict(cluster_eps=0.0), "cluster_eps"),
@@ -107,3 +114,13 @@ def test_from_dict_and_from_json_need_an_object(tmp_path):
         SlimConfig.from_json(p)  # a pathlib.Path works as a path
     SlimConfig(rank=3).to_json(p)
     assert SlimConfig.from_json(p) == SlimConfig(rank=3)
+
+
+def test_distance_scale_values():
+    assert SlimConfig().distance_scale == "none"
+    for v in ("none", "spread"):
+        assert SlimConfig(distance_scale=v).distance_scale == v
+        assert SlimConfig.from_json(SlimConfig(distance_scale=v).to_json()).distance_scale == v
+    with pytest.raises(ValueError, match=r"SlimConfig\.distance_scale='std' is invalid: "
+                                         r"expected one of none, spread"):
+        SlimConfig(distance_scale="std")

@@ -137,6 +137,33 @@ def test_non_finite_tokens_on_one_rank_never_reach_the_clusters(ranks):
     assert not torch.equal(a[3][0], a[2][0])  # and the next batch moves them again
 
 
+def test_spread_statistics_identical_across_ranks_and_as_one_process(ranks):
+    """distance_scale="spread": the count, sum and sum of squares of r travel in the cluster
+    all-reduce (and the init's), so both ranks hold bit-identical means and variances of r,
+    equal to one process fed the global batch without its non-finite tokens; the overflowing
+    step drops the statistics of r with the clusters."""
+    import _dist_worker as w
+
+    ddp, _ = ranks
+    a, b = ddp[0]["non_finite_spread"], ddp[1]["non_finite_spread"]
+    kept = [x[torch.isfinite(x).all(1)] for x in w.non_finite_global_batches()]
+    layer = w.non_finite_layer("spread")
+    for step, x in enumerate(kept):
+        with pytest.warns(RuntimeWarning) if step == 2 else contextlib.nullcontext():
+            layer(x)
+        want = w.layer_state(layer)
+        for r, st in ((0, a[step]), (1, b[step])):
+            assert len(st) == 5 and st[2] == want[2], (step, r)
+            for got, ref in zip(st[:2] + st[3:], want[:2] + want[3:]):
+                assert torch.isfinite(got).all(), (step, r)
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"{step} {r}")
+        assert all(torch.equal(u, v) for u, v in zip(a[step][:2] + a[step][3:],
+                                                     b[step][:2] + b[step][3:])), step
+    assert not torch.equal(a[0][3], torch.tensor(1.0))  # initialised from the first batch
+    assert torch.equal(a[2][3], a[1][3]) and torch.equal(a[2][4], a[1][4])  # dropped
+    assert not torch.equal(a[3][3], a[2][3])  # and the next batch moves them again
+
+
 def test_ddp_buffer_sync_on_or_off_changes_nothing(ranks):
     ddp, _ = ranks
     for r in range(2):

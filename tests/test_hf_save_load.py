@@ -306,3 +306,55 @@ def test_save_from_compiled_wrapper_uses_plain_names(saved, tmp_path):
     ids, am, _ = batch()
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids, attention_mask=am).logits, logits)
+
+
+def test_spread_adapter_round_trips_its_distance_statistics(tmp_path):
+    """distance_scale="spread": the running mean and variance of r are saved per module
+    (fp32 scalars, in the manifest and covered by the digest) and load back bit-exactly."""
+    from safetensors.torch import load_file
+
+    model = slim(tiny_model("llama", seed=0), distance_scale="spread", cluster_momentum=0.3)
+    randomise_B(model)
+    ids, am, _ = batch()
+    model.train()
+    model(input_ids=ids, attention_mask=am)
+    model(input_ids=ids * 2 % 61, attention_mask=am)
+    model.eval()
+    layers = list(sk.slim_modules(model))
+    assert all(m.distance_mean.item() != 1.0 for _, m in layers)  # initialised and moved
+    sk.save_slim(model, str(tmp_path))
+    meta = json.loads((tmp_path / "slim_config.json").read_text())
+    assert meta["config"]["distance_scale"] == "spread"
+    assert len(meta["tensors"]) == 8 * 14
+    file = load_file(adapter_tensor_file(tmp_path))
+    for n, m in layers:
+        for t in ("distance_mean", "distance_var"):
+            assert meta["tensors"][f"{n}.{t}"]["shape"] == []
+            assert torch.equal(file[f"{n}.{t}"], getattr(m, t)), (n, t)
+    fresh = tiny_model("llama", seed=0)
+    sk.load_slim(fresh, str(tmp_path))
+    fresh.eval()
+    for (n, a), (_, b) in zip(layers, sk.slim_modules(fresh)):
+        assert b.config.distance_scale == "spread"
+        for t in ("distance_mean", "distance_var", "cluster_centers"):
+            assert torch.equal(getattr(a, t), getattr(b, t)), (n, t)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids, attention_mask=am).logits,
+                           model(input_ids=ids, attention_mask=am).logits)
+
+
+def test_spread_adapter_with_a_negative_variance_is_refused(tmp_path):
+    model = slim(tiny_model("llama", seed=0), distance_scale="spread")
+    ids, am, _ = batch()
+    model.train()
+    model(input_ids=ids, attention_mask=am)
+    name, layer = next(iter(sk.slim_modules(model)))
+    with torch.no_grad():
+        layer.distance_var.fill_(-1.0)
+    with pytest.raises(ValueError, match=rf"module {name!r}: tensor 'distance_var' holds "
+                                         r"negative variances"):
+        sk.save_slim(model, str(tmp_path))
+    with torch.no_grad():
+        layer.distance_var.fill_(float("nan"))
+    with pytest.raises(ValueError, match="'distance_var' holds non-finite"):
+        sk.save_slim(model, str(tmp_path))

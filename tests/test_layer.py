@@ -476,3 +476,250 @@ def test_cast_keeps_cluster_buffers_fp32():
         y.float().sum().backward()
     layer.float()
     assert layer.lora_B.dtype == torch.float32 and torch.equal(layer.cluster_centers, cen)
+
+
+# --- distance_scale (docs/method.md §2) ---------------------------------------------------------
+class _OpSpy:
+    """Wraps slim_kernels.layer.slim_linear_op: records each call's keyword arguments and
+    outputs."""
+
+    def __init__(self, monkeypatch):
+        import slim_kernels.layer as L
+
+        self.calls = []
+        real = L.slim_linear_op
+
+        def spy(*args, **kw):
+            out = real(*args, **kw)
+            self.calls.append((kw, [t.detach().clone() for t in out]))
+            return out
+
+        monkeypatch.setattr(L, "slim_linear_op", spy)
+
+
+def _r(x, layer, centers=None, vars_=None):
+    """r = reduce_k |x_k - c_{j*,k}| / sqrt(v_{j*,k} + eps) in fp64 by the reference, against the
+    layer's clusters (or the given ones); inv_std formed in fp32 as the layer forms it."""
+    from slim_kernels.reference import cluster_distance as ref_distance
+
+    cen = layer.cluster_centers if centers is None else centers
+    var = layer.cluster_vars if vars_ is None else vars_
+    d, assign = ref_distance(x.double(), cen, (var + layer.config.cluster_eps).rsqrt(),
+                             layer.config.distance_reduce)
+    return d + 1.0, assign
+
+
+def test_distance_scale_none_calls_the_op_as_before(monkeypatch):
+    """distance_scale="none" (the default): no new buffer, no distance_shift, the same inv_std
+    as before: the op is called exactly as before the option existed."""
+    lin, layer = make_layer(K=8, N=5, dtype=torch.float32)
+    assert not any(k.startswith("distance") for k in layer.state_dict())
+    spy = _OpSpy(monkeypatch)
+    layer.train()
+    x = torch.randn(30, 8)
+    layer(x)
+    var = layer.cluster_vars.clone()  # what the next forward routes with (then moves)
+    layer(x)
+    kw, out = spy.calls[-1]
+    assert kw["distance_shift"] is None
+    assert torch.equal(kw["inv_std"], (var + 1e-5).rsqrt())
+    layer.eval()
+    layer(x)
+    kw, (_, _, _, d, _) = spy.calls[-1]
+    assert kw["distance_shift"] is None
+    assert torch.equal(kw["inv_std"], (layer.cluster_vars + 1e-5).rsqrt())
+    r, _ = _r(x, layer)
+    torch.testing.assert_close(d.double(), r - 1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean", "rms"])
+def test_spread_init_and_ema_match_a_hand_computation(reduce):
+    """fp64 layer: mu and var of r at the cluster init (the initialising batch against the fresh
+    clusters), then one EMA step with cluster_momentum from the next batch's r (against the
+    clusters it routed with), leaving out a padding token and a non-finite one."""
+    K, C, mom = 7, 3, 0.25
+    lin, layer = make_layer(K=K, N=5, num_clusters=C, cluster_momentum=mom,
+                            distance_scale="spread", distance_reduce=reduce)
+    assert layer.distance_mean.dtype == layer.distance_var.dtype == torch.float32
+    assert layer.distance_mean.shape == layer.distance_var.shape == ()
+    assert (layer.distance_mean.item(), layer.distance_var.item()) == (1.0, 1.0)  # defaults
+    layer.train()
+    x1 = torch.randn(40, K, dtype=torch.float64)
+    layer(x1)
+    assert layer.cluster_initialized.item()
+    r1, _ = _r(x1, layer)
+    mu0, var0 = r1.mean(), r1.var(unbiased=False)
+    torch.testing.assert_close(layer.distance_mean.double(), mu0, rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.distance_var.double(), var0, rtol=1e-6, atol=0)
+    mu0, var0 = layer.distance_mean.double(), layer.distance_var.double()  # as stored (fp32)
+
+    cen, var = layer.cluster_centers.clone(), layer.cluster_vars.clone()
+    x2 = torch.randn(3, 10, K, dtype=torch.float64) * 1.7 + 0.4
+    x2[0, 4, 2] = float("nan")
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[2, 7:] = False
+    with sk.token_mask(mask):
+        layer(x2)
+    keep = mask.reshape(-1) & torch.isfinite(x2.reshape(-1, K)).all(1)
+    r2, _ = _r(x2.reshape(-1, K)[keep], layer, cen, var)
+    want_mu = (1 - mom) * mu0 + mom * r2.mean()
+    want_var = (1 - mom) * var0 + mom * r2.var(unbiased=False)
+    torch.testing.assert_close(layer.distance_mean.double(), want_mu, rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.distance_var.double(), want_var, rtol=1e-6, atol=0)
+    # eval freezes them
+    before = (layer.distance_mean.clone(), layer.distance_var.clone())
+    layer.eval()
+    layer(x2 * 3)
+    assert torch.equal(before[0], layer.distance_mean) and torch.equal(before[1], layer.distance_var)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_spread_distance_and_identity_logits(monkeypatch, dtype):
+    """The op gets inv_std / sigma and the shift mu / sigma for every cluster; the layer's
+    routed distance is (r - mu) / sigma, sigma = sqrt(var + eps), and the identity logits move
+    by lam (r - mu) / sigma (the gates and y of the reference with that distance)."""
+    from slim_kernels.reference import topk_softmax
+
+    K, lam = 9, 1.7
+    lin, layer = make_layer(K=K, N=6, dtype=dtype, num_clusters=3, cluster_momentum=0.3,
+                            distance_scale="spread", yield_strength=lam, top_k=2)
+    layer.train()
+    layer(torch.randn(50, K, dtype=dtype))
+    layer(torch.randn(50, K, dtype=dtype) * 2)
+    spy = _OpSpy(monkeypatch)
+    layer.eval()
+    x = torch.randn(25, K, dtype=dtype) * 1.5
+    y = layer(x)
+    kw, (_, gates, _, d, assign) = spy.calls[-1]
+    mu, var = layer.distance_mean.double(), layer.distance_var.double()
+    sigma = (var + 1e-5).sqrt()
+    shift = kw["distance_shift"]
+    assert shift.shape == (3,) and shift.dtype == torch.float32
+    torch.testing.assert_close(shift.double(), (mu / sigma).expand(3), rtol=1e-6, atol=0)
+    torch.testing.assert_close(kw["inv_std"].double(),
+                               (layer.cluster_vars.double() + 1e-5).rsqrt() / sigma,
+                               rtol=1e-6, atol=0)
+    r, a = _r(x, layer)
+    assert torch.equal(assign, a)
+    want_d = (r - mu) / sigma
+    assert (want_d < 0).any() and (want_d > 0).any()
+    tol = 1e-5 if dtype == torch.float32 else 1e-6
+    torch.testing.assert_close(d.double(), want_d, rtol=tol, atol=tol)
+    # the identity logits: z + lam * d on E_L.. only, then top-k and softmax
+    z = (x.double() @ layer.router.double().t())
+    z[:, 3:] += lam * want_d[:, None]
+    want_g, _ = topk_softmax(z, 2)
+    torch.testing.assert_close(gates.double(), want_g, rtol=tol, atol=tol)
+    y0, *_ = slim_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.router,
+                            top_k=2, scaling=layer.scaling, yield_strength=lam,
+                            centers=layer.cluster_centers,
+                            cluster_vars=(layer.cluster_vars + 1e-5) * sigma.float() ** 2 - 1e-5,
+                            distance_shift=(mu / sigma).float().expand(3))
+    torch.testing.assert_close(y.double(), y0.double(), rtol=tol, atol=tol)
+
+
+def test_spread_and_none_route_alike_at_the_defaults():
+    """Before a state dict with statistics is loaded, mu = 1 and sigma² = 1: a "spread" layer
+    loaded from a "none" one's state routes with d / sqrt(1 + eps), the paper's d."""
+    torch.manual_seed(0)
+    lin, none = make_layer(K=8, N=5, num_clusters=2)
+    spread = sk.SlimLinear.from_linear(lin, sk.SlimConfig(**{**CFG, "num_clusters": 2,
+                                                           "distance_scale": "spread"}))
+    none.train()
+    none(torch.randn(30, 8, dtype=torch.float64))
+    sd = {k: v for k, v in none.state_dict().items()}
+    spread.load_state_dict(sd)  # strict: the missing statistics get their defaults
+    assert (spread.distance_mean.item(), spread.distance_var.item()) == (1.0, 1.0)
+    none.eval()
+    spread.eval()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    torch.testing.assert_close(spread(x), none(x), rtol=1e-4, atol=1e-4)
+
+
+def test_spread_state_dict_round_trip_copies_and_errors():
+    import copy
+    import pickle
+
+    lin, layer = make_layer(K=8, N=5, distance_scale="spread", cluster_momentum=0.5)
+    layer.train()
+    layer(torch.randn(30, 8, dtype=torch.float64))
+    layer(torch.randn(30, 8, dtype=torch.float64) + 1)
+    sd = layer.state_dict()
+    assert {"distance_mean", "distance_var"} <= set(sd)
+    _, other = make_layer(K=8, N=5, distance_scale="spread", seed=3)
+    other.load_state_dict(sd)
+    for k in ("distance_mean", "distance_var", "cluster_centers"):
+        assert torch.equal(getattr(other, k), getattr(layer, k)), k
+    for c in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert torch.equal(c.distance_mean, layer.distance_mean)
+        assert torch.equal(c.distance_var, layer.distance_var)
+        c.eval()
+        layer.eval()
+        x = torch.randn(4, 8, dtype=torch.float64)
+        assert torch.equal(c(x), layer(x))
+    # a "none" layer rejects the statistics under strict loading (unexpected keys)
+    _, none = make_layer(K=8, N=5)
+    with pytest.raises(RuntimeError, match="distance_mean"):
+        none.load_state_dict(sd)
+    # distance_scale decides the buffers: fixed once the layer is built
+    layer.config.distance_scale = "none"
+    with pytest.raises(ValueError, match="config.distance_scale='none' but the layer was built "
+                                         "with distance_scale='spread'"):
+        layer(torch.randn(2, 8, dtype=torch.float64))
+    none.config.distance_scale = "spread"
+    with pytest.raises(ValueError, match="config.distance_scale='spread'"):
+        none(torch.randn(2, 8, dtype=torch.float64))
+
+
+def test_spread_cast_keeps_statistics_fp32():
+    lin, layer = make_layer(K=8, N=5, dtype=torch.float32, distance_scale="spread")
+    layer.to(torch.bfloat16)
+    assert layer.distance_mean.dtype == layer.distance_var.dtype == torch.float32
+    layer.train()
+    layer(torch.randn(20, 8, dtype=torch.bfloat16))
+    layer(torch.randn(20, 8, dtype=torch.bfloat16))
+    assert torch.isfinite(layer.distance_var) and layer.distance_var > 0
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_spread_gradient_checkpointing_updates_once(use_reentrant):
+    """A checkpointed re-run routes with the statistics the first forward saw (the snapshot)
+    and does not update them again: same gradients and statistics as without checkpointing."""
+    lin, layer = make_layer(distance_scale="spread", cluster_momentum=0.5, yield_strength=2.0)
+    layer.train()
+    layer(torch.randn(16, 45, dtype=torch.float64))  # init
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x2 = torch.randn(16, 45, dtype=torch.float64, requires_grad=True)
+    y = layer(x2)
+    y.square().sum().backward()
+    ref = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.router)] + [x2.grad.clone()]
+    after = (layer.distance_mean.clone(), layer.distance_var.clone())
+    assert not torch.equal(after[0], state["distance_mean"])
+
+    layer.load_state_dict(state)
+    for p in (layer.lora_A, layer.lora_B, layer.router):
+        p.grad = None
+    x2.grad = None
+    y = checkpoint(layer, x2, use_reentrant=use_reentrant)
+    y.square().sum().backward()
+    grads = [p.grad for p in (layer.lora_A, layer.lora_B, layer.router)] + [x2.grad]
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.equal(layer.distance_mean, after[0]) and torch.equal(layer.distance_var, after[1])
+
+
+def test_spread_overflow_drops_the_whole_update():
+    """An update whose statistics would not be finite is dropped whole: clusters and the
+    statistics of r stay as they were (docs/method.md §2, "Non-finite tokens")."""
+    lin, layer = make_layer(K=6, N=5, num_clusters=2, dtype=torch.float32,
+                            distance_scale="spread")
+    layer.train()
+    layer(torch.randn(20, 6))
+    before = [t.clone() for t in (layer.cluster_centers, layer.cluster_vars,
+                                  layer.distance_mean, layer.distance_var)]
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        layer(torch.randn(20, 6) * 1e30)
+    after = (layer.cluster_centers, layer.cluster_vars, layer.distance_mean, layer.distance_var)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    layer(torch.randn(20, 6))
+    assert not torch.equal(before[2], layer.distance_mean)

@@ -7,7 +7,8 @@
 //
 // Forward, per block of TB tokens (one pass over the block; everything stays in cache):
 //   z   = x_b Rᵀ, x_b·c_j                           (TB, E+C)  one small GEMM
-//   d   = reduce_k |x - c_{j*}| inv_std_{j*} - 1,  j* = argmin_j ||c_j||² - 2 x·c_j
+//   d   = reduce_k |x - c_{j*}| inv_std_{j*} - shift_{j*},  j* = argmin_j ||c_j||² - 2 x·c_j
+//         (shift: the optional distance_shift (C,), else the constant 1)
 //   z_i += lam * d  (identity experts);  top-k (ties: lower index);  softmax over the kept
 //   for each LoRA expert e: the tokens of the block that selected it (sparse mode) or all
 //   of them (dense mode): h_e = x_e A_eᵀ, hg_e = s g_e h_e, y[tokens] += hg_e B_eᵀ.
@@ -130,10 +131,12 @@ void gather_rows(const acc_t* src, int64_t L, const std::vector<int64_t>& idx, a
 // the same for every j), with the dot products x·c_j computed by the route GEMM (the centres
 // are stacked under the router rows), as the torch backend does; then one pass over the
 // chosen centre for the reduce. dots[j] = x·c_j, strided by dot_stride; csq[j] = ||c_j||².
+// d = r - shift[j*] (shift: C values; nullptr: the constant 1).
 template <typename acc_t>
 void cluster_distance_row(const acc_t* x, const acc_t* dots, int64_t dot_stride, const acc_t* csq,
-                          const float* centers, const float* inv_std, int64_t C, int64_t K,
-                          int64_t reduce, acc_t* d_out, int64_t* assign_out) {
+                          const float* centers, const float* inv_std, const float* shift,
+                          int64_t C, int64_t K, int64_t reduce, acc_t* d_out,
+                          int64_t* assign_out) {
   int64_t best = 0;
   acc_t best_sq = std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < C; ++j) {
@@ -169,7 +172,7 @@ void cluster_distance_row(const acc_t* x, const acc_t* dots, int64_t dot_stride,
     }
     r = std::sqrt(r / static_cast<acc_t>(K));
   }
-  *d_out = r - acc_t(1);
+  *d_out = r - (shift != nullptr ? static_cast<acc_t>(shift[best]) : acc_t(1));
   *assign_out = best;
 }
 
@@ -214,7 +217,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
                                      const at::Tensor& lora_A, const at::Tensor& lora_B,
                                      const at::Tensor& router,
                                      const c10::optional<at::Tensor>& centers,
-                                     const c10::optional<at::Tensor>& inv_std, int64_t EL,
+                                     const c10::optional<at::Tensor>& inv_std,
+                                     const c10::optional<at::Tensor>& shift, int64_t EL,
                                      int64_t top_k, double scaling, double yield_strength,
                                      int64_t reduce, int64_t mode) {
   using acc_t = typename AccOf<scalar_t>::type;
@@ -253,6 +257,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
   const scalar_t* bp = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
   const float* cp = has_clusters ? centers->data_ptr<float>() : nullptr;
   const float* sp = has_clusters ? inv_std->data_ptr<float>() : nullptr;
+  const float* shp = has_clusters && shift.has_value() ? shift->data_ptr<float>() : nullptr;
   // route GEMM operand: the router rows, then (with clusters) the centres in the acc dtype,
   // so one skinny GEMM gives the logits and the dot products x·c_j; csq = ||c_j||²
   const int64_t RC_rows = s.E + s.C;
@@ -310,7 +315,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
         acc_t* zi = z.data() + i * s.E;
         if (has_clusters) {
           cluster_distance_row<acc_t>(xb + i * s.K, zt.data() + s.E * tb + i, tb, csq.data(), cp,
-                                      sp, s.C, s.K, reduce, dp + t, ap + t);
+                                      sp, shp, s.C, s.K, reduce, dp + t, ap + t);
           if (do_yield)
             for (int64_t e = s.EL; e < s.E; ++e) zi[e] += lam * dp[t];
         } else {
@@ -611,6 +616,7 @@ std::vector<at::Tensor> slim_forward(const at::Tensor& x, const c10::optional<at
                                      const at::Tensor& router,
                                      const c10::optional<at::Tensor>& centers,
                                      const c10::optional<at::Tensor>& inv_std,
+                                     const c10::optional<at::Tensor>& distance_shift,
                                      int64_t num_lora_experts, int64_t top_k, double scaling,
                                      double yield_strength, int64_t reduce, int64_t mode) {
   auto xc = contig(x);
@@ -623,24 +629,35 @@ std::vector<at::Tensor> slim_forward(const at::Tensor& x, const c10::optional<at
   check_inputs(xc, wc, Ac, Bc, Rc, num_lora_experts);
   TORCH_CHECK(top_k >= 1 && top_k <= Rc.size(0), "slim_kernels_C: top_k out of range");
   TORCH_CHECK(reduce >= 0 && reduce <= 2, "slim_kernels_C: reduce must be 0 (max), 1 (mean), 2 (rms)");
-  c10::optional<at::Tensor> cc, sc;
+  c10::optional<at::Tensor> cc, sc, shc;
   if (centers.has_value()) {
     TORCH_CHECK(inv_std.has_value(), "slim_kernels_C: centers given without inv_std");
     cc = centers->to(at::kFloat).contiguous();
     sc = inv_std->to(at::kFloat).contiguous();
+    TORCH_CHECK(cc->dim() == 2 && sc->sizes() == cc->sizes() && cc->size(1) == xc.size(1),
+                "slim_kernels_C: centers and inv_std must be (C, K)");
+    if (distance_shift.has_value()) {
+      // a strided view (stride 0: one value expanded) is made contiguous here
+      shc = distance_shift->to(at::kFloat).contiguous();
+      TORCH_CHECK(shc->dim() == 1 && shc->size(0) == cc->size(0),
+                  "slim_kernels_C: distance_shift must be (C,)");
+    }
+  } else {
+    TORCH_CHECK(!distance_shift.has_value(),
+                "slim_kernels_C: distance_shift given without centers");
   }
   switch (xc.scalar_type()) {
     case at::kFloat:
-      return forward_impl<float>(xc, xl, wc, bc, Ac, Bc, Rc, cc, sc, num_lora_experts, top_k,
+      return forward_impl<float>(xc, xl, wc, bc, Ac, Bc, Rc, cc, sc, shc, num_lora_experts, top_k,
                                  scaling, yield_strength, reduce, mode);
     case at::kDouble:
-      return forward_impl<double>(xc, xl, wc, bc, Ac, Bc, Rc, cc, sc, num_lora_experts, top_k,
+      return forward_impl<double>(xc, xl, wc, bc, Ac, Bc, Rc, cc, sc, shc, num_lora_experts, top_k,
                                   scaling, yield_strength, reduce, mode);
     case at::kBFloat16:
-      return forward_impl<c10::BFloat16>(xc, xl, wc, bc, Ac, Bc, Rc, cc, sc, num_lora_experts,
+      return forward_impl<c10::BFloat16>(xc, xl, wc, bc, Ac, Bc, Rc, cc, sc, shc, num_lora_experts,
                                          top_k, scaling, yield_strength, reduce, mode);
     case at::kHalf:
-      return forward_impl<c10::Half>(xc, xl, wc, bc, Ac, Bc, Rc, cc, sc, num_lora_experts, top_k,
+      return forward_impl<c10::Half>(xc, xl, wc, bc, Ac, Bc, Rc, cc, sc, shc, num_lora_experts, top_k,
                                      scaling, yield_strength, reduce, mode);
     default:
       TORCH_CHECK(false, "slim_kernels_C: unsupported dtype ", xc.scalar_type());
@@ -692,8 +709,9 @@ bool raw_blas() { return have_raw_blas(); }
 TORCH_LIBRARY_FRAGMENT(slim_kernels_C, m) {
   m.def(
       "forward(Tensor x, Tensor? x_lora, Tensor weight, Tensor? bias, Tensor lora_A, "
-      "Tensor lora_B, Tensor router, Tensor? centers, Tensor? inv_std, int num_lora_experts, "
-      "int top_k, float scaling, float yield_strength, int reduce, int mode) -> Tensor[]");
+      "Tensor lora_B, Tensor router, Tensor? centers, Tensor? inv_std, Tensor? distance_shift, "
+      "int num_lora_experts, int top_k, float scaling, float yield_strength, int reduce, "
+      "int mode) -> Tensor[]");
   m.def(
       "backward(Tensor dy, Tensor? dgates, Tensor x, Tensor? x_lora, Tensor weight, "
       "Tensor lora_A, Tensor lora_B, Tensor router, Tensor gates, Tensor h, "

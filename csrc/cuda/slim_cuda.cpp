@@ -4,6 +4,7 @@
 //
 // Forward:  [h | z] = x [A_all; R]ᵀ (one GEMM; two when x_lora is given)
 //           route_forward -> gates, idx, d, assign, h (acc), hg = s g ⊙ h
+//           (d = r - distance_shift[j*], or r - 1 without a shift)
 //           y = x Wᵀ + b, then y += hg B_allᵀ into the same output (addmm_, beta = 1)
 // Backward: dhg = dy B_all;  route_backward -> dz, dh, hg
 //           dB = dyᵀ hg, dA = dhᵀ x_lora, dR = dzᵀ x, dx = dy W + dz R (+ dh A_all)
@@ -44,6 +45,7 @@ std::vector<at::Tensor> cuda_forward(const at::Tensor& x_, const c10::optional<a
                                      const at::Tensor& router_,
                                      const c10::optional<at::Tensor>& centers,
                                      const c10::optional<at::Tensor>& inv_std,
+                                     const c10::optional<at::Tensor>& distance_shift,
                                      int64_t EL, int64_t top_k, double scaling,
                                      double yield_strength, int64_t reduce, int64_t /*mode*/) {
   TORCH_CHECK(x_.is_cuda(), "slim_kernels_C.cuda_forward: x must be a CUDA tensor");
@@ -73,10 +75,15 @@ std::vector<at::Tensor> cuda_forward(const at::Tensor& x_, const c10::optional<a
     ld_h = ld_z = R + E;
   }
   const bool clusters = centers.has_value() && centers->size(0) > 0;
-  at::Tensor c, s;
+  at::Tensor c, s, sh;
   if (clusters) {
     c = centers->to(x.device(), at::kFloat).contiguous();
     s = inv_std->to(x.device(), at::kFloat).contiguous();
+    if (distance_shift.has_value()) {
+      // read through its stride (the layer passes one value expanded: stride 0)
+      sh = distance_shift->to(x.device(), at::kFloat);
+      TORCH_CHECK(sh.dim() == 1 && sh.size(0) == c.size(0), "distance_shift must be (C,)");
+    }
   }
   auto h = at::empty({T, R}, aopt);
   auto gates = at::empty({T, E}, aopt);
@@ -91,7 +98,9 @@ std::vector<at::Tensor> cuda_forward(const at::Tensor& x_, const c10::optional<a
                       static_cast<const char*>(z_in.data_ptr()) +
                           (x_lora.has_value() ? 0 : R * x.element_size()),
                       ld_z, clusters ? c.data_ptr<float>() : nullptr,
-                      clusters ? s.data_ptr<float>() : nullptr, h.data_ptr(), gates.data_ptr(),
+                      clusters ? s.data_ptr<float>() : nullptr,
+                      sh.defined() ? sh.data_ptr<float>() : nullptr,
+                      sh.defined() ? sh.stride(0) : 0, h.data_ptr(), gates.data_ptr(),
                       idx.data_ptr<int64_t>(), dist.data_ptr(), assign.data_ptr<int64_t>(),
                       hg.data_ptr(), stream),
         "route_forward");
@@ -154,8 +163,9 @@ bool cuda_built() { return true; }
 TORCH_LIBRARY_FRAGMENT(slim_kernels_C, m) {
   m.def(
       "cuda_forward(Tensor x, Tensor? x_lora, Tensor weight, Tensor? bias, Tensor lora_A, "
-      "Tensor lora_B, Tensor router, Tensor? centers, Tensor? inv_std, int num_lora_experts, "
-      "int top_k, float scaling, float yield_strength, int reduce, int mode) -> Tensor[]");
+      "Tensor lora_B, Tensor router, Tensor? centers, Tensor? inv_std, Tensor? distance_shift, "
+      "int num_lora_experts, int top_k, float scaling, float yield_strength, int reduce, "
+      "int mode) -> Tensor[]");
   m.def(
       "cuda_backward(Tensor dy, Tensor? dgates, Tensor x, Tensor? x_lora, Tensor weight, "
       "Tensor lora_A, Tensor lora_B, Tensor router, Tensor gates, Tensor h, "

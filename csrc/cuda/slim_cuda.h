@@ -20,7 +20,9 @@ enum DType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
 constexpr int kMaxExperts = 64;
 
 // Forward route epilogue, one CUDA block per token:
-//   d, assign = cluster distance of x[t] (when centers != nullptr; else d = 0, assign = -1)
+//   d, assign = cluster distance of x[t] (when centers != nullptr; else d = 0, assign = -1):
+//               d = reduce_k |x - c_j*| inv_std_j* - shift[j* * shift_stride] (shift != nullptr;
+//               else the constant 1)
 //   z[e] (+ yield * d for e >= EL), top-k (ties: lower index), softmax over the kept
 //   h_out = float(h_in), hg = scaling * g[e] * h (each r-chunk e)
 // h_in / z_in are the GEMM outputs [x_lora A_allᵀ | x Rᵀ] in the data dtype, with leading
@@ -30,8 +32,9 @@ cudaError_t route_forward(DType dtype, int64_t T, int64_t K, int64_t E, int64_t 
                           int64_t C, int64_t top_k, double scaling, double yield_strength,
                           int reduce, const void* x, const void* h_in, int64_t ld_h,
                           const void* z_in, int64_t ld_z, const float* centers,
-                          const float* inv_std, void* h_out, void* gates, int64_t* idx,
-                          void* dist, int64_t* assign, void* hg, cudaStream_t stream);
+                          const float* inv_std, const float* shift, int64_t shift_stride,
+                          void* h_out, void* gates, int64_t* idx, void* dist, int64_t* assign,
+                          void* hg, cudaStream_t stream);
 
 // Backward route epilogue, one CUDA block per token (chain rule of
 // slim_kernels/ops/torch_backend.py::backward):

@@ -70,6 +70,7 @@ route_forward_kernel(int64_t K, int E, int EL, int r, int C, int top_k,
                      int reduce, const T* __restrict__ x, const T* __restrict__ h_in,
                      int64_t ld_h, const T* __restrict__ z_in, int64_t ld_z,
                      const float* __restrict__ centers, const float* __restrict__ inv_std,
+                     const float* __restrict__ shift, int64_t shift_stride,
                      typename Acc<T>::type* __restrict__ h_out,
                      typename Acc<T>::type* __restrict__ gates, int64_t* __restrict__ idx,
                      typename Acc<T>::type* __restrict__ dist, int64_t* __restrict__ assign,
@@ -122,7 +123,8 @@ route_forward_kernel(int64_t K, int E, int EL, int r, int C, int top_k,
       v = v / (A)K;
       if (reduce == 2) v = dev_sqrt(v);
     }
-    d = v - (A)1;
+    // d = r - shift[j*] (the constant 1 without a shift, §2)
+    d = v - (shift != nullptr ? (A)shift[(int64_t)bj * shift_stride] : (A)1);
     if (threadIdx.x == 0) {
       dist[t] = d;
       assign[t] = bj;
@@ -201,14 +203,15 @@ cudaError_t launch_forward(int64_t T_, int64_t K, int64_t E, int64_t EL, int64_t
                            int64_t top_k, double scaling, double yield_strength, int reduce,
                            const void* x, const void* h_in, int64_t ld_h, const void* z_in,
                            int64_t ld_z, const float* centers, const float* inv_std,
-                           void* h_out, void* gates, int64_t* idx, void* dist, int64_t* assign,
-                           void* hg, cudaStream_t stream) {
+                           const float* shift, int64_t shift_stride, void* h_out, void* gates,
+                           int64_t* idx, void* dist, int64_t* assign, void* hg,
+                           cudaStream_t stream) {
   using A = typename Acc<T>::type;
   if (T_ == 0) return cudaSuccess;
   route_forward_kernel<T><<<(unsigned)T_, kThreads, 0, stream>>>(
       K, (int)E, (int)EL, (int)r, (int)C, (int)top_k, (A)scaling, (A)yield_strength, reduce,
       static_cast<const T*>(x), static_cast<const T*>(h_in), ld_h, static_cast<const T*>(z_in),
-      ld_z, centers, inv_std, static_cast<A*>(h_out), static_cast<A*>(gates), idx,
+      ld_z, centers, inv_std, shift, shift_stride, static_cast<A*>(h_out), static_cast<A*>(gates), idx,
       static_cast<A*>(dist), assign, static_cast<T*>(hg));
   return cudaGetLastError();
 }
@@ -233,14 +236,15 @@ cudaError_t route_forward(DType dtype, int64_t T, int64_t K, int64_t E, int64_t 
                           int64_t C, int64_t top_k, double scaling, double yield_strength,
                           int reduce, const void* x, const void* h_in, int64_t ld_h,
                           const void* z_in, int64_t ld_z, const float* centers,
-                          const float* inv_std, void* h_out, void* gates, int64_t* idx,
-                          void* dist, int64_t* assign, void* hg, cudaStream_t stream) {
+                          const float* inv_std, const float* shift, int64_t shift_stride,
+                          void* h_out, void* gates, int64_t* idx, void* dist, int64_t* assign,
+                          void* hg, cudaStream_t stream) {
   if (E > kMaxExperts || E < 1 || top_k < 1 || top_k > E) return cudaErrorInvalidValue;
   if (T > 2147483647LL) return cudaErrorInvalidValue;
 #define SLIM_FWD(TT)                                                                       \
   return launch_forward<TT>(T, K, E, EL, r, C, top_k, scaling, yield_strength, reduce, x, \
-                            h_in, ld_h, z_in, ld_z, centers, inv_std, h_out, gates, idx,  \
-                            dist, assign, hg, stream)
+                            h_in, ld_h, z_in, ld_z, centers, inv_std, shift, shift_stride, \
+                            h_out, gates, idx, dist, assign, hg, stream)
   switch (dtype) {
     case kF32: SLIM_FWD(float);
     case kF64: SLIM_FWD(double);

@@ -18,12 +18,13 @@ from ..layer import slim_modules
 
 def clusters_in_sync(model: torch.nn.Module) -> bool:
     """True when every rank holds bit-identical SLIM cluster buffers (centres, variances, init
-    flags) in ``model``: a cheap check for a training loop or a test (collective: call it on
+    flags, and the distance statistics of ``distance_scale="spread"`` layers) in ``model``: a cheap check for a training loop or a test (collective: call it on
     every rank of the sync group). A bit-pattern fingerprint is compared with min/max
     all-reduces. Always True outside torch.distributed."""
     parts = []
     for _, m in slim_modules(model):
-        for t in (m.cluster_centers, m.cluster_vars, m.cluster_initialized):
+        stats = [m._buffers[n] for n in ("distance_mean", "distance_var") if n in m._buffers]
+        for t in [m.cluster_centers, m.cluster_vars, m.cluster_initialized] + stats:
             t = t.detach()
             if hasattr(t, "full_tensor"):  # a DTensor (not sharded by FSDP2, but be safe)
                 t = t.full_tensor()

@@ -6,7 +6,9 @@ A saved adapter is a folder with two files (format 2; ``docs/huggingface.md``, "
 * ``slim_adapter.<digest16>.safetensors``: per wrapped module ``<name>.lora_A``,
   ``<name>.lora_B``, ``<name>.router`` (in the model's dtype) and the cluster buffers
   ``<name>.cluster_centers``, ``<name>.cluster_vars`` (fp32) and ``<name>.cluster_initialized``
-  (bool). Its name carries the first 16 hex digits of the adapter digest.
+  (bool), and with ``distance_scale="spread"`` ``<name>.distance_mean`` and
+  ``<name>.distance_var`` (fp32 scalars). Its name carries the first 16 hex digits of the
+  adapter digest.
 * ``slim_config.json``, the manifest: ``format``, ``format_version``, ``library_version``, the
   :class:`SlimConfig` (``config``), the wrapped module names (``modules``), per tensor its
   shape, dtype and sha256 (``tensors``), the name of the tensor file (``tensor_file``) and
@@ -21,7 +23,8 @@ one. One writer per folder at a time.
 :func:`load_slim` reads the manifest first and validates everything (files, digest, checksums,
 names, shapes, values, against the model) before it changes anything; on any error the model
 is left as it was. Format 1 folders (``slim_adapter.safetensors`` beside a manifest without a
-digest, written by slim_kernels 0.1) still load.
+digest, written by slim_kernels 0.1) still load. A saved config without ``distance_scale``
+(saved before that field existed) loads as ``distance_scale="none"``, whatever the default.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SlimConfig
-from ..layer import SLIM_KEYS, slim_modules
+from ..layer import SLIM_KEYS, slim_keys, slim_modules
 from . import distributed as _dist
 from .hf import plan_slim, summarize, swap_in, unwrap_model
 
@@ -52,7 +55,7 @@ CONFIG_FILE = "slim_config.json"
 ADAPTER_FILE = "slim_adapter.safetensors"  # the tensor file of format 1
 FORMAT = "slim_kernels.slim_adapter"
 FORMAT_VERSION = 2
-TENSORS = SLIM_KEYS  # per wrapped module
+TENSORS = SLIM_KEYS  # per wrapped module; slim_keys(config) adds distance_mean/distance_var
 _TENSOR_FILE = re.compile(r"slim_adapter\.[0-9a-f]{16}\.safetensors\Z")
 _TMP = re.compile(r"(slim_adapter\.[0-9a-f]{16}\.safetensors|slim_config\.json)\.tmp-[0-9a-f]{32}\Z")
 
@@ -93,7 +96,7 @@ def _bad_values(t: str, v: Tensor, dtype: torch.dtype) -> Optional[str]:
         if bool(torch.isfinite(v).all()):
             return f"holds values that overflow {_dtype_name(dtype)} (largest |value| {v.abs().max().item():.3g})"
         return "holds non-finite values (NaN or inf)"
-    if t == "cluster_vars" and w.numel() and bool((w < 0).any()):
+    if t in ("cluster_vars", "distance_var") and w.numel() and bool((w < 0).any()):
         return f"holds negative variances (smallest {w.min().item():.3g}); variances are >= 0"
     return None
 
@@ -154,7 +157,7 @@ def save_slim(model: nn.Module, path: PathLike) -> None:
     except (TypeError, ValueError) as e:
         raise ValueError(f"save_slim: the layers' SlimConfig is no longer valid: {e}") from e
     # full tensors even when FSDP2 / DeepSpeed ZeRO-3 shard them (then a collective)
-    tensors: Dict[str, Tensor] = _dist.full_cpu_tensors(layers, TENSORS)
+    tensors: Dict[str, Tensor] = _dist.full_cpu_tensors(layers, slim_keys(config))
     for key, v in tensors.items():  # (on every rank: all raise alike)
         n, t = _split(key)
         why = _bad_values(t, v, v.dtype)
@@ -293,7 +296,8 @@ def _read(path: PathLike):
         raise SlimLoadError(f"load_slim: {a_path} does not belong to {CONFIG_FILE} (its "
                             f"recorded digest differs)")
     try:
-        config = SlimConfig.from_dict(meta["config"])
+        # saved before distance_scale existed: the paper's distance, whatever the default now
+        config = SlimConfig.from_dict({"distance_scale": "none", **meta["config"]})
     except (TypeError, ValueError) as e:
         raise SlimLoadError(f"load_slim: {os.path.join(path, CONFIG_FILE)} holds an invalid "
                             f"SlimConfig: {e}") from e
@@ -308,7 +312,7 @@ def _split(key: str):
 def _validate(model: nn.Module, meta: dict, config: SlimConfig, tensors: Dict[str, Tensor],
               tensor_file: str) -> List[str]:
     modules: List[str] = list(meta["modules"])
-    listed = {f"{n}.{t}": (n, t) for n in modules for t in TENSORS}
+    listed = {f"{n}.{t}": (n, t) for n in modules for t in slim_keys(config)}
     # 1. the file against its own config: every tensor present, none extra, data intact
     for key, (n, t) in listed.items():
         if key not in tensors:
@@ -366,6 +370,8 @@ def _validate(model: nn.Module, meta: dict, config: SlimConfig, tensors: Dict[st
             "cluster_vars": (c.num_clusters, K),
             "cluster_initialized": (),
         }
+        if config.distance_scale == "spread":
+            expect.update(distance_mean=(), distance_var=())
         for t, shape in expect.items():
             v = tensors[f"{n}.{t}"]
             if tuple(v.shape) != shape:
@@ -380,7 +386,8 @@ def _validate(model: nn.Module, meta: dict, config: SlimConfig, tensors: Dict[st
             if not ok:
                 raise SlimLoadError(f"load_slim: module {n!r}: tensor {t!r} has dtype {v.dtype}")
             # the values as the layer will hold them (factors in the model's dtype)
-            why = _bad_values(t, v, torch.float32 if t.startswith("cluster") else lin.weight.dtype)
+            fp32 = t.startswith(("cluster", "distance"))
+            why = _bad_values(t, v, torch.float32 if fp32 else lin.weight.dtype)
             if why is not None:
                 raise SlimLoadError(f"load_slim: module {n!r}: tensor {t!r} {why}")
     return modules
@@ -405,7 +412,7 @@ def load_slim(model: nn.Module, path: PathLike, verbose: bool = False, *,
     def load_tensors(layers) -> None:
         with torch.no_grad():
             for name, layer in layers:
-                sd = {t: tensors[f"{name}.{t}"] for t in TENSORS}
+                sd = {t: tensors[f"{name}.{t}"] for t in slim_keys(config)}
                 res = layer.load_state_dict(sd, strict=False)
                 bad = [k for k in res.missing_keys if not k.startswith("base_layer.")]
                 if bad or res.unexpected_keys:

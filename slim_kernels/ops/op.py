@@ -8,7 +8,9 @@ Every backend runs behind these two ops; the ``backend`` argument (resolved by
 Forward outputs: ``y`` (T, N) in x's dtype; ``gates`` (T, E), differentiable (the load
 balance loss uses them); ``topk_idx`` (T, k) int64; ``distance`` (T,) and ``assign`` (T,)
 int64 (constants); ``h`` (T, E_L·r), the LoRA-A activations saved for backward. gates,
-distance and h are fp32, or fp64 when x is fp64 ("acc" dtype below).
+distance and h are fp32, or fp64 when x is fp64 ("acc" dtype below). The distance is
+``reduce_k(|x_k - c_{j*,k}| inv_std_{j*,k}) - distance_shift[j*]``, with the constant 1 for a
+``distance_shift`` of None (``docs/method.md`` §2).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ __all__ = ["slim_linear_op"]
 def _slim_fwd(
     x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
     lora_A: Tensor, lora_B: Tensor, router: Tensor,
-    centers: Optional[Tensor], inv_std: Optional[Tensor],
+    centers: Optional[Tensor], inv_std: Optional[Tensor], distance_shift: Optional[Tensor],
     num_lora_experts: int, top_k: int, scaling: float, yield_strength: float,
     distance_reduce: str, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -38,12 +40,12 @@ def _slim_fwd(
     # the torch backend's top-k indices are a column slice of an argsort)
     return tuple(t.contiguous() for t in mod.forward(
         x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
-        num_lora_experts, top_k, scaling, yield_strength, distance_reduce,
+        num_lora_experts, top_k, scaling, yield_strength, distance_reduce, distance_shift,
     ))
 
 
 @_slim_fwd.register_fake
-def _(x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
+def _(x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std, distance_shift,
       num_lora_experts, top_k, scaling, yield_strength, distance_reduce, backend):
     T = x.shape[0]
     N = weight.shape[0]
@@ -88,7 +90,7 @@ def _(dy, dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,
 
 
 def _setup_context(ctx, inputs, output):
-    (x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
+    (x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std, distance_shift,
      num_lora_experts, top_k, scaling, yield_strength, distance_reduce, backend) = inputs
     _, gates, _, _, _, h = output
     ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, router, gates, h)
@@ -107,7 +109,7 @@ def _backward(ctx, dy, dgates, _didx, _dd, _dassign, _dh):
         ctx.num_lora_experts, ctx.scaling, ctx.backend,
     )
     return (dx, dx_lora if ctx.has_x_lora else None, None, None, dA, dB, dR,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("slim_kernels::slim_fwd", _backward, setup_context=_setup_context)
@@ -160,12 +162,15 @@ def slim_linear_op(
     yield_strength: float = 0.0, distance_reduce: str = "rms",
     centers: Optional[Tensor] = None, inv_std: Optional[Tensor] = None,
     x_lora: Optional[Tensor] = None, backend: str = "auto",
+    distance_shift: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The SLIM op on 2-D inputs, in the stacked layout of ``docs/method.md`` §6.
 
     Args: x (T, K); weight (N, K) frozen; bias (N,) or None, frozen; lora_A = A_all
     (E_L·r, K); lora_B = B_all (N, E_L·r); router (E, K); centers/inv_std (C, K) fp32 or None
-    (no yielding); x_lora (T, K): x after LoRA dropout, or None. ``scaling`` and
+    (no yielding); distance_shift (C,) fp32 or None: the distance is
+    ``reduce_k(|x_k - c_{j*,k}| inv_std_{j*,k}) - distance_shift[j*]``, None meaning the
+    constant 1 (needs centers); x_lora (T, K): x after LoRA dropout, or None. ``scaling`` and
     ``yield_strength`` must be finite (any sign); tensor values are not checked: non-finite
     ones follow docs/method.md §1.5 on every backend.
     Returns (y, gates, topk_idx, distance, assign).
@@ -205,12 +210,18 @@ def slim_linear_op(
         raise ValueError(f"top_k={top_k} must be in [1, {E}] (the number of experts)")
     if (centers is None) != (inv_std is None):
         raise ValueError("centers and inv_std must be given together (or both None)")
+    if distance_shift is not None and centers is None:
+        raise ValueError("distance_shift was given without centers and inv_std: it shifts the "
+                         "cluster distance, so it needs the clusters (or pass None)")
     if centers is not None:
         C = _matrix("centers", centers).shape[0]
         _check("centers", centers, x, (C, K), dtype=torch.float32)
         _check("inv_std", inv_std, x, (C, K), dtype=torch.float32)
+        if distance_shift is not None:
+            _matrix("distance_shift", distance_shift, dim=1)
+            _check("distance_shift", distance_shift, x, (C,), dtype=torch.float32)
         if C == 0:
-            centers = inv_std = None
+            centers = inv_std = distance_shift = None
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError("SLIM keeps the base weight and bias frozen: call "
                          "weight.requires_grad_(False) (and bias) before training")
@@ -218,6 +229,6 @@ def slim_linear_op(
     y, gates, idx, d, assign, _h = _slim_fwd(
         x.contiguous(), None if x_lora is None else x_lora.contiguous(), weight, bias,
         lora_A.contiguous(), lora_B.contiguous(), router.contiguous(), centers, inv_std,
-        num_lora_experts, top_k, scaling, yield_strength, distance_reduce, name,
+        distance_shift, num_lora_experts, top_k, scaling, yield_strength, distance_reduce, name,
     )
     return y, gates, idx, d, assign

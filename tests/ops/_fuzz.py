@@ -1,5 +1,6 @@
 """The fuzz worker of tests/ops/test_fuzz.py: random configs x random shapes x random NaN/inf
-injections into x, x_lora, the weights and the cluster buffers, on every backend that runs
+injections into x, x_lora, the weights, the cluster buffers and the distance shift, on every
+backend that runs
 on the CPU here (torch, cpp, triton under the interpreter), forward and backward, each held
 to the non-finite contract of ``docs/method.md`` §1.5 and to the reference on the finite rows
 (:func:`_harness.conform_rows`); with only bad tokens, the other tokens also against the
@@ -77,6 +78,13 @@ def draw(seed: int):
         arg = rng.choice(weights)
         value = rng.choice([NAN, -1.0, -EPS, INF] if arg == "vars" else [NAN, INF, -INF])
         inj.append((arg, value, None, rng.random()))
+    # a distance_shift (sometimes non-finite), from a generator of its own: the draws above,
+    # hence every case without a shift, are those of the seeds before the shift existed
+    more = random.Random(f"distance_shift {seed}")
+    if case.C and more.random() < 0.4:
+        case = case.but(shift=True)
+        if more.random() < 0.3:
+            inj.append(("distance_shift", more.choice([NAN, INF, -INF]), None, more.random()))
     return case, dtype, inj
 
 
@@ -117,7 +125,7 @@ def ambiguous(case, inp, dtype) -> torch.Tensor:
             amb |= (s2[:, 1] - s2[:, 0]) <= rel * scale
         if case.lam and case.E_I:
             d, _ = cluster_distance(x, inp["centers"], (inp["vars"].float() + EPS).rsqrt(),
-                                    case.reduce)
+                                    case.reduce, inp["distance_shift"])
             z[:, case.E_L:] += case.lam * d[:, None]
     if case.top_k < case.E:
         zs = z.sort(1, descending=True).values

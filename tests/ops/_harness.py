@@ -115,7 +115,8 @@ class Case:
     ~ +12: all tokens to identity); "uniform" (all logits 0: ties everywhere); "pairs"
     (router rows 1 = 2 and 3 = 4, with exact logits: ties broken by the lower index).
     ``centers``: "far" (random) or "near" (the first C tokens plus a little noise, so that
-    the distance d takes both signs)."""
+    the distance d takes both signs). ``shift``: pass a ``distance_shift`` (C,) of random
+    values in [-0.5, 2.5] (else None: the constant 1; ``docs/method.md`` §2)."""
     T: int = 37
     K: int = 45
     N: int = 29
@@ -133,6 +134,7 @@ class Case:
     router: str = "random"
     router_scale: float = 1.0
     centers: str = "far"
+    shift: bool = False
     seed: int = 0
 
     @property
@@ -170,13 +172,22 @@ CASES: Dict[str, Case] = {
     "wide_70": BASE.but(T=5, K=20, N=17, E_L=14, r=5, C=2, seed=13),
     # E_L·r = 1024: the triton backend's upper limit
     "wide_1024": BASE.but(T=5, K=20, N=17, E_L=8, r=128, C=2, seed=14),
+    # a distance_shift per cluster (distance_scale="spread": d = r - shift[j*])
+    "shift_max": BASE.but(T=21, C=3, lam=2.0, reduce="max", centers="near", shift=True, seed=3),
+    "shift_mean": BASE.but(T=21, C=3, lam=2.0, reduce="mean", centers="near", shift=True,
+                           seed=3),
+    "shift_rms": BASE.but(T=21, C=3, lam=2.0, reduce="rms", centers="near", shift=True, seed=3),
+    "shift_x_lora": BASE.but(x_lora=True, lam=0.5, reduce="mean", shift=True, seed=2),
+    # the distance is shifted, but nothing yields (lam = 0)
+    "shift_no_yield": BASE.but(lam=0.0, shift=True, seed=24),
 }
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device="cpu") -> Dict[str, Optional[Tensor]]:
-    """The op's arguments for ``case``, contiguous, in ``dtype`` on ``device`` (centers and
-    inv_std fp32; dgates in the accumulation dtype, as the gates), plus ``vars`` (the cluster
-    variances the reference takes), ``dy`` and ``dgates`` (the upstream gradients)."""
+    """The op's arguments for ``case``, contiguous, in ``dtype`` on ``device`` (centers,
+    inv_std and distance_shift fp32; dgates in the accumulation dtype, as the gates), plus
+    ``vars`` (the cluster variances the reference takes), ``dy`` and ``dgates`` (the upstream
+    gradients)."""
     c = case
     g = torch.Generator().manual_seed(c.seed)
     f = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
@@ -225,6 +236,10 @@ def make_inputs(case: Case, dtype: torch.dtype, device="cpu") -> Dict[str, Optio
         out["inv_std"] = (var.float() + EPS).rsqrt().to(device)
     else:
         out["centers"] = out["inv_std"] = out["vars"] = None
+    out["distance_shift"] = None
+    if c.C and c.shift:  # drawn last: the other inputs are those of the case without a shift
+        sh = torch.rand(c.C, generator=g, dtype=torch.float64) * 3.0 - 0.5
+        out["distance_shift"] = sh.float().to(device)
     return out
 
 
@@ -262,8 +277,9 @@ def strided_1d(t: Tensor) -> Tensor:
 
 
 def expanded(t: Tensor) -> Tensor:
-    """Row 0 broadcast to every row (stride 0): the values change, the truth follows them."""
-    return t[:1].expand(t.shape[0], t.shape[1])
+    """Row 0 (element 0 of a 1-D tensor) broadcast to every row (stride 0): the values change,
+    the truth follows them."""
+    return t[:1].expand(*t.shape)
 
 
 KINDS = {"transposed": transposed, "sliced": sliced, "strided": strided_1d, "expanded": expanded}
@@ -278,19 +294,23 @@ LAYOUTS = (
     ("router", "transposed"), ("router", "sliced"),
     ("centers", "transposed"), ("centers", "sliced"),
     ("inv_std", "transposed"), ("inv_std", "sliced"),
+    ("distance_shift", "strided"), ("distance_shift", "expanded"),
     ("dy", "transposed"), ("dgates", "transposed"),
 )
 # what slim_linear_op hands to the backend as the caller gave it (see ops/backends/__init__.py)
 PASSED_THROUGH = (
     ("weight", "transposed"), ("weight", "sliced"), ("bias", "strided"),
     ("centers", "transposed"), ("centers", "sliced"),
-    ("inv_std", "transposed"), ("inv_std", "sliced"), ("dgates", "transposed"),
+    ("inv_std", "transposed"), ("inv_std", "sliced"),
+    ("distance_shift", "strided"), ("distance_shift", "expanded"), ("dgates", "transposed"),
 )
 
 
 def layout_case(arg: str) -> Case:
-    """The case a layout test of ``arg`` runs: basic, with x_lora when x_lora is the argument."""
-    return CASES["x_lora"] if arg == "x_lora" else CASES["basic"]
+    """The case a layout test of ``arg`` runs: basic, with x_lora when x_lora is the argument,
+    with a distance shift when that is the argument."""
+    which = {"x_lora": "x_lora", "distance_shift": "shift_rms"}
+    return CASES[which.get(arg, "basic")]
 
 
 def apply_layout(inp: Dict[str, Optional[Tensor]], arg: str, kind: str) -> Dict:
@@ -347,7 +367,8 @@ def run_op(t: Target, case: Case, inp: Dict) -> Dict[str, Tensor]:
         leaves["x"], inp["weight"], inp["bias"], leaves["lora_A"], leaves["lora_B"],
         leaves["router"], num_lora_experts=case.E_L, top_k=case.top_k, scaling=case.scaling,
         yield_strength=case.lam, distance_reduce=case.reduce, centers=inp["centers"],
-        inv_std=inp["inv_std"], x_lora=leaves["x_lora"], backend=t.backend)
+        inv_std=inp["inv_std"], x_lora=leaves["x_lora"], backend=t.backend,
+        distance_shift=inp.get("distance_shift"))
     loss = _UpstreamGrad.apply(y, inp["dy"])
     if inp["dgates"] is not None:  # else backward gets dgates=None
         loss = loss + _UpstreamGrad.apply(gates, inp["dgates"])
@@ -366,7 +387,7 @@ def run_backend(t: Target, case: Case, inp: Dict, module=None) -> Dict[str, Tens
     y, gates, idx, d, assign, h = mod.forward(
         inp["x"], inp["x_lora"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"],
         inp["router"], inp["centers"], inp["inv_std"], case.E_L, case.top_k, case.scaling,
-        case.lam, case.reduce)
+        case.lam, case.reduce, inp.get("distance_shift"))
     dx, dxl, dA, dB, dR = mod.backward(
         inp["dy"], inp["dgates"], inp["x"], inp["x_lora"], inp["weight"], inp["lora_A"],
         inp["lora_B"], inp["router"], gates, h, case.E_L, case.scaling)
@@ -382,11 +403,11 @@ def _reference(case: Case, inp: Dict, dtype: Optional[torch.dtype]) -> Dict[str,
     E_L, r = case.E_L, case.r
 
     def val(k):
-        v = inp[k]
+        v = inp.get(k)
         if v is None:
             return None
         v = v.detach().cpu().contiguous()
-        return v if k in ("centers", "vars") else v.to(dtype or torch.float64)
+        return v if k in ("centers", "vars", "distance_shift") else v.to(dtype or torch.float64)
 
     leaves = {k: (None if inp[k] is None else val(k).requires_grad_(True)) for k in GRAD_ARGS}
     A, B = leaves["lora_A"], leaves["lora_B"]
@@ -396,7 +417,7 @@ def _reference(case: Case, inp: Dict, dtype: Optional[torch.dtype]) -> Dict[str,
         B.view(N, E_L, r).permute(1, 0, 2), leaves["router"], top_k=case.top_k,
         scaling=case.scaling, yield_strength=case.lam, distance_reduce=case.reduce,
         centers=val("centers"), cluster_vars=val("vars"), cluster_eps=EPS,
-        x_lora=leaves["x_lora"])
+        x_lora=leaves["x_lora"], distance_shift=val("distance_shift"))
     loss = (y.double() * val("dy").double()).sum()
     if inp["dgates"] is not None:
         loss = loss + (gates.double() * inp["dgates"].detach().cpu().double()).sum()

@@ -87,11 +87,35 @@ def both_signs(t, case, inp, got, want):
     assert (want["d"] < 0).any() and (want["d"] > 0).any()
 
 
+def shifted(t, case, inp, got, want):
+    """d = r - shift[j*]: the distance the same call gives without the shift, plus 1, minus
+    the shift of each token's cluster (so the shift reached the kernel, per cluster); and
+    yielding still pushes both ways."""
+    plain = run_op(t, case.but(shift=False), {**inp, "distance_shift": None})
+    assert torch.equal(plain["assign"], got["assign"])
+    sh = inp["distance_shift"].cpu().to(got["d"].dtype)[got["assign"]]
+    tol = 1e-12 if got["d"].dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got["d"], plain["d"] + 1 - sh, rtol=0, atol=tol * 10)
+    assert len(set(inp["distance_shift"].tolist())) == case.C  # a distinct value per cluster
+    if case.lam:
+        both_signs(t, case, inp, got, want)
+
+
+def shifted_no_yield(t, case, inp, got, want):
+    """With lam = 0 the shift moves d but not the routing: the gates and y are those of the
+    call without a shift, exactly."""
+    plain = run_op(t, case.but(shift=False), {**inp, "distance_shift": None})
+    for k in ("y", "gates", "idx", "assign", "dx", "dA", "dB", "dR"):
+        assert torch.equal(got[k], plain[k]), k
+    assert not torch.equal(got["d"], plain["d"])
+
+
 EXTRA = {
     "reduce_max": both_signs, "reduce_mean": both_signs, "reduce_rms": both_signs,
     "all_identity": all_identity, "one_hot": one_hot, "uniform_k2": uniform,
     "uniform_k3": uniform, "tied_pairs": tied_pairs, "no_clusters": no_clusters,
-    "no_bias_no_identity": no_clusters,
+    "no_bias_no_identity": no_clusters, "shift_max": shifted, "shift_mean": shifted,
+    "shift_rms": shifted, "shift_x_lora": shifted, "shift_no_yield": shifted_no_yield,
 }
 
 

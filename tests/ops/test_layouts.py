@@ -1,8 +1,8 @@
 """Every tensor argument as a non-contiguous view, in turn, on every backend.
 
 ``slim_linear_op`` makes x, x_lora, lora_A, lora_B, router and dy contiguous before the
-backend, but hands weight, bias, centers, inv_std and the gates' upstream gradient to it as
-given (``slim_kernels/ops/backends/__init__.py``). So each layout runs twice: through the
+backend, but hands weight, bias, centers, inv_std, distance_shift and the gates' upstream
+gradient to it as given (``slim_kernels/ops/backends/__init__.py``). So each layout runs twice: through the
 public op (every argument), and straight into the backend module's ``forward``/``backward``
 (the passed-through ones), so that a backend that ignores strides fails here even if the op
 boundary changes. The last test plants such a backend and checks the harness catches it.
@@ -46,13 +46,14 @@ def test_strided_argument_into_the_backend(target, layout, dtype):
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["op", "backend"])
-@pytest.mark.parametrize("layout", PASSED_THROUGH, ids=_id)
+@pytest.mark.parametrize("layout", [p for p in PASSED_THROUGH if p[1] != "expanded"], ids=_id)
 def test_harness_catches_a_backend_that_ignores_strides(monkeypatch, layout, direct):
     """A torch backend that reads one argument as if it were contiguous (the same storage,
-    row-major strides) must fail the comparison: the layouts above can fail."""
+    row-major strides) must fail the comparison: the layouts above can fail. (A stride-0
+    view cannot be misread so: its storage holds one row.)"""
     arg, kind = layout
     real_fwd, real_bwd = torch_backend.forward, torch_backend.backward
-    fwd_pos = {"weight": 2, "bias": 3, "centers": 7, "inv_std": 8}
+    fwd_pos = {"weight": 2, "bias": 3, "centers": 7, "inv_std": 8, "distance_shift": 14}
     bwd_pos = {"dgates": 1, "weight": 4}
 
     def planted(real, pos):

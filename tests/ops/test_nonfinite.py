@@ -5,9 +5,9 @@
   gradients are what the same call gives without the bad tokens; the weight gradients are
   non-finite (as the reference's: a GradScaler skips the step); the index slots are valid.
 * NaN or ±inf in a weight or buffer (weight, bias, lora_A, lora_B, router, centers, the
-  cluster variances inv_std is formed from): the same rows are non-finite as in the
-  reference, on every output and gradient, and the finite rows conform to it
-  (:func:`_harness.conform_rows`).
+  cluster variances inv_std is formed from, the distance_shift): the same rows are
+  non-finite as in the reference, on every output and gradient, and the finite rows conform
+  to it (:func:`_harness.conform_rows`).
 
 tests/ops/test_fuzz.py draws such cases at random, in a subprocess.
 """
@@ -83,7 +83,10 @@ WEIGHT_INJECTIONS = [
     for v in (NAN, INF, -INF)
     # the cluster variances, from which inv_std = 1/sqrt(var + eps) is formed as the layer
     # does: NaN and negative give NaN, -eps gives +inf, +inf gives 0
-] + [("vars", v) for v in (NAN, -1.0, -EPS, INF)]
+] + [("vars", v) for v in (NAN, -1.0, -EPS, INF)] + [
+    # a cluster's distance shift: its tokens' d is non-finite, and with yielding their
+    # identity logits (so all their gates are NaN, §1.5)
+    ("distance_shift", v) for v in (NAN, INF, -INF)]
 
 
 def _wid(p):
@@ -97,6 +100,8 @@ def test_a_bad_weight_gives_the_reference_rows(target, cname, inj, dtype):
     skip_unsupported(target, dtype)
     arg, value = inj
     case = CASES[cname]
+    if arg == "distance_shift":
+        case = case.but(shift=True)
     inp = make_inputs(case, dtype, target.device)
     t = inp[arg].clone()
     # lora_A / lora_B: an element of the last LoRA expert (selected by few tokens, so the
@@ -114,4 +119,28 @@ def test_a_bad_weight_gives_the_reference_rows(target, cname, inj, dtype):
     conform_rows(got, case, inp, f"{target.id} {cname} {arg}={value} {dtype}")
     assert valid_topk(got["idx"], case.E)
     assert ((got["assign"] >= 0) & (got["assign"] < case.C)).all()
+    if arg == "distance_shift":  # the poisoned cluster's tokens, and only they
+        hit = got["assign"] == 1
+        assert hit.any() and (~hit).any(), "the case does not exercise the poisoned cluster"
+        assert torch.equal(~torch.isfinite(got["d"]), hit)
+        assert torch.equal(~torch.isfinite(got["y"]).all(1), hit)
+
+
+@dtypes(torch.float64, torch.float32, torch.bfloat16)
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_a_bad_shift_without_yielding_moves_only_the_distance(target, value, dtype):
+    """lam = 0: a non-finite distance_shift makes its cluster's distances non-finite and
+    nothing else (no 0 · NaN reaches the logits)."""
+    skip_unsupported(target, dtype)
+    case = CASES["shift_no_yield"]
+    inp = make_inputs(case, dtype, target.device)
+    t = inp["distance_shift"].clone()
+    t[1] = value
+    inp["distance_shift"] = t
+    got = run_op(target, case, inp)
+    conform_rows(got, case, inp, f"{target.id} shift={value} lam=0 {dtype}")
+    hit = got["assign"] == 1
+    assert hit.any() and torch.equal(~torch.isfinite(got["d"]), hit)
+    for k in ("y", "gates", "dx", "dA", "dB", "dR"):
+        assert bool(torch.isfinite(got[k]).all()), k
 

@@ -16,11 +16,11 @@ def test_fake_matches_real(target):
     """opcheck compares the fake and the real outputs (shapes, dtypes, strides): the real
     slim_fwd once returned non-contiguous top-k indices (a column slice of an argsort) where
     the fake promises contiguous ones, and inductor's stride check failed under compile."""
-    case = Case(T=7, K=6, N=5, E_L=2, r=3, E_I=2, C=3, scaling=1.5, seed=17)
+    case = Case(T=7, K=6, N=5, E_L=2, r=3, E_I=2, C=3, scaling=1.5, shift=True, seed=17)
     inp = make_inputs(case, torch.float32, target.device)
     args = (inp["x"], None, inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"],
-            inp["router"], inp["centers"], inp["inv_std"], case.E_L, case.top_k, case.scaling,
-            case.lam, case.reduce, target.backend)
+            inp["router"], inp["centers"], inp["inv_std"], inp["distance_shift"], case.E_L,
+            case.top_k, case.scaling, case.lam, case.reduce, target.backend)
     out = torch.ops.slim_kernels.slim_fwd(*args)
     assert all(t.is_contiguous() for t in out)
     torch.library.opcheck(torch.ops.slim_kernels.slim_fwd.default, args,
@@ -36,14 +36,15 @@ def test_fake_matches_real(target):
 def test_torch_compile_fullgraph(target):
     """torch.compile(fullgraph=True) of forward + backward through the op: no graph break,
     the same gradients as eager."""
-    case = CASES["basic"].but(T=9, seed=11)
+    case = CASES["basic"].but(T=9, shift=True, seed=11)
     inp = make_inputs(case, torch.float32, target.device)
 
     def f(x, A, B, R):
         y, gates, _, _, _ = slim_kernels.slim_linear_op(
             x, inp["weight"], inp["bias"], A, B, R, num_lora_experts=case.E_L,
             top_k=case.top_k, scaling=case.scaling, yield_strength=case.lam,
-            centers=inp["centers"], inv_std=inp["inv_std"], backend=target.backend)
+            centers=inp["centers"], inv_std=inp["inv_std"],
+            distance_shift=inp["distance_shift"], backend=target.backend)
         return (y * inp["dy"]).sum() + (gates * inp["dgates"]).sum()
 
     leaves = [inp[k].clone().requires_grad_(True) for k in ("x", "lora_A", "lora_B", "router")]
@@ -115,6 +116,22 @@ def test_bad_arguments_are_named_before_any_backend_runs(backend, monkeypatch):
     ]
     for extra, exc, msg in bad:
         with pytest.raises(exc, match=msg.replace("(", r"\(").replace("[", r"\[")):
+            op(x, W, b, A, B, R, **{**kw, **extra})
+    shift = torch.zeros(case.C)
+    bad_shift = [
+        (dict(distance_shift=shift[:2]), ValueError, r"distance_shift has shape \(2,\), "
+         r"expected \(4,\)"),
+        (dict(distance_shift=shift[None]), ValueError, "distance_shift must be 1-D"),
+        (dict(distance_shift=shift.double()), TypeError, "distance_shift has dtype "
+         "torch.float64, expected torch.float32"),
+        (dict(distance_shift=shift.to("meta")), ValueError, "distance_shift is on meta"),
+        (dict(distance_shift=[0.0] * case.C), TypeError, "distance_shift must be a "
+         "torch.Tensor"),
+        (dict(distance_shift=shift, centers=None, inv_std=None), ValueError,
+         "distance_shift was given without centers"),
+    ]
+    for extra, exc, msg in bad_shift:
+        with pytest.raises(exc, match=msg):
             op(x, W, b, A, B, R, **{**kw, **extra})
     with pytest.raises(ValueError, match="router must be 2-D"):
         op(x, W, b, A, B, R[0], **kw)

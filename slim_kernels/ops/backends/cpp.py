@@ -69,12 +69,12 @@ def forward(
     lora_A: Tensor, lora_B: Tensor, router: Tensor,
     centers: Optional[Tensor], inv_std: Optional[Tensor],
     num_lora_experts: int, top_k: int, scaling: float, yield_strength: float,
-    distance_reduce: str,
+    distance_reduce: str, distance_shift: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     y, gates, idx, d, assign, h = torch.ops.slim_kernels_C.forward(
         x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
-        int(num_lora_experts), int(top_k), float(scaling), float(yield_strength),
-        reduce_code(distance_reduce), _mode(),
+        distance_shift, int(num_lora_experts), int(top_k), float(scaling),
+        float(yield_strength), reduce_code(distance_reduce), _mode(),
     )
     return y, gates, idx, d, assign, h
 

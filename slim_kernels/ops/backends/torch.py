@@ -4,7 +4,7 @@ follows: same arguments, same outputs, same saved tensors (see :mod:`slim_kernel
 
 Forward (``docs/method.md`` §6), with A_all (E_L·r, K), B_all (N, E_L·r):
     h  = x_lora A_allᵀ                       (T, E_L·r)
-    z  = x Rᵀ (+ lam·d on identity experts)   (T, E)
+    z  = x Rᵀ (+ lam·d on identity experts)   (T, E), d = r − shift[j*] (shift None: 1)
     g  = softmax over top-k(z)                (T, E), zero off the top-k
     hg = s · g ⊙ h   (each r-chunk e scaled by g_e)
     y  = x Wᵀ + b + hg B_allᵀ                 (accumulated into the same output)
@@ -33,6 +33,7 @@ def route(
     x: Tensor, x_lora: Optional[Tensor], lora_A: Tensor, router: Tensor,
     centers: Optional[Tensor], inv_std: Optional[Tensor],
     num_lora_experts: int, top_k: int, yield_strength: float, distance_reduce: str,
+    distance_shift: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """h (fp32), gates (fp32), top-k indices, distance (fp32), assign."""
     T = x.shape[0]
@@ -41,7 +42,7 @@ def route(
     h = (xa @ lora_A.t()).to(acc)
     z = (x @ router.t()).to(acc)
     if centers is not None:
-        d, assign = cluster_distance(x, centers, inv_std, distance_reduce)
+        d, assign = cluster_distance(x, centers, inv_std, distance_reduce, distance_shift)
         if yield_strength != 0.0 and router.shape[0] > num_lora_experts:
             z[:, num_lora_experts:] += yield_strength * d[:, None]
     else:
@@ -60,12 +61,12 @@ def forward(
     lora_A: Tensor, lora_B: Tensor, router: Tensor,
     centers: Optional[Tensor], inv_std: Optional[Tensor],
     num_lora_experts: int, top_k: int, scaling: float, yield_strength: float,
-    distance_reduce: str,
+    distance_reduce: str, distance_shift: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     rank = lora_A.shape[0] // num_lora_experts
     h, gates, idx, d, assign = route(
         x, x_lora, lora_A, router, centers, inv_std,
-        num_lora_experts, top_k, yield_strength, distance_reduce,
+        num_lora_experts, top_k, yield_strength, distance_reduce, distance_shift,
     )
     hg = (scaling * _expand_gates(gates, num_lora_experts, rank) * h).to(x.dtype)
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()

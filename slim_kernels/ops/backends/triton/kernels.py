@@ -7,7 +7,8 @@ Three kernels:
   part so the h accumulator stays in registers) the K loop computes
   ``[h | z] = x [A_all; R]ᵀ`` (h from x_lora when given, loaded in the same loop) and, for
   each of the C clusters, the squared distance and the one reduce of ``|x - c| * inv_std``
-  the call asks for (max, sum, or sum of squares). The epilogue picks j*, forms d, adds yielding to the identity
+  the call asks for (max, sum, or sum of squares). The epilogue picks j*, forms
+  ``d = r - shift[j*]`` (the constant 1 without a shift), adds yielding to the identity
   logits, does top-k (rank-count, NaN last, ties to the lower index), the softmax over the kept
   experts, and writes gates, topk_idx, distance, assign, h (fp32) and
   ``hg = s * g ⊙ h`` (x dtype) for the fused linear kernel.
@@ -70,15 +71,15 @@ def _chunk_sums(v, ecol, hcol, R: tl.constexpr, E_L: tl.constexpr):
 
 @triton.jit
 def route_fwd_kernel(
-    x_ptr, xl_ptr, a_ptr, r_ptr, c_ptr, s_ptr,
+    x_ptr, xl_ptr, a_ptr, r_ptr, c_ptr, s_ptr, sh_ptr,
     gates_ptr, idx_ptr, dist_ptr, assign_ptr, h_ptr, hg_ptr,
     T, K,
-    stride_xt, stride_xlt, stride_a, stride_r, stride_c, stride_s,
+    stride_xt, stride_xlt, stride_a, stride_r, stride_c, stride_s, stride_sh,
     scaling, lam,
     ER: tl.constexpr, R: tl.constexpr, E: tl.constexpr, E_L: tl.constexpr,
     TOPK: tl.constexpr, C: tl.constexpr,
     RP: tl.constexpr, EP: tl.constexpr, CP: tl.constexpr,
-    HAS_XL: tl.constexpr, REDUCE: tl.constexpr, YIELD: tl.constexpr,
+    HAS_XL: tl.constexpr, REDUCE: tl.constexpr, YIELD: tl.constexpr, HAS_SHIFT: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -167,7 +168,14 @@ def route_fwd_kernel(
             red = tl.sum(tl.where(pick, c_sm, 0.0), axis=1) / K
         else:
             red = tl.sqrt(tl.sum(tl.where(pick, c_ss, 0.0), axis=1) / K)
-        d = red - 1.0
+        if HAS_SHIFT:
+            # d = r - shift[j*]: the picked cluster's value selected (not multiplied), so a
+            # non-finite shift of another cluster does not reach this token (§1.5)
+            sh = tl.load(sh_ptr + ccol.to(tl.int64) * tl.cast(stride_sh, tl.int64),
+                         mask=ccol < C, other=0.0).to(ACC)
+            d = red - tl.sum(tl.where(pick, sh[None, :], 0.0), axis=1)
+        else:
+            d = red - 1.0
         if YIELD:
             ident = (ecol[None, :] >= E_L) & (ecol[None, :] < E)
             z = tl.where(ident, z + lam * d[:, None], z)

@@ -290,8 +290,9 @@ def fused_linear(segments, out: Tensor, bias: Optional[Tensor] = None,
 
 
 def route_forward(x, x_lora, lora_A, router, centers, inv_std, num_lora_experts, top_k,
-                  scaling, yield_strength, distance_reduce):
-    """Launch route_fwd: returns gates, topk_idx, distance, assign, h (acc dtype), hg (x dtype)."""
+                  scaling, yield_strength, distance_reduce, distance_shift=None):
+    """Launch route_fwd: returns gates, topk_idx, distance, assign, h (acc dtype), hg (x dtype).
+    ``distance_shift`` (C,) fp32 or None (the constant 1) is read through its stride."""
     T, K = x.shape
     ER = lora_A.shape[0]
     E = router.shape[0]
@@ -308,11 +309,13 @@ def route_forward(x, x_lora, lora_A, router, centers, inv_std, num_lora_experts,
         return gates, idx, dist, assign, h, hg
     reduce_id = reduce_code(distance_reduce)
     C = 0 if centers is None else centers.shape[0]
+    has_shift = bool(C) and distance_shift is not None
     if C:
         centers = centers.contiguous()
         inv_std = inv_std.contiguous()
     else:
         centers = inv_std = x  # dummies, never read
+    shift = distance_shift if has_shift else inv_std  # a dummy when there is none, never read
     RP, EP = _pad16(ER), _pad16(E)
     CP = _next_pow2(max(C, 1))
     bt, bk, w, s, hb = route_config(RP, fp32=x.dtype == torch.float32)
@@ -320,15 +323,15 @@ def route_forward(x, x_lora, lora_A, router, centers, inv_std, num_lora_experts,
     xl = x if x_lora is None else x_lora
     grid = (triton.cdiv(T, bt), RP // hb)
     _k.route_fwd_kernel[grid](
-        x, xl, lora_A, router, centers, inv_std,
+        x, xl, lora_A, router, centers, inv_std, shift,
         gates, idx, dist, assign, h, hg,
         T, K,
         x.stride(0), xl.stride(0), lora_A.stride(0), router.stride(0),
-        centers.stride(0), inv_std.stride(0),
+        centers.stride(0), inv_std.stride(0), shift.stride(0) if has_shift else 0,
         float(scaling), float(yield_strength),
         ER=ER, R=ER // E_L, E=E, E_L=E_L, TOPK=top_k, C=C, RP=hb, EP=EP, CP=CP,
         HAS_XL=x_lora is not None, REDUCE=reduce_id,
-        YIELD=bool(C > 0 and yield_strength != 0.0 and E > E_L),
+        YIELD=bool(C > 0 and yield_strength != 0.0 and E > E_L), HAS_SHIFT=has_shift,
         UPCAST=upcast, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk, num_warps=w, num_stages=s,
     )
     return gates, idx, dist, assign, h, hg
@@ -339,7 +342,7 @@ def forward(
     lora_A: Tensor, lora_B: Tensor, router: Tensor,
     centers: Optional[Tensor], inv_std: Optional[Tensor],
     num_lora_experts: int, top_k: int, scaling: float, yield_strength: float,
-    distance_reduce: str,
+    distance_reduce: str, distance_shift: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """y = [x | hg] [W | B_all]ᵀ + b after the route kernel (see the module docstring)."""
     T, K = x.shape
@@ -352,7 +355,7 @@ def forward(
         lora_A, router = lora_A.contiguous(), router.contiguous()
         gates, idx, dist, assign, h, hg = route_forward(
             x, x_lora, lora_A, router, centers, inv_std, num_lora_experts, top_k,
-            scaling, yield_strength, distance_reduce)
+            scaling, yield_strength, distance_reduce, distance_shift)
         y = torch.empty((T, N), dtype=x.dtype, device=x.device)
         if T > 0:
             fused_linear([(x, weight.t()), (hg, lora_B.t())], y, bias)
