@@ -63,6 +63,64 @@ class SyntheticLM(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
 
 
+def train_steps(model, loader, steps: int, lr: float, *, device=None, clip=None,
+                progress: bool = False) -> list:
+    """The PEFT recipes' training loop: AdamW on the trainable parameters for ``steps`` batches
+    of ``loader`` (restarted when it runs out), on ``outputs.loss`` (for SLIM it already holds
+    the aux loss). ``clip``: max gradient norm. Returns the loss of every step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc="train", unit="step")
+    losses = []
+    it = iter(loader)
+    model.train()
+    while len(losses) < steps:
+        try:
+            b = next(it)
+        except StopIteration:
+            it = iter(loader)
+            b = next(it)
+        if device is not None:
+            b = {k: v.to(device) for k, v in b.items()}
+        loss = model(**b).loss
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return losses
+
+
+def matched_lora_config(slim):
+    """The LoRA baseline with SLIM's budget: a ``peft.LoraConfig`` of rank
+    ``num_lora_experts * rank`` on the same target modules, with the same scaling of the delta
+    (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA) and the same dropout as the
+    ``SlimPeftConfig`` ``slim``."""
+    import math
+
+    from peft import LoraConfig
+
+    r = slim.num_lora_experts * slim.rank
+    scale = slim.alpha / (math.sqrt(slim.rank) if slim.use_rslora else slim.rank)
+    alpha = scale * (math.sqrt(r) if slim.use_rslora else r)
+    targets = slim.target_modules
+    targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    return LoraConfig(r=r, lora_alpha=alpha, use_rslora=slim.use_rslora,
+                      lora_dropout=slim.lora_dropout, target_modules=targets,
+                      exclude_modules=slim.exclude_modules, task_type="CAUSAL_LM")
+
+
 def mean_loss(model, ds, n: int = 64) -> float:
     model.eval()
     with torch.no_grad():

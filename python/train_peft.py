@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import SyntheticLM, build_model, mean_loss  # noqa: E402
+from _common import SyntheticLM, build_model, mean_loss, train_steps  # noqa: E402
 
 
 def parse(argv=None):
@@ -56,19 +56,8 @@ def main(argv=None) -> dict:
 
     ds = SyntheticLM(model.config.vocab_size, n=64, seq=16, seed=args.seed)
     first = mean_loss(model, ds)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True)
-    step = 0
-    while step < args.steps:
-        for b in loader:
-            model.train()
-            loss = model(**b).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            step += 1
-            if step >= args.steps:
-                break
+    train_steps(model, loader, args.steps, args.lr)
     last = mean_loss(model, ds)
     model.save_pretrained(args.output_dir)
     print(f"{args.method}: loss {first:.4f} -> {last:.4f}; adapter in {args.output_dir}")
