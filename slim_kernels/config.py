@@ -78,11 +78,11 @@ class SlimConfig:
     use_rslora: bool = False
     top_k: int = 2
     lora_dropout: float = 0.0
-    num_clusters: int = 4
-    yield_strength: float = 1.0
+    num_clusters: int = 16
+    yield_strength: float = 2.0
     distance_reduce: str = "rms"
     distance_scale: str = "none"
-    cluster_momentum: float = 0.01
+    cluster_momentum: float = 0.1
     cluster_eps: float = 1e-5
     merge_drop: float = 0.0
     merge_rescale: bool = False

@@ -7,9 +7,9 @@ from slim_kernels import SlimConfig
 
 EXPECTED_FIELDS = {
     "num_lora_experts": 8, "num_identity_experts": 2, "rank": 16, "alpha": 32.0,
-    "use_rslora": False, "top_k": 2, "lora_dropout": 0.0, "num_clusters": 4,
-    "yield_strength": 1.0, "distance_reduce": "rms", "distance_scale": "none",
-    "cluster_momentum": 0.01,
+    "use_rslora": False, "top_k": 2, "lora_dropout": 0.0, "num_clusters": 16,
+    "yield_strength": 2.0, "distance_reduce": "rms", "distance_scale": "none",
+    "cluster_momentum": 0.1,
     "cluster_eps": 1e-5, "merge_drop": 0.0, "merge_rescale": False, "merge_at_eval": False,
     "l1_coef": 0.0, "balance_coef": 0.0,
     "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 import slim_kernels  # noqa: E402
 from slim_kernels.demo import benchmark as B  # noqa: E402
-from slim_kernels.demo.methods import TUNED_SLIM, method_specs  # noqa: E402
+from slim_kernels.demo.methods import method_specs  # noqa: E402
 from slim_kernels.demo.evaluate import exact_match, heldout_set  # noqa: E402
 from slim_kernels.demo.model import load_base_model  # noqa: E402
 from slim_kernels.demo.tasks import ALL_TASKS, GENERAL_TASKS, NEW_TASK  # noqa: E402
@@ -203,17 +203,16 @@ def test_real_model_smoke_smollm2():
     assert rep["methods"][1]["routing"]["layers"] == 30 * 7
 
 
-def test_symbols_task_and_tuned_arm():
+def test_symbols_task_and_spread_arm():
     from slim_kernels.demo.tasks import TOKENIZER, encode_example, generate_examples
 
     ex = generate_examples("symbols", 20, split="test")
     assert all(set(p) <= set("-|=,") and len(a) == len(p) and set(a) <= set("wxyz") for p, a in ex)
     ids, _ = encode_example("symbols", "-|", "wx")
     assert ids[1] == TOKENIZER.tag_id("caesar")  # the new-task tag slot
-    spec = method_specs()["slim-tuned"]
-    for k, v in TUNED_SLIM.items():
-        assert getattr(spec, k) == v
-    r = B.run_benchmark(["slim-tuned"], task="symbols", **TINY)
+    spec = method_specs()["slim-spread"]
+    assert spec.distance_scale == "spread" and method_specs()["slim"].distance_scale == "none"
+    r = B.run_benchmark(["slim-spread"], task="symbols", **TINY)
     m = r["methods"][0]
     assert r["settings"]["new_task"] == "symbols" and "symbols" in m["after"]
     assert "caesar" not in m["after"]

@@ -23,9 +23,9 @@ Methods (:func:`method_specs`):
   projections. Budget match: LoRA's A/B factors have exactly as many parameters as SLIM's
   eight experts; SLIM additionally has its router (10 x in_features per projection, 3 % more
   trainable parameters), which is not matched.
-- ``slim``: ``SlimConfig()`` defaults (8 LoRA + 2 identity experts, r 16, top-2, 4 clusters,
-  yield 1.0, merge_drop 0.0 = dynamic merging off, l1 0).
-- ``slim-tuned``: the defaults with :data:`TUNED_SLIM` (16 clusters, momentum 0.1, yield 4).
+- ``slim``: ``SlimConfig()`` defaults (8 LoRA + 2 identity experts, r 16, top-2, 16 clusters,
+  momentum 0.1, yield 2.0, merge_drop 0.0 = dynamic merging off, l1 0).
+- ``slim-spread``: the defaults with ``distance_scale="spread"``.
 - ablations: ``slim-no-identity`` (num_identity_experts=0, so no yielding either),
   ``slim-no-yield`` (num_clusters=0), ``slim+merge`` (merge_drop=0.3: the defaults have
   merging off, so the "with merging" arm is this variant; compare it with ``slim``).

@@ -20,7 +20,7 @@ logger = logging.getLogger("slim_kernels")
 
 # methods.DEFAULT_METHODS, tasks.NEW_TASK and tasks.NEW_TASKS, written out so that building
 # the parser imports no torch (those modules do); tests/test_cli.py checks they agree.
-DEFAULT_METHODS = ("lora", "slim", "slim-tuned", "slim-no-identity", "slim-no-yield",
+DEFAULT_METHODS = ("lora", "slim", "slim-spread", "slim-no-identity", "slim-no-yield",
                    "slim+merge", "full")
 NEW_TASK = "caesar"
 NEW_TASKS = ("caesar", "symbols")

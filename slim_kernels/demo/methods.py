@@ -6,7 +6,8 @@
   A/B factors have exactly as many parameters as SLIM's eight experts; SLIM additionally has
   its router (10 x in_features per projection), which is not matched.
 - ``slim``: ``SlimConfig()`` defaults.
-- ``slim-tuned``: the defaults with :data:`TUNED_SLIM`.
+- ``slim-spread``: the defaults with ``distance_scale="spread"`` (the distance in units of the
+  in-domain spread, docs/method.md §2).
 - ablations: ``slim-no-identity``, ``slim-no-yield`` (no clusters), ``slim+merge``
   (merge_drop=0.3).
 - ``full``: full fine-tuning of the same projections.
@@ -18,16 +19,10 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ["DEFAULT_METHODS", "TUNED_SLIM", "method_specs"]
+__all__ = ["DEFAULT_METHODS", "method_specs"]
 
-DEFAULT_METHODS = ("lora", "slim", "slim-tuned", "slim-no-identity", "slim-no-yield", "slim+merge",
+DEFAULT_METHODS = ("lora", "slim", "slim-spread", "slim-no-identity", "slim-no-yield", "slim+merge",
                    "full")
-
-# The demo's own SLIM settings, picked (on seed 0, task symbols) after the defaults failed to
-# separate the tasks: 16 clusters tracking the fine-tuning inputs 10x faster (momentum 0.1), so
-# that in-domain tokens sit near a centre (d ~ 0), and a 4x stronger yield. The same for every
-# seed and task; the defaults are always run beside them.
-TUNED_SLIM = {"yield_strength": 4.0, "cluster_momentum": 0.1, "num_clusters": 16}
 
 
 def method_specs(slim_overrides: Optional[Dict] = None) -> Dict[str, object]:
@@ -43,7 +38,7 @@ def method_specs(slim_overrides: Optional[Dict] = None) -> Dict[str, object]:
     return {
         "lora": lora,
         "slim": slim,
-        "slim-tuned": replace(slim, **TUNED_SLIM),
+        "slim-spread": replace(slim, distance_scale="spread"),
         "slim-no-identity": replace(slim, num_identity_experts=0,
                                     top_k=min(slim.top_k, slim.num_lora_experts)),
         "slim-no-yield": replace(slim, num_clusters=0),
