@@ -13,6 +13,8 @@ all of them, failures included (a run that raises is logged with its error)::
     # the markdown table of every logged run, and the ranking of the selection runs
     python benchmarks/forgetting_sweep.py table
     python benchmarks/forgetting_sweep.py select
+    # per seed, the report runs of one label (and the baselines), and the target per seed
+    python benchmarks/forgetting_sweep.py summary --label defaults
 
 Each line records the label, role (``probe``: a look at the task before the protocol was
 fixed; ``select``: used to choose; ``report``: held out, used
@@ -159,6 +161,49 @@ def select(a) -> int:
     return 0
 
 
+def summary(a) -> int:
+    """Per task and arm, over the ``report`` runs of ``--label`` (and the baselines'
+    ``--baseline-label``): each seed's new-task accuracy and worst share kept, and per seed
+    whether SLIM met the target against LoRA of the same seed."""
+    rows = [json.loads(x) for x in Path(a.log).read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r["role"] == "report" and "error" not in r
+            and r["label"] in (a.label, a.baseline_label)]
+    tasks = sorted({(r["bench"], r["task"]) for r in rows}, key=lambda t: (t[0] != "embedded", t[1]))
+    for bench, task in tasks:
+        rs = [r for r in rows if (r["bench"], r["task"]) == (bench, task)]
+        seeds = sorted({r["seed"] for r in rs})
+        by = {(r["method"], r["seed"]): r for r in rs}
+        arms = list(dict.fromkeys(r["method"] for r in rs))
+        print(f"\n{bench} / {task}, seeds {seeds}: new-task accuracy / worst share kept")
+        print("| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |")
+        print("|---|" + "---|" * (len(seeds) + 1))
+        for arm in arms:
+            cells, news, worsts = [], [], []
+            for sd in seeds:
+                r = by.get((arm, sd))
+                if r is None:
+                    cells.append("-")
+                    continue
+                news.append(r["new_task_acc"])
+                worsts.append(r["worst"])
+                extra = f" (ppl x{r['ppl_ratio']:.2f})" if "ppl_ratio" in r else ""
+                cells.append(f"{r['new_task_acc']:.3f} / {r['worst']:.3f}{extra}")
+            mean = f"{sum(news) / len(news):.3f} / {sum(worsts) / len(worsts):.3f}" if news else "-"
+            print(f"| {arm} | " + " | ".join(cells) + f" | {mean} |")
+        met = []
+        for sd in seeds:
+            s_, l_ = by.get(("slim", sd)), by.get(("lora", sd))
+            if s_ and l_:
+                ok = s_["new_task_acc"] >= l_["new_task_acc"] - 0.02 and \
+                    min(s_["kept"].values()) >= 0.90
+                gap = s_["new_task_acc"] - l_["new_task_acc"]
+                met.append(f"seed {sd}: {'met' if ok else 'not met'} (new {gap:+.3f} vs LoRA, "
+                           f"worst kept {min(s_['kept'].values()):.3f})")
+        if met:
+            print("target: " + "; ".join(met))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -180,8 +225,12 @@ def main(argv=None) -> int:
     c = sub.add_parser("select", help="rank the SLIM settings on the selection runs")
     c.add_argument("--log", default=str(LOG))
     c.add_argument("--seed", type=int, default=0)
+    m = sub.add_parser("summary", help="per-seed table of the report runs, and the target")
+    m.add_argument("--log", default=str(LOG))
+    m.add_argument("--label", default="defaults")
+    m.add_argument("--baseline-label", default="baselines")
     a = ap.parse_args(argv)
-    return {"run": run, "table": table, "select": select}[a.cmd](a)
+    return {"run": run, "table": table, "select": select, "summary": summary}[a.cmd](a)
 
 
 if __name__ == "__main__":

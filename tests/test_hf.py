@@ -15,7 +15,9 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-CFG = dict(num_lora_experts=2, num_identity_experts=2, rank=4, backend="torch")
+# num_clusters, cluster_momentum and yield_strength pinned: the tests' batches were sized for them
+CFG = dict(num_lora_experts=2, num_identity_experts=2, rank=4, backend="torch", num_clusters=4,
+           cluster_momentum=0.01, yield_strength=1.0)
 
 
 def slim(model, **kw):

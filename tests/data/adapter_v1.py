@@ -12,7 +12,9 @@ import sys
 import torch
 from torch import nn
 
+# yield_strength and cluster_momentum were the defaults of the version that wrote this adapter
 CONFIG = dict(num_lora_experts=2, num_identity_experts=1, rank=2, alpha=4.0, num_clusters=2,
+              yield_strength=1.0, cluster_momentum=0.01,
               target_modules=("q_proj", "down_proj"), backend="torch")
 
 
