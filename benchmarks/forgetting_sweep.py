@@ -201,6 +201,23 @@ def summary(a) -> int:
                            f"worst kept {min(s_['kept'].values()):.3f})")
         if met:
             print("target: " + "; ".join(met))
+        if bench == "real":
+            b = rs[0]["base"]
+            print(f"\n| arm | seed | {task} | ppl | ppl x | mc | arith | worst kept | id/new | "
+                  f"id/gen | cpu s | wall s |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+            print(f"| base | - | {b[task]:.3f} | {b['ppl']:.2f} | 1.00 | {b['mc']:.3f} | "
+                  f"{b['arith']:.3f} | 1.000 | - | - | - | - |")
+            for arm in arms:
+                for sd in seeds:
+                    r = by.get((arm, sd))
+                    if r is None:
+                        continue
+                    a_ = r["after"]
+                    print(f"| {arm} | {sd} | {a_[task]:.3f} | {a_['ppl']:.2f} | "
+                          f"{r['ppl_ratio']:.2f} | {a_['mc']:.3f} | {a_['arith']:.3f} | "
+                          f"{r['worst']:.3f} | {_f(r.get('id_new'))} | {_f(r.get('id_gen'))} | "
+                          f"{r['cpu_s']:.0f} | {r['wall_s']:.0f} |")
     return 0
 
 
