@@ -1,5 +1,10 @@
 """Tiny Hugging Face causal LMs built from configs (no downloads), for the HF tests."""
+import os
+import sys
+
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 V = 61  # vocab
 
@@ -39,3 +44,28 @@ def batch(B=2, S=9, seed=1, pad_last=3):
         ids[-1, S - pad_last:] = 0
     labels = ids.masked_fill(am == 0, -100)
     return ids, am, labels
+
+
+def recipe_common():
+    """``python/_common.py``, the recipes' shared helpers (tiny tokenizer, arithmetic rows)."""
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    try:
+        import _common
+    finally:
+        sys.path.pop(0)
+    return _common
+
+
+def save_tiny_lm(path, seed: int = 0):
+    """A one-layer Llama (vocab 128) and the recipes' tiny tokenizer saved to ``path``, as a
+    local model folder for lm-eval and the recipes; returns the model."""
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = tf.LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    recipe_common().tiny_tokenizer().save_pretrained(path)
+    return model

@@ -4,7 +4,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 
@@ -30,23 +29,14 @@ def _recipe():
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    import torch
-    import transformers as tf
+    from hf_models import recipe_common, save_tiny_lm
 
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(k, "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    sys.path.insert(0, os.path.join(ROOT, "python"))
-    try:
-        from _common import arithmetic_rows, tiny_tokenizer, words
-    finally:
-        sys.path.pop(0)
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
-    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    common = recipe_common()
+    arithmetic_rows, words = common.arithmetic_rows, common.words
+    save_tiny_lm(tmp_path / "base")
 
     def jsonl(name, rows):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))

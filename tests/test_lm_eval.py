@@ -15,24 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _setup(tmp_path):
     import torch
+    from hf_models import recipe_common, save_tiny_lm
     from peft import get_peft_model
-
-    sys.path.insert(0, os.path.join(ROOT, "python"))
-    try:
-        from _common import arithmetic_rows, tiny_tokenizer, words
-    finally:
-        sys.path.pop(0)
-    import transformers as tf
 
     from slim_kernels.peft import SlimPeftConfig
 
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    base = tf.LlamaForCausalLM(cfg)
-    base.save_pretrained(tmp_path / "base")
-    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    common = recipe_common()
+    arithmetic_rows, words = common.arithmetic_rows, common.words
+    base = save_tiny_lm(tmp_path / "base")
     model = get_peft_model(base, SlimPeftConfig(
         target_modules=["q_proj", "v_proj"], num_lora_experts=2, num_identity_experts=1, rank=2,
         num_clusters=2, backend="torch", task_type="CAUSAL_LM"))
