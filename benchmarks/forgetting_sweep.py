@@ -194,8 +194,7 @@ def summary(a) -> int:
         for sd in seeds:
             s_, l_ = by.get(("slim", sd)), by.get(("lora", sd))
             if s_ and l_:
-                ok = s_["new_task_acc"] >= l_["new_task_acc"] - 0.02 and \
-                    min(s_["kept"].values()) >= 0.90
+                ok, _ = _score(s_, l_["new_task_acc"])
                 gap = s_["new_task_acc"] - l_["new_task_acc"]
                 met.append(f"seed {sd}: {'met' if ok else 'not met'} (new {gap:+.3f} vs LoRA, "
                            f"worst kept {min(s_['kept'].values()):.3f})")

@@ -91,14 +91,10 @@ def _eos(tok) -> int:
     return int(e) if e is not None else 0
 
 
-def _encode(tok, text: str) -> List[int]:
-    return list(tok.encode(text, add_special_tokens=False))
-
-
 def _batch(tok, pairs: Sequence[Tuple[str, str]], add_eos: bool = True):
     rows = []
     for p, a in pairs:
-        hp, ha = _encode(tok, p), _encode(tok, a) + ([_eos(tok)] if add_eos else [])
+        hp, ha = R.encode(tok, p), R.encode(tok, a) + ([_eos(tok)] if add_eos else [])
         rows.append((hp + ha, [-100] * len(hp) + ha))
     L = max(len(r[0]) for r in rows)
     ids = torch.zeros(len(rows), L, dtype=torch.long)
@@ -141,7 +137,7 @@ def routing_diagnostic(model, tok, test_pairs, texts) -> Dict:
         model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
     new = routing_stats(model, reset=True)
     for t in texts:
-        model(input_ids=torch.tensor([_encode(tok, t)]))
+        model(input_ids=torch.tensor([R.encode(tok, t)]))
     gen = routing_stats(model, reset=True)
     layers = {n: {"identity_mass_new": new[n]["identity_mass"],
                   "identity_mass_general": gen[n]["identity_mass"],

@@ -31,7 +31,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["LEXICON", "MC_QUESTIONS", "ARITH_SHOTS", "vellish_pairs", "heldout_paragraphs",
+__all__ = ["LEXICON", "MC_QUESTIONS", "ARITH_SHOTS", "encode", "vellish_pairs", "heldout_paragraphs",
            "arith_pairs", "mc_accuracy", "exact_match", "perplexity"]
 
 # English word -> invented word. The invented words were made up for this benchmark (two or
@@ -154,7 +154,8 @@ def arith_pairs() -> List[Tuple[str, str]]:
             if (a, b) not in ARITH_SHOTS]
 
 
-def _ids(tok, text: str) -> List[int]:
+def encode(tok, text: str) -> List[int]:
+    """Token ids of ``text`` without special tokens."""
     return list(tok.encode(text, add_special_tokens=False))
 
 
@@ -178,7 +179,7 @@ def _continuation_logprobs(model, tok, pairs: Sequence[Tuple[str, str]], batch_s
         chunk = pairs[i:i + batch_size]
         rows, spans = [], []
         for ctx, cont in chunk:
-            c, a = _ids(tok, ctx), _ids(tok, cont)
+            c, a = encode(tok, ctx), encode(tok, cont)
             rows.append(c + a)
             spans.append((len(c), len(c) + len(a)))
         ids, att = _padded(rows)
@@ -219,7 +220,7 @@ def perplexity(model, tok, texts: Sequence[str]) -> float:
     model.eval()
     nll, n = 0.0, 0
     for t in texts:
-        ids = torch.tensor([_ids(tok, t)])
+        ids = torch.tensor([encode(tok, t)])
         logits = model(input_ids=ids).logits[:, :-1].float()
         nll += float(torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
