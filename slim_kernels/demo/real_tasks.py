@@ -31,8 +31,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["LEXICON", "MC_QUESTIONS", "ARITH_SHOTS", "encode", "vellish_pairs", "heldout_paragraphs",
-           "arith_pairs", "mc_accuracy", "exact_match", "perplexity"]
+__all__ = ["LEXICON", "MC_QUESTIONS", "ARITH_SHOTS", "encode", "vellish_pairs",
+           "heldout_paragraphs", "arith_pairs", "mc_accuracy", "exact_match", "perplexity"]
 
 # English word -> invented word. The invented words were made up for this benchmark (two or
 # three syllables, no English word), and are fixed: changing them changes the task.
