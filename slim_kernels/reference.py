@@ -27,7 +27,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["slim_reference"]
+__all__ = ["slim_reference", "reference_cluster_stats", "STATS_EXTRA"]
+
+# columns of a cluster-statistics row after the count and the 2 K per-channel sums: the sum of r
+# and the sum of r² (see :func:`reference_cluster_stats`)
+STATS_EXTRA = 3
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -141,3 +145,44 @@ def slim_reference(
         delta = (xa @ lora_A[i].t()) @ lora_B[i].t()  # B'_i A'_i x
         y = y + (scaling * gates[:, i : i + 1] * delta.to(acc)).to(x.dtype)
     return y, gates, d, assign
+
+
+@torch.no_grad()
+def reference_cluster_stats(x: Tensor, centers: Tensor, inv_std: Tensor, assign: Tensor,
+                            reduce: str, keep: Optional[Tensor] = None) -> Tensor:
+    """The per-cluster statistics of a training forward (``docs/method.md`` §2, "Sliding
+    update"), one row per cluster j, in the accumulation dtype:
+
+    ``[n_j, Σ (x_t - c_j) (K columns), Σ (x_t - c_j)² (K columns), Σ r_t, Σ r_t²]``
+
+    over the *kept* tokens t assigned to j (``assign``): ``keep[t]`` (all tokens when None)
+    and every entry of x_t finite. ``r_t = reduce_k(|x_t,k - c_j,k| inv_std_j,k)`` is the
+    reduced distance before any shift. The sums are taken relative to the centre the token
+    was assigned to (shifted data: no cancellation when a channel's mean is far from 0).
+    Written as a plain loop over clusters, independently of the backends."""
+    acc = _acc_dtype(x)
+    T, K = x.shape
+    C = centers.shape[0]
+    out = torch.zeros(C, 2 * K + STATS_EXTRA, dtype=acc, device=x.device)
+    ok = torch.isfinite(x).all(1)
+    if keep is not None:
+        ok = ok & keep.to(torch.bool)
+    xf = x.to(acc)
+    for j in range(C):
+        sel = ok & (assign == j)
+        if not bool(sel.any()):
+            continue
+        diff = xf[sel] - centers[j].to(acc)
+        u = diff.abs() * inv_std[j].to(acc)
+        if reduce == "max":
+            r = u.amax(dim=1)
+        elif reduce == "mean":
+            r = u.mean(dim=1)
+        else:
+            r = (u * u).mean(dim=1).sqrt()
+        out[j, 0] = float(sel.sum())
+        out[j, 1:K + 1] = diff.sum(0)
+        out[j, K + 1:2 * K + 1] = (diff * diff).sum(0)
+        out[j, 2 * K + 1] = r.sum()
+        out[j, 2 * K + 2] = (r * r).sum()
+    return out

@@ -1,10 +1,9 @@
 """Routing and clustering helpers shared by the layer and the backends (production code).
 
 * :func:`topk_softmax`: top-k then softmax over the kept logits (``docs/method.md`` §1.3).
-* :func:`cluster_distance`: nearest centre and the out-of-domain distance (§2), with the
-  squared distances from one GEMM (``||x||² − 2 x·c + ||c||²``), no (T, C, K) temporary.
-* :func:`cluster_batch_stats`: per-cluster count, sum and sum of squares (what data parallel
-  all-reduces before the sliding update, §2).
+* :func:`cluster_route`: nearest centre and the out-of-domain distance (§2), with the
+  squared distances from one GEMM (``||c||² − 2 x·c``), no (T, C, K) temporary, and the
+  per-cluster statistics of the sliding update (what data parallel all-reduces, §2).
 * :func:`merge_masks`: the dynamic-merging row/column keep-masks (§3).
 
 :mod:`slim_kernels.reference` does not use any of these: it is written independently, so that
@@ -19,7 +18,8 @@ from torch import Tensor
 
 from .config import DISTANCE_REDUCES
 
-__all__ = ["acc_dtype", "cluster_batch_stats", "cluster_distance", "merge_masks", "topk_softmax"]
+__all__ = ["acc_dtype", "cluster_distance", "cluster_route", "merge_masks", "reduce_code",
+           "topk_softmax"]
 
 def acc_dtype(t: Tensor) -> torch.dtype:
     """Accumulation dtype of the routing maths: fp64 stays fp64, everything else fp32."""
@@ -39,71 +39,69 @@ def reduce_code(reduce: str) -> int:
 def topk_softmax(z: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """Top-k then softmax over the kept logits (``docs/method.md`` §1.3, §1.5).
 
-    Order: larger first, NaN last (below -inf), ties (and two NaNs) to the lower index; expert
-    i is kept iff ``#{j ranked before i} < k``, so the ranks are a permutation and the k index
-    slots a valid prefix of it. A token with any non-finite logit gets NaN for all its gates.
-    Returns (dense gates (T, E) with zeros for unselected experts, indices (T, k) int64 of the
-    selected experts in rank order).
-    """
-    T, E = z.shape
-    nan = z.isnan()
-    zf = z.masked_fill(nan, float("-inf"))
-    zi, zj = zf[:, :, None], zf[:, None, :]  # [t, i, j]
-    ni, nj = nan[:, :, None], nan[:, None, :]
-    lower = torch.ones(E, E, dtype=torch.bool, device=z.device).tril(-1)  # [i, j]: j < i
-    # j ranks before i: a number before NaN; else larger first, equal (or both NaN) by index
-    before = (ni & ~nj) | ((ni == nj) & ((zj > zi) | ((zj == zi) & lower)))
-    rank = before.sum(-1)  # (T, E), a permutation of 0..E-1 per token
-    keep = rank < k
-    neg_inf = torch.full_like(z, float("-inf"))
-    zk = torch.where(keep, z, neg_inf)
-    gates = torch.softmax(zk, dim=-1) if T > 0 else torch.zeros_like(z)
-    gates = torch.where(keep, gates, torch.zeros_like(gates))
-    gates = gates.masked_fill(~torch.isfinite(z).all(-1, keepdim=True), float("nan"))
-    order = torch.argsort(rank, dim=-1)[:, :k]
+    Order: larger first, NaN last (below -inf), ties (and two NaNs) to the lower index: one
+    stable ascending sort of ``-z`` gives exactly that (an ascending sort puts NaN last, and
+    ``-(-inf)`` after every number). A token with any non-finite logit gets NaN for all its
+    gates. Returns (dense gates (T, E) with zeros for unselected experts, indices (T, k) int64
+    of the selected experts in rank order)."""
+    order = torch.sort(z.neg(), dim=1, stable=True).indices[:, :k]
+    kept = torch.softmax(z.gather(1, order), dim=1)
+    # + 0 on a finite row, + NaN on a row with a non-finite logit (NaN * 0 and inf * 0)
+    poison = z.mul(0.0).sum(1, keepdim=True)
+    gates = torch.zeros_like(z).scatter_(1, order, kept).add_(poison)
     return gates, order
 
 
 @torch.no_grad()
-def cluster_distance(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str,
-                     shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def cluster_route(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str,
+                  shift: Optional[Tensor] = None, stats: bool = False,
+                  keep: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """``j* = argmin_j ||x - c_j||²`` (first minimum wins, a non-finite one first), then
     ``d = reduce_k(|x_k - c_{j*,k}| * inv_std_{j*,k}) - shift_{j*}``, reduce max | mean | rms;
     ``shift`` (C,) is the constant 1 when None (the paper's ``d = r - 1``).
-    Returns (d (T,) in the accumulation dtype, assign (T,) int64). No gradient flows."""
-    reduce_code(reduce)
+
+    With ``stats``, also the per-cluster statistics of the sliding update
+    (:func:`slim_kernels.reference.reference_cluster_stats` defines them): counts, sums and
+    sums of squares of ``x - c_{j*}`` and of r over the kept tokens (``keep`` and finite),
+    scattered into their clusters' rows (``index_add_``: deterministic on the CPU; on CUDA only
+    under ``torch.use_deterministic_algorithms``, as it uses atomics). Returns (d (T,) in the accumulation
+    dtype, assign (T,) int64, stats (C, 2K + 3) or None). No gradient flows."""
+    code = reduce_code(reduce)
     acc = acc_dtype(x)
     xf = x.to(acc)
     c = centers.to(acc)
-    sq = (xf * xf).sum(1, keepdim=True) - 2.0 * (xf @ c.t()) + (c * c).sum(1)[None, :]
-    # a non-finite squared distance counts as -inf: the first one wins (§1.5)
-    assign = sq.masked_fill(~torch.isfinite(sq), float("-inf")).argmin(dim=1)
-    u = (xf - c[assign]).abs_().mul_(inv_std.to(acc)[assign])
-    if reduce == "max":
-        r = u.amax(dim=1) if u.shape[1] > 0 else u.sum(dim=1)
-    elif reduce == "mean":
-        r = u.mean(dim=1)
+    # ||x - c_j||² - ||x||²: the argmin needs no ||x||² (a non-finite x is non-finite for all j)
+    sq = torch.addmm(c.square().sum(1)[None, :], xf, c.t(), alpha=-2.0)
+    assign = sq.nan_to_num_(nan=float("-inf"), posinf=float("-inf"),
+                                neginf=float("-inf")).argmin(dim=1)
+    diff = xf - c[assign]
+    u = diff * inv_std.to(acc)[assign]
+    if code == 0:
+        r = u.abs_().amax(dim=1) if u.shape[1] > 0 else u.sum(dim=1)
+    elif code == 1:
+        r = u.abs_().mean(dim=1)
     else:
         r = u.square_().mean(dim=1).sqrt_()
-    if shift is None:
-        return r - 1.0, assign
-    return r - shift.to(acc)[assign], assign
+    d = r - (1.0 if shift is None else shift.to(acc)[assign])
+    if not stats:
+        return d, assign, None
+    ok = torch.isfinite(xf).all(1)
+    if keep is not None:
+        ok = ok & keep
+    feats = torch.cat([torch.ones_like(r)[:, None], diff, diff.square(), r[:, None],
+                       r.square()[:, None]], dim=1)
+    feats = torch.where(ok[:, None], feats, 0.0)
+    # a scatter, not a one-hot GEMM: a cluster whose centre is not finite must not reach the
+    # other rows through 0 · NaN
+    out = feats.new_zeros(centers.shape[0], feats.shape[1])
+    return d, assign, out.index_add_(0, assign, feats)
 
 
-@torch.no_grad()
-def cluster_batch_stats(x: Tensor, assign: Tensor, num_clusters: int
-                        ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-cluster (count, sum, sum of squares) of the tokens assigned to it, in fp64."""
-    K = x.shape[-1]
-    xd = x.detach().to(torch.float64)
-    counts = torch.zeros(num_clusters, dtype=torch.float64, device=x.device)
-    sums = torch.zeros(num_clusters, K, dtype=torch.float64, device=x.device)
-    sumsq = torch.zeros(num_clusters, K, dtype=torch.float64, device=x.device)
-    if x.shape[0] > 0:
-        counts.index_add_(0, assign, torch.ones_like(assign, dtype=torch.float64))
-        sums.index_add_(0, assign, xd)
-        sumsq.index_add_(0, assign, xd * xd)
-    return counts, sums, sumsq
+def cluster_distance(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str,
+                     shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(d, assign) of :func:`cluster_route` (no statistics)."""
+    d, assign, _ = cluster_route(x, centers, inv_std, reduce, shift)
+    return d, assign
 
 
 def merge_masks(

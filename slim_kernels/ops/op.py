@@ -1,14 +1,15 @@
-"""The op boundary: one torch custom op for the SLIM forward and one for its backward,
-registered with autograd and with fake (meta) implementations so that
-``torch.compile(fullgraph=True)`` traces a SLIM layer without graph breaks.
+"""The op boundary: one autograd function over the backend's forward and backward, and one
+torch custom op per direction (with fake implementations) that it calls under torch.compile,
+so that ``torch.compile(fullgraph=True)`` traces a SLIM layer without graph breaks.
 
-Every backend runs behind these two ops; the ``backend`` argument (resolved by
+Every backend runs behind them; the ``backend`` argument (resolved by
 :mod:`slim_kernels.ops.dispatch` before the call) says which.
 
 Forward outputs: ``y`` (T, N) in x's dtype; ``gates`` (T, E), differentiable (the load
 balance loss uses them); ``topk_idx`` (T, k) int64; ``distance`` (T,) and ``assign`` (T,)
-int64 (constants); ``h`` (T, E_L·r), the LoRA-A activations saved for backward. gates,
-distance and h are fp32, or fp64 when x is fp64 ("acc" dtype below). The distance is
+int64 (constants); ``h`` (T, E_L·r), the LoRA-A activations saved for backward; ``stats``
+(C, 2K + 3) or (0, 2K + 3), the cluster statistics when asked for. gates, distance, h and
+stats are fp32, or fp64 when x is fp64 ("acc" dtype below). The distance is
 ``reduce_k(|x_k - c_{j*,k}| inv_std_{j*,k}) - distance_shift[j*]``, with the constant 1 for a
 ``distance_shift`` of None (``docs/method.md`` §2).
 """
@@ -24,32 +25,42 @@ from torch import Tensor
 from ..routing import reduce_code
 from .dispatch import backend_module, resolve_backend
 
-__all__ = ["slim_linear_op"]
+__all__ = ["slim_linear_op", "slim_linear_op_unchecked", "stats_shape", "STATS_EXTRA"]
 
 
+STATS_EXTRA = 3  # columns of a statistics row after the count and the 2 K sums (Σr, Σr²)
+
+
+def stats_shape(C: int, K: int) -> Tuple[int, int]:
+    """Shape of the cluster statistics the op returns (``docs/method.md`` §2): one row per
+    cluster, ``[n, Σ(x-c) (K), Σ(x-c)² (K), Σr, Σr²]``; ``C = 0`` when not asked for."""
+    return C, 2 * K + STATS_EXTRA
+
+
+# -- the two custom ops: what torch.compile sees (one opaque node per direction) -------------
 @torch.library.custom_op("slim_kernels::slim_fwd", mutates_args=())
 def _slim_fwd(
     x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
     lora_A: Tensor, lora_B: Tensor, router: Tensor,
     centers: Optional[Tensor], inv_std: Optional[Tensor], distance_shift: Optional[Tensor],
-    num_lora_experts: int, top_k: int, scaling: float, yield_strength: float,
-    distance_reduce: str, backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    mod = backend_module(backend)
-    # contiguous: the fake implementation promises contiguous outputs (inductor checks strides;
-    # the torch backend's top-k indices are a column slice of an argsort)
-    return tuple(t.contiguous() for t in mod.forward(
-        x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
-        num_lora_experts, top_k, scaling, yield_strength, distance_reduce, distance_shift,
-    ))
+    stats_keep: Optional[Tensor], num_lora_experts: int, top_k: int, scaling: float,
+    yield_strength: float, distance_reduce: str, cluster_stats: bool, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # contiguous: the fake implementation promises contiguous outputs (inductor checks strides)
+    return tuple(t.contiguous() for t in _backend_forward(
+        backend, x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
+        distance_shift, stats_keep, num_lora_experts, top_k, scaling, yield_strength,
+        distance_reduce, cluster_stats))
 
 
 @_slim_fwd.register_fake
 def _(x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std, distance_shift,
-      num_lora_experts, top_k, scaling, yield_strength, distance_reduce, backend):
-    T = x.shape[0]
+      stats_keep, num_lora_experts, top_k, scaling, yield_strength, distance_reduce,
+      cluster_stats, backend):
+    T, K = x.shape
     N = weight.shape[0]
     E = router.shape[0]
+    C = centers.shape[0] if cluster_stats and centers is not None else 0
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (
         x.new_empty((T, N)),
@@ -58,6 +69,7 @@ def _(x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std, distanc
         x.new_empty((T,), dtype=acc),
         x.new_empty((T,), dtype=torch.long),
         x.new_empty((T, lora_A.shape[0]), dtype=acc),
+        x.new_empty(stats_shape(C, K), dtype=acc),
     )
 
 
@@ -67,8 +79,7 @@ def _slim_bwd(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, router: Tensor,
     gates: Tensor, h: Tensor, num_lora_experts: int, scaling: float, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    mod = backend_module(backend)
-    dx, dx_lora, dA, dB, dR = mod.backward(
+    dx, dx_lora, dA, dB, dR = backend_module(backend).backward(
         dy, dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,
         num_lora_experts, scaling,
     )
@@ -89,30 +100,80 @@ def _(dy, dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,
     )
 
 
-def _setup_context(ctx, inputs, output):
-    (x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std, distance_shift,
-     num_lora_experts, top_k, scaling, yield_strength, distance_reduce, backend) = inputs
-    _, gates, _, _, _, h = output
-    ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, router, gates, h)
-    ctx.num_lora_experts = num_lora_experts
-    ctx.scaling = scaling
-    ctx.backend = backend
-    ctx.has_x_lora = x_lora is not None
+def _backend_forward(backend, x, x_lora, weight, bias, lora_A, lora_B, router, centers,
+                     inv_std, distance_shift, stats_keep, num_lora_experts, top_k, scaling,
+                     yield_strength, distance_reduce, cluster_stats):
+    return backend_module(backend).forward(
+        x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
+        num_lora_experts, top_k, scaling, yield_strength, distance_reduce, distance_shift,
+        cluster_stats, stats_keep)
 
 
-def _backward(ctx, dy, dgates, _didx, _dd, _dassign, _dh):
-    x, x_lora, weight, lora_A, lora_B, router, gates, h = ctx.saved_tensors
-    if dy is None:
-        dy = torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    dx, dx_lora, dA, dB, dR = _slim_bwd(
-        dy.contiguous(), dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,
-        ctx.num_lora_experts, ctx.scaling, ctx.backend,
-    )
-    return (dx, dx_lora if ctx.has_x_lora else None, None, None, dA, dB, dR,
-            None, None, None, None, None, None, None, None, None)
+class _SlimFunction(torch.autograd.Function):
+    """Autograd of the op. Eager: the backend's forward and backward are called directly (the
+    dispatcher round trip of a Python custom op costs more than a small layer's kernels).
+    Under torch.compile: the custom ops above, so dynamo sees one opaque node per direction,
+    with its fake implementation."""
+
+    @staticmethod
+    def forward(x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
+                distance_shift, stats_keep, num_lora_experts, top_k, scaling, yield_strength,
+                distance_reduce, cluster_stats, backend):
+        args = (x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
+                distance_shift, stats_keep, num_lora_experts, top_k, scaling, yield_strength,
+                distance_reduce, cluster_stats)
+        if torch.compiler.is_compiling():
+            return _slim_fwd(*args, backend)
+        return tuple(_backend_forward(backend, *args))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, x_lora, weight, _, lora_A, lora_B, router = inputs[:7]
+        ctx.num_lora_experts, ctx.scaling, ctx.backend = inputs[11], inputs[13], inputs[17]
+        _, gates, idx, d, assign, h, stats = output
+        ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, router, gates, h)
+        ctx.mark_non_differentiable(idx, d, assign, h, stats)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, dy, dgates, *_):
+        x, x_lora, weight, lora_A, lora_B, router, gates, h = ctx.saved_tensors
+        if dy is None:
+            dy = x.new_zeros((x.shape[0], weight.shape[0]))
+        args = (dy.contiguous(), dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,
+                ctx.num_lora_experts, ctx.scaling)
+        if torch.compiler.is_compiling():
+            dx, dx_lora, dA, dB, dR = _slim_bwd(*args, ctx.backend)
+        else:
+            dx, dx_lora, dA, dB, dR = backend_module(ctx.backend).backward(*args)
+        return (dx, dx_lora if x_lora is not None else None, None, None, dA, dB, dR,
+                None, None, None, None, None, None, None, None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError(
+            "slim_kernels: the SLIM op does not support torch.func.vmap (nor jacrev/jacfwd/"
+            "hessian, which vmap over it): it routes each token over its own experts and keeps "
+            "state per call. Use torch.func.grad/vjp, or a Python loop over the batch.")
 
 
-torch.library.register_autograd("slim_kernels::slim_fwd", _backward, setup_context=_setup_context)
+def slim_linear_op_unchecked(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+    router: Tensor, num_lora_experts: int, top_k: int, scaling: float,
+    yield_strength: float, distance_reduce: str, centers: Optional[Tensor],
+    inv_std: Optional[Tensor], x_lora: Optional[Tensor], backend: str,
+    distance_shift: Optional[Tensor], cluster_stats: bool, stats_keep: Optional[Tensor],
+) -> Tuple[Tensor, ...]:
+    """:func:`slim_linear_op` without the argument checks, for callers that built and checked
+    their arguments themselves (:class:`~slim_kernels.SlimLinear`): 2-D contiguous x, the
+    shapes and dtypes the op documents, ``backend`` a name or "auto". Returns all seven
+    outputs ``(y, gates, topk_idx, distance, assign, h, stats)``."""
+    name = resolve_backend(backend, x, lora_A.shape[0], router.shape[0])
+    return _SlimFunction.apply(
+        x.contiguous(), None if x_lora is None else x_lora.contiguous(), weight, bias,
+        lora_A.contiguous(), lora_B.contiguous(), router.contiguous(), centers, inv_std,
+        distance_shift, stats_keep, num_lora_experts, top_k, scaling, yield_strength,
+        distance_reduce, cluster_stats, name)
 
 
 def _matrix(name: str, t, dim: int = 2) -> Tensor:
@@ -162,8 +223,9 @@ def slim_linear_op(
     yield_strength: float = 0.0, distance_reduce: str = "rms",
     centers: Optional[Tensor] = None, inv_std: Optional[Tensor] = None,
     x_lora: Optional[Tensor] = None, backend: str = "auto",
-    distance_shift: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    distance_shift: Optional[Tensor] = None, cluster_stats: bool = False,
+    stats_keep: Optional[Tensor] = None,
+) -> Tuple[Tensor, ...]:
     """The SLIM op on 2-D inputs, in the stacked layout of ``docs/method.md`` §6.
 
     Args: x (T, K); weight (N, K) frozen; bias (N,) or None, frozen; lora_A = A_all
@@ -173,7 +235,14 @@ def slim_linear_op(
     constant 1 (needs centers); x_lora (T, K): x after LoRA dropout, or None. ``scaling`` and
     ``yield_strength`` must be finite (any sign); tensor values are not checked: non-finite
     ones follow docs/method.md §1.5 on every backend.
-    Returns (y, gates, topk_idx, distance, assign).
+
+    ``cluster_stats=True`` (needs centers) also returns the per-cluster statistics of the
+    sliding update (``docs/method.md`` §2): a (C, 2K + 3) tensor in the accumulation dtype,
+    row j = ``[n_j, Σ(x - c_j), Σ(x - c_j)², Σr, Σr²]`` over the tokens assigned to j that
+    are kept: ``stats_keep`` (T,) bool (None: every token) and every entry finite; r is the
+    distance before the shift. Deterministic: the same inputs give the same bits.
+
+    Returns (y, gates, topk_idx, distance, assign), and stats last with ``cluster_stats``.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -222,13 +291,28 @@ def slim_linear_op(
             _check("distance_shift", distance_shift, x, (C,), dtype=torch.float32)
         if C == 0:
             centers = inv_std = distance_shift = None
+    if not isinstance(cluster_stats, (bool, np.bool_)):
+        raise TypeError(f"cluster_stats must be a bool, got {type(cluster_stats).__name__}")
+    cluster_stats = bool(cluster_stats)
+    if cluster_stats and centers is None:
+        raise ValueError("cluster_stats=True needs the clusters (centers and inv_std): the "
+                         "statistics are per cluster")
+    if stats_keep is not None:
+        if not cluster_stats:
+            raise ValueError("stats_keep was given without cluster_stats=True: it only selects "
+                             "the tokens of the cluster statistics")
+        _matrix("stats_keep", stats_keep, dim=1)
+        _check("stats_keep", stats_keep, x, (T,), dtype=torch.bool)
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError("SLIM keeps the base weight and bias frozen: call "
                          "weight.requires_grad_(False) (and bias) before training")
-    name = resolve_backend(backend, x, R, E)
-    y, gates, idx, d, assign, _h = _slim_fwd(
-        x.contiguous(), None if x_lora is None else x_lora.contiguous(), weight, bias,
-        lora_A.contiguous(), lora_B.contiguous(), router.contiguous(), centers, inv_std,
-        distance_shift, num_lora_experts, top_k, scaling, yield_strength, distance_reduce, name,
-    )
+    out = slim_linear_op_unchecked(
+        x, weight, bias, lora_A, lora_B, router, num_lora_experts, top_k, scaling,
+        yield_strength, distance_reduce, centers, inv_std, x_lora, backend, distance_shift,
+        cluster_stats, stats_keep)
+    y, gates, idx, d, assign, _h, stats = out
+    if cluster_stats:
+        if stats.shape[0] != C:  # C = 0: no clusters were passed on (centers became None)
+            stats = stats.new_zeros(stats_shape(C, K))
+        return y, gates, idx, d, assign, stats
     return y, gates, idx, d, assign

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from slim_kernels.ops import slim_linear_op
-from slim_kernels.reference import slim_reference, topk_softmax
+from slim_kernels.reference import reference_cluster_stats, slim_reference, topk_softmax
 
 EPS = 1e-5  # cluster variance epsilon (the layer's default)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -116,7 +116,10 @@ class Case:
     (router rows 1 = 2 and 3 = 4, with exact logits: ties broken by the lower index).
     ``centers``: "far" (random) or "near" (the first C tokens plus a little noise, so that
     the distance d takes both signs). ``shift``: pass a ``distance_shift`` (C,) of random
-    values in [-0.5, 2.5] (else None: the constant 1; ``docs/method.md`` §2)."""
+    values in [-0.5, 2.5] (else None: the constant 1; ``docs/method.md`` §2). ``keep``: pass
+    a ``stats_keep`` mask that leaves about a third of the tokens out of the cluster
+    statistics (else None: every token counts). The statistics are asked for whenever the
+    case has clusters."""
     T: int = 37
     K: int = 45
     N: int = 29
@@ -135,6 +138,7 @@ class Case:
     router_scale: float = 1.0
     centers: str = "far"
     shift: bool = False
+    keep: bool = False
     seed: int = 0
 
     @property
@@ -180,12 +184,16 @@ CASES: Dict[str, Case] = {
     "shift_x_lora": BASE.but(x_lora=True, lam=0.5, reduce="mean", shift=True, seed=2),
     # the distance is shifted, but nothing yields (lam = 0)
     "shift_no_yield": BASE.but(lam=0.0, shift=True, seed=24),
+    # a padding mask: some tokens stay out of the cluster statistics
+    "stats_keep": BASE.but(keep=True, shift=True, centers="near", seed=25),
+    "stats_keep_T1": BASE.but(T=1, keep=True, seed=26),
 }
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device="cpu") -> Dict[str, Optional[Tensor]]:
     """The op's arguments for ``case``, contiguous, in ``dtype`` on ``device`` (centers,
-    inv_std and distance_shift fp32; dgates in the accumulation dtype, as the gates), plus
+    inv_std and distance_shift fp32; dgates in the accumulation dtype, as the gates;
+    stats_keep bool), plus
     ``vars`` (the cluster variances the reference takes), ``dy`` and ``dgates`` (the upstream
     gradients)."""
     c = case
@@ -240,6 +248,12 @@ def make_inputs(case: Case, dtype: torch.dtype, device="cpu") -> Dict[str, Optio
     if c.C and c.shift:  # drawn last: the other inputs are those of the case without a shift
         sh = torch.rand(c.C, generator=g, dtype=torch.float64) * 3.0 - 0.5
         out["distance_shift"] = sh.float().to(device)
+    out["stats_keep"] = None
+    if c.C and c.keep:  # drawn after the shift, for the same reason
+        keep = torch.rand(c.T, generator=g) >= 1 / 3
+        if c.T > 1:
+            keep[0], keep[-1] = False, True  # both kinds, whatever the draw
+        out["stats_keep"] = keep.to(device)
     return out
 
 
@@ -267,10 +281,12 @@ def sliced(t: Tensor) -> Tensor:
 
 def strided_1d(t: Tensor) -> Tensor:
     """The same values as every other element (stride 2, like ``b[::2]``) of a longer tensor
-    with garbage in between."""
+    with garbage in between (for a bool mask: the opposite values)."""
     g = torch.Generator().manual_seed(321)
     big = (torch.randn(2 * t.shape[0] + 1, generator=g, dtype=torch.float64) * 1e3)
     big = big.to(t.dtype).to(t.device)
+    if t.dtype == torch.bool:
+        big[0::2] = ~torch.cat([t, t[-1:]])
     v = big[1::2]
     v.copy_(t)
     return v
@@ -295,6 +311,7 @@ LAYOUTS = (
     ("centers", "transposed"), ("centers", "sliced"),
     ("inv_std", "transposed"), ("inv_std", "sliced"),
     ("distance_shift", "strided"), ("distance_shift", "expanded"),
+    ("stats_keep", "strided"),
     ("dy", "transposed"), ("dgates", "transposed"),
 )
 # what slim_linear_op hands to the backend as the caller gave it (see ops/backends/__init__.py)
@@ -302,14 +319,15 @@ PASSED_THROUGH = (
     ("weight", "transposed"), ("weight", "sliced"), ("bias", "strided"),
     ("centers", "transposed"), ("centers", "sliced"),
     ("inv_std", "transposed"), ("inv_std", "sliced"),
-    ("distance_shift", "strided"), ("distance_shift", "expanded"), ("dgates", "transposed"),
+    ("distance_shift", "strided"), ("distance_shift", "expanded"), ("stats_keep", "strided"),
+    ("dgates", "transposed"),
 )
 
 
 def layout_case(arg: str) -> Case:
     """The case a layout test of ``arg`` runs: basic, with x_lora when x_lora is the argument,
     with a distance shift when that is the argument."""
-    which = {"x_lora": "x_lora", "distance_shift": "shift_rms"}
+    which = {"x_lora": "x_lora", "distance_shift": "shift_rms", "stats_keep": "stats_keep"}
     return CASES[which.get(arg, "basic")]
 
 
@@ -363,17 +381,22 @@ def run_op(t: Target, case: Case, inp: Dict) -> Dict[str, Tensor]:
     """Forward and backward through the public ``slim_linear_op`` (CPU copies)."""
     leaves = {k: (None if inp[k] is None else inp[k].detach().requires_grad_(True))
               for k in GRAD_ARGS}
-    y, gates, idx, d, assign = slim_linear_op(
+    want_stats = inp["centers"] is not None
+    res = slim_linear_op(
         leaves["x"], inp["weight"], inp["bias"], leaves["lora_A"], leaves["lora_B"],
         leaves["router"], num_lora_experts=case.E_L, top_k=case.top_k, scaling=case.scaling,
         yield_strength=case.lam, distance_reduce=case.reduce, centers=inp["centers"],
         inv_std=inp["inv_std"], x_lora=leaves["x_lora"], backend=t.backend,
-        distance_shift=inp.get("distance_shift"))
+        distance_shift=inp.get("distance_shift"), cluster_stats=want_stats,
+        stats_keep=inp.get("stats_keep"))
+    y, gates, idx, d, assign = res[:5]
     loss = _UpstreamGrad.apply(y, inp["dy"])
     if inp["dgates"] is not None:  # else backward gets dgates=None
         loss = loss + _UpstreamGrad.apply(gates, inp["dgates"])
     loss.backward()
     out = dict(y=y, gates=gates, idx=idx, d=d, assign=assign)
+    if want_stats:
+        out["stats"] = res[5]
     for k, leaf in leaves.items():
         if leaf is not None:
             out[GRAD_KEYS[k]] = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
@@ -384,16 +407,19 @@ def run_backend(t: Target, case: Case, inp: Dict, module=None) -> Dict[str, Tens
     """The backend module's forward, then its backward on (dy, dgates), called directly: the
     arguments arrive with the strides ``inp`` has."""
     mod = module or t.module()
-    y, gates, idx, d, assign, h = mod.forward(
+    want_stats = inp["centers"] is not None
+    y, gates, idx, d, assign, h, stats = mod.forward(
         inp["x"], inp["x_lora"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"],
         inp["router"], inp["centers"], inp["inv_std"], case.E_L, case.top_k, case.scaling,
-        case.lam, case.reduce, inp.get("distance_shift"))
+        case.lam, case.reduce, inp.get("distance_shift"), want_stats, inp.get("stats_keep"))
     dx, dxl, dA, dB, dR = mod.backward(
         inp["dy"], inp["dgates"], inp["x"], inp["x_lora"], inp["weight"], inp["lora_A"],
         inp["lora_B"], inp["router"], gates, h, case.E_L, case.scaling)
     out = dict(y=y, gates=gates, idx=idx, d=d, assign=assign, dx=dx, dA=dA, dB=dB, dR=dR)
     if inp["x_lora"] is not None:
         out["dx_lora"] = dxl
+    if want_stats:
+        out["stats"] = stats
     return {k: v.detach().cpu() for k, v in out.items()}
 
 
@@ -407,7 +433,9 @@ def _reference(case: Case, inp: Dict, dtype: Optional[torch.dtype]) -> Dict[str,
         if v is None:
             return None
         v = v.detach().cpu().contiguous()
-        return v if k in ("centers", "vars", "distance_shift") else v.to(dtype or torch.float64)
+        if k in ("centers", "vars", "inv_std", "distance_shift", "stats_keep"):
+            return v
+        return v.to(dtype or torch.float64)
 
     leaves = {k: (None if inp[k] is None else val(k).requires_grad_(True)) for k in GRAD_ARGS}
     A, B = leaves["lora_A"], leaves["lora_B"]
@@ -429,6 +457,10 @@ def _reference(case: Case, inp: Dict, dtype: Optional[torch.dtype]) -> Dict[str,
             z[:, E_L:] += case.lam * d[:, None]
         _, idx = topk_softmax(z, case.top_k)
     out = dict(y=y, gates=gates, idx=idx, d=d, assign=assign)
+    if inp["centers"] is not None:  # the statistics of the sliding update, independently
+        out["stats"] = reference_cluster_stats(
+            leaves["x"].detach(), val("centers"), val("inv_std"), assign, case.reduce,
+            val("stats_keep"))
     for k, leaf in leaves.items():
         if leaf is not None:
             out[GRAD_KEYS[k]] = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
@@ -450,7 +482,8 @@ def reference_lowp(case: Case, inp: Dict) -> Dict[str, Tensor]:
 # ------------------------------------------------------------------------------------------
 # comparing
 # ------------------------------------------------------------------------------------------
-FLOAT_KEYS = ("y", "gates", "d", "dx", "dx_lora", "dA", "dB", "dR")
+FLOAT_KEYS = ("y", "gates", "d", "dx", "dx_lora", "dA", "dB", "dR", "stats")
+ACC_KEYS = ("gates", "d", "stats")  # outputs in the accumulation dtype
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
@@ -476,7 +509,7 @@ def check(got: Dict[str, Tensor], want: Dict[str, Tensor], dtype: torch.dtype,
             continue
         a, b = got[k], want[k]
         assert a.shape == b.shape, f"{label} {k}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-        exp_dtype = acc if k in ("gates", "d") else dtype
+        exp_dtype = acc if k in ACC_KEYS else dtype
         assert a.dtype == exp_dtype, f"{label} {k}: dtype {a.dtype}, expected {exp_dtype}"
         scale = max(b.double().norm().item(), unit * b.numel() ** 0.5)
         e = err(a, b)
@@ -527,6 +560,9 @@ def conform(got: Dict[str, Tensor], case: Case, inp: Dict, label: str = "") -> D
 # ------------------------------------------------------------------------------------------
 TOKEN_FLOATS = ("y", "gates", "d", "dx", "dx_lora")  # one row per token
 WEIGHT_GRADS = ("dA", "dB", "dR")
+# one row per cluster: a bad token never enters it (docs/method.md §1.5), a bad centre, variance
+# or shift makes its cluster's row non-finite
+CLUSTER_ROWS = ("stats",)
 
 
 def bad_rows(t: Tensor) -> Tensor:
@@ -555,6 +591,12 @@ def check_nonfinite(got: Dict[str, Tensor], want: Dict[str, Tensor], label: str 
     for k in WEIGHT_GRADS:
         g, w = bool(bad_rows(got[k]).any()), bool(bad_rows(want[k]).any())
         assert g == w, f"{label} {k}: non-finite {g}, the reference's {w}"
+    for k in CLUSTER_ROWS:
+        if k in want:
+            g, w = bad_rows(got[k]), bad_rows(want[k])
+            assert torch.equal(g, w), (f"{label} {k}: non-finite clusters "
+                                       f"{g.nonzero().flatten().tolist()}, the reference's "
+                                       f"{w.nonzero().flatten().tolist()}")
     E = want["gates"].shape[1]
     assert valid_topk(got["idx"], E), f"{label}: idx slots are not a permutation prefix"
 
@@ -564,8 +606,8 @@ def conform_rows(got: Dict[str, Tensor], case: Case, inp: Dict, label: str = "",
     """:func:`conform` for inputs with non-finite values: :func:`check_nonfinite`, then
     :func:`check` of every float output on the rows where the truth's is finite, of idx and
     assign on every row, and of the weight gradients the truth has finite. ``skip`` (T,)
-    bool: rows left out of the value comparison, and with them the weight gradients (sums
-    over every row). ``floor``, ``unit``: those of :func:`check`. Returns the truth."""
+    bool: rows left out of the value comparison, and with them the weight gradients and the
+    cluster statistics (sums over every row). ``floor``, ``unit``: those of :func:`check`. Returns the truth."""
     dtype = inp["x"].dtype
     want = truth(case, inp)
     check_nonfinite(got, want, label)
@@ -578,6 +620,8 @@ def conform_rows(got: Dict[str, Tensor], case: Case, inp: Dict, label: str = "",
         sub = {k: out[k][m] for k, m in keep.items()}
         sub.update({k: out[k] for k in WEIGHT_GRADS
                     if not skip.any() and not bad_rows(want[k]).any()})
+        sub.update({k: out[k][~bad_rows(want[k])] for k in CLUSTER_ROWS
+                    if k in want and not skip.any()})
         return sub
 
     baselines = ()
@@ -600,19 +644,31 @@ WITHOUT_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2,
 def drop_tokens(inp: Dict, case: Case, rows: Sequence[int]):
     """(inputs, case) of the same call without the tokens ``rows``."""
     keep = [i for i in range(case.T) if i not in set(rows)]
-    out = {k: (v[keep] if k in ("x", "x_lora", "dy", "dgates") and v is not None else v)
+    out = {k: (v[keep] if k in ("x", "x_lora", "dy", "dgates", "stats_keep") and v is not None
+               else v)
            for k, v in inp.items()}
     return out, case.but(T=len(keep))
 
 
 def check_other_tokens(got: Dict[str, Tensor], alone: Dict[str, Tensor], bad: Tensor,
                        dtype: torch.dtype, label: str = "",
-                       skip: Optional[Tensor] = None, unit: float = 0.0) -> None:
+                       skip: Optional[Tensor] = None, unit: float = 0.0,
+                       stats: Optional[Tensor] = None) -> None:
     """The rows of ``got`` outside ``bad`` (and ``skip``) are ``alone``, the same call run
     without the bad tokens: idx and assign exactly, floats within :data:`WITHOUT_TOL` of their
-    largest value (at least ``unit``, as in :func:`check`)."""
+    largest value (at least ``unit``, as in :func:`check`). The cluster statistics are
+    ``stats`` (default: those of ``alone``; a token whose x is finite counts in them even when
+    its x_lora is not, so pass the clean call's for a bad x_lora)."""
     rows = ~bad if skip is None else ~bad & ~skip
     sub = rows[~bad]
+    if "stats" in alone and (skip is None or not skip.any()):
+        # the bad tokens never entered the cluster statistics: those of the call without them
+        a, b = got["stats"], alone["stats"] if stats is None else stats
+        assert bool(torch.isfinite(a).all()), f"{label} stats: a bad token reached them"
+        tol = WITHOUT_TOL[dtype] * max(b.double().abs().max().item() if b.numel() else 0.0,
+                                       unit)
+        e = (a.double() - b.double()).abs().max().item() if b.numel() else 0.0
+        assert e <= tol, f"{label} stats: moved by {e:.3g} > {tol:.3g} with the bad tokens"
     for k in TOKEN_FLOATS + ("idx", "assign"):
         if k not in alone:
             continue

@@ -74,7 +74,9 @@ def test_a_bad_token_leaves_the_others_alone(target, name, dtype):
         assert bad_rows(got[k]).any(), f"{label}: {k} is finite (a GradScaler would not skip)"
     alone_inp, alone_case = drop_tokens(clean, case, BAD)
     alone = run_op(target, alone_case, alone_inp)
-    check_other_tokens(got, alone, bad, dtype, label)
+    # the cluster statistics count a token by its x: a bad x_lora leaves them as they were
+    stats = run_op(target, case, clean)["stats"] if arg == "x_lora" else None
+    check_other_tokens(got, alone, bad, dtype, label, stats=stats)
 
 
 # (argument, value): an element of a weight or buffer, set in place

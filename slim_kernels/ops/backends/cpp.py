@@ -70,13 +70,22 @@ def forward(
     centers: Optional[Tensor], inv_std: Optional[Tensor],
     num_lora_experts: int, top_k: int, scaling: float, yield_strength: float,
     distance_reduce: str, distance_shift: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    cluster_stats: bool = False, stats_keep: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     y, gates, idx, d, assign, h = torch.ops.slim_kernels_C.forward(
         x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
         distance_shift, int(num_lora_experts), int(top_k), float(scaling),
         float(yield_strength), reduce_code(distance_reduce), _mode(),
     )
-    return y, gates, idx, d, assign, h
+    # TEMPORARY (replaced by the kernels' own statistics): the torch routing helper
+    from ...routing import cluster_route
+    from ..op import stats_shape
+    if cluster_stats and centers is not None:
+        _, _, stats = cluster_route(x, centers, inv_std, distance_reduce, distance_shift, True,
+                                    stats_keep)
+    else:
+        stats = x.new_zeros(stats_shape(0, x.shape[1]), dtype=gates.dtype)
+    return y, gates, idx, d, assign, h, stats
 
 
 def backward(

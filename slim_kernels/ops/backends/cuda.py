@@ -54,7 +54,8 @@ def forward(
     centers: Optional[Tensor], inv_std: Optional[Tensor],
     num_lora_experts: int, top_k: int, scaling: float, yield_strength: float,
     distance_reduce: str, distance_shift: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    cluster_stats: bool = False, stats_keep: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if router.shape[0] > MAX_EXPERTS:
         raise ValueError(f"the cuda backend handles at most {MAX_EXPERTS} experts, "
                          f"got {router.shape[0]}; use backend='torch' or 'triton'")
@@ -63,7 +64,15 @@ def forward(
         distance_shift, int(num_lora_experts), int(top_k), float(scaling),
         float(yield_strength), reduce_code(distance_reduce), 0,
     )
-    return y, gates, idx, d, assign, h
+    # TEMPORARY (replaced by the kernels' own statistics): the torch routing helper
+    from ...routing import cluster_route
+    from ..op import stats_shape
+    if cluster_stats and centers is not None:
+        _, _, stats = cluster_route(x, centers, inv_std, distance_reduce, distance_shift, True,
+                                    stats_keep)
+    else:
+        stats = x.new_zeros(stats_shape(0, x.shape[1]), dtype=gates.dtype)
+    return y, gates, idx, d, assign, h, stats
 
 
 def backward(

@@ -8,6 +8,9 @@ Forward (``docs/method.md`` §6), with A_all (E_L·r, K), B_all (N, E_L·r):
     g  = softmax over top-k(z)                (T, E), zero off the top-k
     hg = s · g ⊙ h   (each r-chunk e scaled by g_e)
     y  = x Wᵀ + b + hg B_allᵀ                 (accumulated into the same output)
+
+Every line is a few whole-tensor ops (no per-expert loop, no host sync): a small layer's call
+costs the launches, so the op count is kept low (``docs/method.md`` §6, "Cost of a call").
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ...routing import acc_dtype, cluster_distance, topk_softmax
+from ...routing import acc_dtype, cluster_route, topk_softmax
+from ..op import stats_shape
 
 NAME = "torch"
 
@@ -33,27 +37,29 @@ def route(
     x: Tensor, x_lora: Optional[Tensor], lora_A: Tensor, router: Tensor,
     centers: Optional[Tensor], inv_std: Optional[Tensor],
     num_lora_experts: int, top_k: int, yield_strength: float, distance_reduce: str,
-    distance_shift: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """h (fp32), gates (fp32), top-k indices, distance (fp32), assign."""
-    T = x.shape[0]
+    distance_shift: Optional[Tensor] = None, cluster_stats: bool = False,
+    stats_keep: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """h, gates, top-k indices, distance, assign, stats (all but the indices in the
+    accumulation dtype)."""
+    T, K = x.shape
     acc = acc_dtype(x)
     xa = x if x_lora is None else x_lora
     h = (xa @ lora_A.t()).to(acc)
     z = (x @ router.t()).to(acc)
+    stats = None
     if centers is not None:
-        d, assign = cluster_distance(x, centers, inv_std, distance_reduce, distance_shift)
+        d, assign, stats = cluster_route(x, centers, inv_std, distance_reduce, distance_shift,
+                                         cluster_stats, stats_keep)
         if yield_strength != 0.0 and router.shape[0] > num_lora_experts:
-            z[:, num_lora_experts:] += yield_strength * d[:, None]
+            z[:, num_lora_experts:].add_(d[:, None], alpha=yield_strength)
     else:
-        d = torch.zeros(T, dtype=acc, device=x.device)
-        assign = torch.full((T,), -1, dtype=torch.long, device=x.device)
+        d = x.new_zeros(T, dtype=acc)
+        assign = x.new_full((T,), -1, dtype=torch.long)
+    if stats is None:
+        stats = x.new_zeros(stats_shape(0, K), dtype=acc)
     gates, idx = topk_softmax(z, top_k)
-    return h, gates, idx, d, assign
-
-
-def _expand_gates(gates: Tensor, num_lora_experts: int, rank: int) -> Tensor:
-    return gates[:, :num_lora_experts].repeat_interleave(rank, dim=1)
+    return h, gates, idx, d, assign, stats
 
 
 def forward(
@@ -62,16 +68,20 @@ def forward(
     centers: Optional[Tensor], inv_std: Optional[Tensor],
     num_lora_experts: int, top_k: int, scaling: float, yield_strength: float,
     distance_reduce: str, distance_shift: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    rank = lora_A.shape[0] // num_lora_experts
-    h, gates, idx, d, assign = route(
-        x, x_lora, lora_A, router, centers, inv_std,
-        num_lora_experts, top_k, yield_strength, distance_reduce, distance_shift,
+    cluster_stats: bool = False, stats_keep: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    T = x.shape[0]
+    E_L = num_lora_experts
+    r = lora_A.shape[0] // E_L
+    h, gates, idx, d, assign, stats = route(
+        x, x_lora, lora_A, router, centers, inv_std, E_L, top_k, yield_strength,
+        distance_reduce, distance_shift, cluster_stats, stats_keep,
     )
-    hg = (scaling * _expand_gates(gates, num_lora_experts, rank) * h).to(x.dtype)
+    # hg = s g ⊙ h, each expert's r columns times its gate
+    hg = (h.view(T, E_L, r) * (gates[:, :E_L, None] * scaling)).view(T, E_L * r).to(x.dtype)
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
     y.addmm_(hg, lora_B.t())
-    return y, gates, idx, d, assign, h
+    return y, gates, idx, d, assign, h, stats
 
 
 def backward(
@@ -90,25 +100,22 @@ def backward(
     dt = x.dtype
     T = x.shape[0]
     E_L = num_lora_experts
-    rank = lora_A.shape[0] // E_L
+    r = lora_A.shape[0] // E_L
     acc = acc_dtype(x)
     g = gates.to(acc)
-    gexp = _expand_gates(g, E_L, rank)
-    hg = (scaling * gexp * h.to(acc)).to(dt)
-    dhg = (dy @ lora_B).to(acc)
-    dB = dy.t() @ hg
-    dg = torch.zeros_like(g)
-    dg[:, :E_L] = scaling * (dhg * h.to(acc)).view(T, E_L, rank).sum(-1)
-    if dgates is not None:
-        dg = dg + dgates.to(acc)
-    dz = g * (dg - (g * dg).sum(-1, keepdim=True))
-    dh = (scaling * gexp * dhg).to(dt)
+    gs = g[:, :E_L, None] * scaling  # (T, E_L, 1): s g_e
+    h3 = h.to(acc).view(T, E_L, r)
+    dhg = (dy @ lora_B).to(acc).view(T, E_L, r)
+    dB = dy.t() @ (h3 * gs).view(T, E_L * r).to(dt)
+    dg = torch.zeros_like(g) if dgates is None else dgates.to(acc, copy=True)
+    dg[:, :E_L].add_((dhg * h3).sum(-1), alpha=scaling)
+    dz = (dg - (g * dg).sum(-1, keepdim=True)).mul_(g).to(dt)
+    dh = (dhg * gs).view(T, E_L * r).to(dt)
     xa = x if x_lora is None else x_lora
     dA = dh.t() @ xa
-    dzc = dz.to(dt)
-    dR = dzc.t() @ x
+    dR = dz.t() @ x
     dx = dy @ weight
-    dx.addmm_(dzc, router)
+    dx.addmm_(dz, router)
     if x_lora is None:
         dx.addmm_(dh, lora_A)
         dx_lora = None

@@ -343,7 +343,8 @@ def forward(
     centers: Optional[Tensor], inv_std: Optional[Tensor],
     num_lora_experts: int, top_k: int, scaling: float, yield_strength: float,
     distance_reduce: str, distance_shift: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    cluster_stats: bool = False, stats_keep: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """y = [x | hg] [W | B_all]ᵀ + b after the route kernel (see the module docstring)."""
     T, K = x.shape
     N = weight.shape[0]
@@ -359,7 +360,15 @@ def forward(
         y = torch.empty((T, N), dtype=x.dtype, device=x.device)
         if T > 0:
             fused_linear([(x, weight.t()), (hg, lora_B.t())], y, bias)
-    return y, gates, idx, dist, assign, h
+    # TEMPORARY (replaced by the route kernel's own statistics): the torch routing helper
+    from ....routing import cluster_route
+    from ...op import stats_shape
+    if cluster_stats and centers is not None:
+        _, _, stats = cluster_route(x, centers, inv_std, distance_reduce, distance_shift, True,
+                                    stats_keep)
+    else:
+        stats = x.new_zeros(stats_shape(0, K), dtype=gates.dtype)
+    return y, gates, idx, dist, assign, h, stats
 
 
 def backward(
