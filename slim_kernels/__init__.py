@@ -4,6 +4,7 @@ Public API:
     SlimConfig, SlimLinear            the configuration and the layer
     aux_loss(model)                   summed SLIM auxiliary losses of the last forward
     routing_stats(model)              per-layer identity routing share and distances
+    track_routing(model)              context: record the routing statistics
     token_mask(mask)                  context: padding tokens do not move the clusters
     slim_linear_op(...)               the functional op (one dispatch point, all backends)
     slim_reference(...)               the pure-PyTorch truth
@@ -33,6 +34,7 @@ _LAZY = {
     "routing_stats": ".layer",
     "slim_modules": ".layer",
     "token_mask": ".layer",
+    "track_routing": ".tracking",
     "available_backends": ".ops",
     "slim_linear_op": ".ops",
     "slim_reference": ".reference",
@@ -66,6 +68,7 @@ __all__ = [
     "slim_modules",
     "slim_reference",
     "token_mask",
+    "track_routing",
     "__version__",
 ]
 
@@ -92,3 +95,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as plain imports
     from .layer import SlimLinear, aux_loss, routing_stats, slim_modules, token_mask
     from .ops import available_backends, slim_linear_op
     from .reference import slim_reference
+    from .tracking import track_routing

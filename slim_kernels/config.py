@@ -36,7 +36,7 @@ def _is_bool(v: Any) -> bool:  # Python or NumPy bools
                                    and type(v).__name__ in ("bool", "bool_"))
 
 
-@dataclass
+@dataclass(unsafe_hash=True)
 class SlimConfig:
     """Configuration of a SLIM (Soft LoRA and Identity Mixture) layer.
 
@@ -62,13 +62,12 @@ class SlimConfig:
     ``backend``: auto | triton | cuda | cpp | torch.
 
     Numbers may be Python or NumPy scalars (``np.int64``, ``np.float32``, ``np.bool_``); they
-    are stored as Python ``int`` / ``float`` / ``bool``. Fields are checked when the config is
-    built, not when one is assigned later. A layer reads its config at every forward, so the
-    other fields may be changed between forwards, but the shape fields
+    are stored as Python ``int`` / ``float`` / ``bool``. A config is immutable and checked
+    whole when it is built: :meth:`replace` gives a changed copy, checked the same way. To
+    change a built layer's settings, assign such a copy (``layer.config =
+    layer.config.replace(yield_strength=0.5)``); the layer checks that the shape fields
     (``num_lora_experts``, ``num_identity_experts``, ``rank``, ``num_clusters``) and
-    ``distance_scale`` (which decides the layer's buffers) are fixed once a
-    :class:`~slim_kernels.SlimLinear` is built from the config: its forward raises if they no
-    longer match its parameters and buffers.
+    ``distance_scale`` (which decides its buffers) are those it was built with.
     """
 
     num_lora_experts: int = 8
@@ -93,6 +92,18 @@ class SlimConfig:
         default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     )
     backend: str = "auto"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_built", False):
+            raise dataclasses.FrozenInstanceError(
+                f"SlimConfig is immutable (it was checked whole when built): instead of "
+                f"config.{name} = ..., use config.replace({name}=...), which checks the new "
+                f"config, and assign that to the layer (layer.config = ...)")
+        object.__setattr__(self, name, value)
+
+    def replace(self, **changes: Any) -> "SlimConfig":
+        """A copy with ``changes`` applied, checked whole (as a new config)."""
+        return dataclasses.replace(self, **changes)
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, expected: str) -> None:
@@ -151,6 +162,7 @@ class SlimConfig:
              and all(isinstance(t, str) and t for t in self.target_modules),
              "target_modules", "a non-empty tuple of module names (str)")
         need(self.backend in BACKENDS, "backend", f"one of {', '.join(BACKENDS)}")
+        object.__setattr__(self, "_built", True)
 
     # -- derived quantities -------------------------------------------------------------
     @property

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import SlimConfig
-from .layer import SlimLinear, aux_loss
+from .layer import SlimLinear, aux_loss, track_routing
 from .ops import available_backends
 
 
@@ -28,7 +28,7 @@ def main(steps: int = 30, seed: int = 0) -> dict:
         losses.append(loss.item())
     layer.eval()
     x_ood = torch.randn(256, 64) * 6.0  # tokens unlike the training data
-    with torch.no_grad():
+    with torch.no_grad(), track_routing(layer):
         layer(x_task)
         in_domain = layer.routing_stats(reset=True)
         layer(x_ood)

@@ -154,7 +154,7 @@ def run_fsdp_case(rank: int, out: str) -> Dict[str, object]:
     layer = next(m for _, m in sk.slim_modules(model))
     res["outside"] = (isinstance(layer.weight, DTensor), tuple(layer.weight.to_local().shape),
                       tuple(layer.weight.shape), isinstance(layer.lora_A, DTensor),
-                      isinstance(layer.cluster_centers, DTensor))
+                      isinstance(layer.clusters.cluster_centers, DTensor))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     losses = []
     for step in range(12):
@@ -239,7 +239,7 @@ def clusters_in_sync_checks(rank: int):
     ok = clusters_in_sync(model)
     layer = next(m for _, m in sk.slim_modules(model))
     if rank == 1:
-        c = layer.cluster_centers
+        c = layer.clusters.cluster_centers
         c[0, 0] = torch.nextafter(c[0, 0], c[0, 0] + 1)
     return ok, clusters_in_sync(model)
 
@@ -273,10 +273,10 @@ def non_finite_layer(distance_scale: str = "none") -> SlimLinear:
 
 def layer_state(layer: SlimLinear):
     """(centres, variances, initialised[, mean of r, variance of r]) of one layer."""
-    st = (layer.cluster_centers.clone(), layer.cluster_vars.clone(),
-          bool(layer.cluster_initialized))
+    st = (layer.clusters.cluster_centers.clone(), layer.clusters.cluster_vars.clone(),
+          bool(layer.clusters.cluster_initialized))
     if layer.config.distance_scale == "spread":
-        st += (layer.distance_mean.clone(), layer.distance_var.clone())
+        st += (layer.clusters.distance_mean.clone(), layer.clusters.distance_var.clone())
     return st
 
 

@@ -37,10 +37,10 @@ def adapter(seed: int) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, m in sk.slim_modules(model):
-            for t in (m.lora_A, m.lora_B, m.router, m.cluster_centers):
+            for t in (m.lora_A, m.lora_B, m.router, m.clusters.cluster_centers):
                 t.copy_(torch.randn(t.shape, generator=g))
-            m.cluster_vars.copy_(torch.rand(m.cluster_vars.shape, generator=g) + 0.1)
-            m.cluster_initialized.fill_(True)
+            m.clusters.cluster_vars.copy_(torch.rand(m.clusters.cluster_vars.shape, generator=g) + 0.1)
+            m.clusters.cluster_initialized.fill_(True)
     return model
 
 

@@ -6,7 +6,7 @@ package. Layers, bottom to top (a module may import its own layer or lower ones)
 
 0. config, routing, cluster_sync, provenance, reference, _version   (and ``_C``)
 1. ops (the op boundary, dispatch, the backends)
-2. layer
+2. layer, and its parts: base_layers, clusters, tracking
 3. integrations
 4. demo, bench, quickstart, peft (a re-export of integrations.peft)
 5. cli, and the package's ``__init__`` (the public API)
@@ -21,7 +21,7 @@ PKG = Path(__file__).resolve().parents[1] / "slim_kernels"
 LAYERS = [
     {"config", "routing", "cluster_sync", "provenance", "reference", "_version", "_C"},
     {"ops"},
-    {"layer"},
+    {"layer", "base_layers", "clusters", "tracking"},
     {"integrations"},
     {"demo", "bench", "quickstart", "peft"},
     {"cli", "__init__"},

@@ -130,7 +130,7 @@ bnb_missing = importlib.util.find_spec("bitsandbytes") is None
 def test_bitsandbytes_base(bits):
     import bitsandbytes as bnb
 
-    from slim_kernels.layer import base_weight
+    from slim_kernels.base_layers import base_weight
 
     torch.manual_seed(0)
     lin = nn.Linear(64, 32)

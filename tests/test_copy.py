@@ -45,7 +45,7 @@ def _check_layer_copies(layer, x):
         twin.train()
         loss = twin(x).square().mean() + sk.aux_loss(twin)
         loss.backward()
-        assert twin.lora_A.grad is not None and twin._clusters_ready()
+        assert twin.lora_A.grad is not None and twin.clusters.ready
         twin.eval()
         layer_mode = layer.training
         with torch.no_grad():

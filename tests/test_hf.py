@@ -191,10 +191,11 @@ def test_padding_does_not_move_clusters():
     states = []
     for x in (ids, ids2):
         model = slim(tiny_model("llama")).train()
-        for _ in range(2):  # init, then one EMA update
-            model(input_ids=x, attention_mask=am)
-        states.append([m.cluster_centers.clone() for _, m in sk.slim_modules(model)]
-                      + [m.cluster_vars.clone() for _, m in sk.slim_modules(model)])
+        with sk.track_routing(model):
+            for _ in range(2):  # init, then one EMA update
+                model(input_ids=x, attention_mask=am)
+        states.append([m.clusters.cluster_centers.clone() for _, m in sk.slim_modules(model)]
+                      + [m.clusters.cluster_vars.clone() for _, m in sk.slim_modules(model)])
         # stats count real tokens only
         st = sk.routing_stats(model)["model.layers.0.mlp.down_proj"]
         assert st["tokens"] == 2 * int(am.sum())
@@ -202,7 +203,8 @@ def test_padding_does_not_move_clusters():
         assert torch.equal(a, b)
     # attention_mask given positionally works as well
     model = slim(tiny_model("llama")).train()
-    model(ids, am)
+    with sk.track_routing(model):
+        model(ids, am)
     assert sk.routing_stats(model)["model.layers.0.mlp.up_proj"]["tokens"] == int(am.sum())
 
 
@@ -216,7 +218,7 @@ def test_disable_slim_runs_base_exactly():
     randomise_B(model)
     model.train()
     model(input_ids=ids, attention_mask=am)  # clusters initialised
-    cen = [m.cluster_centers.clone() for _, m in sk.slim_modules(model)]
+    cen = [m.clusters.cluster_centers.clone() for _, m in sk.slim_modules(model)]
     model.eval()
     with torch.no_grad():
         with_slim = model(input_ids=ids, attention_mask=am).logits
@@ -233,15 +235,16 @@ def test_disable_slim_runs_base_exactly():
         out = model(input_ids=ids, attention_mask=am, labels=labels)
     assert torch.equal(out.loss, base.train()(input_ids=ids, attention_mask=am, labels=labels).loss)
     for c, (_, m) in zip(cen, sk.slim_modules(model)):
-        assert torch.equal(c, m.cluster_centers)
+        assert torch.equal(c, m.clusters.cluster_centers)
 
 
 def test_routing_stats_whole_model():
     model = slim(tiny_model("qwen2"), num_clusters=2)
     ids, am, _ = batch()
     model.train()
-    model(input_ids=ids, attention_mask=am)
-    model(input_ids=ids, attention_mask=am)
+    with sk.track_routing(model):
+        model(input_ids=ids, attention_mask=am)
+        model(input_ids=ids, attention_mask=am)
     st = sk.routing_stats(model, reset=True)
     assert set(st) == set(model.slim_summary.layers)
     for v in st.values():

@@ -113,8 +113,10 @@ def _ckpt_run(mode, **kw):
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_exact_and_clusters_move_once(reentrant, monkeypatch):
     calls = []
-    orig = sk.SlimLinear._update_clusters
-    monkeypatch.setattr(sk.SlimLinear, "_update_clusters",
+    from slim_kernels.clusters import SlidingClusters
+
+    orig = SlidingClusters.update
+    monkeypatch.setattr(SlidingClusters, "update",
                         lambda self, *a: (calls.append(1), orig(self, *a))[1])
     kw = dict(l1_coef=0.05, balance_coef=0.0 if reentrant else 0.02)
     ref = _ckpt_run(None, **kw)

@@ -1,6 +1,7 @@
 """SlimLinear against docs/method.md: eval/train behaviour, clusters, masks, aux losses (also under
 gradient checkpointing), errors, dtypes."""
 import contextlib
+import dataclasses
 import math
 import warnings
 
@@ -39,8 +40,8 @@ def test_from_linear_keeps_tensors_and_freezes():
     assert torch.count_nonzero(layer.lora_B) == 0
     bound = 1 / math.sqrt(13)  # kaiming_uniform(a=sqrt(5)) as PEFT's LoRA A
     assert layer.lora_A.abs().max() <= bound
-    assert layer.cluster_centers.shape == (4, 13) and layer.cluster_vars.shape == (4, 13)
-    assert layer.cluster_initialized.item() is False
+    assert layer.clusters.cluster_centers.shape == (4, 13) and layer.clusters.cluster_vars.shape == (4, 13)
+    assert layer.clusters.cluster_initialized.item() is False
     names = {n for n, p in layer.named_parameters() if p.requires_grad}
     assert names == {"lora_A", "lora_B", "router"}
     with pytest.raises(TypeError, match="nn.Linear"):
@@ -63,13 +64,13 @@ def test_eval_matches_reference(reduce, shape):
     layer.train()
     layer(x)  # initialise the clusters
     layer(torch.randn(5, K, dtype=torch.float64))  # and move them once
-    assert layer.cluster_initialized.item()
+    assert layer.clusters.cluster_initialized.item()
     layer.eval()
     y = layer(x)
     y0, *_ = slim_reference(x.reshape(-1, K), layer.weight, layer.bias, layer.lora_A, layer.lora_B,
                             layer.router, top_k=2, scaling=layer.scaling, yield_strength=1.0,
-                            distance_reduce=reduce, centers=layer.cluster_centers,
-                            cluster_vars=layer.cluster_vars, cluster_eps=1e-5)
+                            distance_reduce=reduce, centers=layer.clusters.cluster_centers,
+                            cluster_vars=layer.clusters.cluster_vars, cluster_eps=1e-5)
     torch.testing.assert_close(y, y0.reshape(2, 11, N), rtol=1e-12, atol=1e-12)
 
 
@@ -79,7 +80,7 @@ def test_train_matches_reference_with_masks_and_dropout():
     K = 45
     x = torch.randn(20, K, dtype=torch.float64)
     layer(x)  # init clusters
-    cen, var = layer.cluster_centers.clone(), layer.cluster_vars.clone()
+    cen, var = layer.clusters.cluster_centers.clone(), layer.clusters.cluster_vars.clone()
     x2 = torch.randn(20, K, dtype=torch.float64)
     torch.manual_seed(123)
     y = layer(x2)
@@ -92,7 +93,7 @@ def test_train_matches_reference_with_masks_and_dropout():
                             scaling=layer.scaling, yield_strength=1.0, distance_reduce="mean",
                             centers=cen, cluster_vars=var, x_lora=x_lora)
     torch.testing.assert_close(y, y0, rtol=1e-12, atol=1e-12)
-    assert not torch.equal(cen, layer.cluster_centers)  # the clusters moved after the forward
+    assert not torch.equal(cen, layer.clusters.cluster_centers)  # the clusters moved after the forward
 
 
 def test_merge_mask_statistics_and_product():
@@ -118,15 +119,15 @@ def test_masks_resampled_each_training_forward_and_eval_modes():
     lin, layer = make_layer(merge_drop=0.5)
     x = torch.randn(8, 45, dtype=torch.float64)
     layer.train()
-    A1, _ = layer._masked_factors()
-    A2, _ = layer._masked_factors()
+    A1, _ = layer.factors()
+    A2, _ = layer.factors()
     assert not torch.equal(A1, A2)
     layer.eval()
-    A3, _ = layer._masked_factors()
+    A3, _ = layer.factors()
     assert torch.equal(A3, layer.lora_A)  # default: no mask in eval
-    layer.config.merge_at_eval = True
-    A4, _ = layer._masked_factors()
-    A5, _ = layer._masked_factors()
+    layer.config = layer.config.replace(merge_at_eval=True)
+    A4, _ = layer.factors()
+    A5, _ = layer.factors()
     assert torch.equal(A4, A5) and not torch.equal(A4, layer.lora_A)  # fixed seeded mask
     assert layer(x).shape == (8, 29)
 
@@ -137,12 +138,12 @@ def test_cluster_init_and_ema_match_numpy():
     layer.train()
     x1 = torch.randn(50, K)
     layer(x1)
-    cen0 = layer.cluster_centers.numpy().copy()
+    cen0 = layer.clusters.cluster_centers.numpy().copy()
     # init: C distinct tokens of the batch as centres; batch variance for every cluster
     matches = [np.where(np.all(x1.numpy() == c, axis=1))[0] for c in cen0]
     assert all(len(m) == 1 for m in matches) and len({m[0] for m in matches}) == C
-    np.testing.assert_allclose(layer.cluster_vars.numpy(), np.tile(x1.double().numpy().var(0), (C, 1)), rtol=1e-5)
-    var0 = layer.cluster_vars.numpy().astype(np.float64)
+    np.testing.assert_allclose(layer.clusters.cluster_vars.numpy(), np.tile(x1.double().numpy().var(0), (C, 1)), rtol=1e-5)
+    var0 = layer.clusters.cluster_vars.numpy().astype(np.float64)
     x2 = torch.randn(64, K) * 1.5 + 0.3
     layer(x2)
     xn = x2.double().numpy()
@@ -153,33 +154,33 @@ def test_cluster_init_and_ema_match_numpy():
         if len(sel):
             exp_c[j] = (1 - mom) * exp_c[j] + mom * sel.mean(0)
             exp_v[j] = (1 - mom) * exp_v[j] + mom * sel.var(0)
-    np.testing.assert_allclose(layer.cluster_centers.numpy(), exp_c, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(layer.cluster_vars.numpy(), exp_v, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.clusters.cluster_centers.numpy(), exp_c, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.clusters.cluster_vars.numpy(), exp_v, rtol=1e-5, atol=1e-6)
     # frozen in eval
     layer.eval()
-    before = layer.cluster_centers.clone()
+    before = layer.clusters.cluster_centers.clone()
     layer(x2 * 3)
-    assert torch.equal(before, layer.cluster_centers)
+    assert torch.equal(before, layer.clusters.cluster_centers)
 
 
 def test_padding_tokens_do_not_move_clusters():
     lin, layer = make_layer(K=6, N=5, num_clusters=2, cluster_momentum=0.5, dtype=torch.float32)
     layer.train()
     layer(torch.randn(10, 6))
-    before = layer.cluster_centers.clone()
+    before = layer.clusters.cluster_centers.clone()
     x = torch.randn(2, 5, 6) * 100
     with sk.token_mask(torch.zeros(2, 5, dtype=torch.bool)):
         layer(x)
-    assert torch.equal(before, layer.cluster_centers)
+    assert torch.equal(before, layer.clusters.cluster_centers)
     with sk.token_mask(torch.ones(2, 5, dtype=torch.bool)):
         layer(x)
-    assert not torch.equal(before, layer.cluster_centers)
+    assert not torch.equal(before, layer.clusters.cluster_centers)
 
 
 # --- non-finite tokens never reach the clusters (docs/method.md §2) ---------------------------
 def _cluster_state(layer):
-    return (layer.cluster_centers.clone(), layer.cluster_vars.clone(),
-            bool(layer.cluster_initialized))
+    return (layer.clusters.cluster_centers.clone(), layer.clusters.cluster_vars.clone(),
+            bool(layer.clusters.cluster_initialized))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -197,15 +198,15 @@ def test_non_finite_token_never_enters_the_clusters(bad, no_grad):
                                 dtype=torch.float32)
         layer.train()
         layer(x0)  # initialise
-        before = layer.cluster_centers.clone()
+        before = layer.clusters.cluster_centers.clone()
         with torch.no_grad() if no_grad else contextlib.nullcontext():
             layer(x)
-        assert not torch.equal(before, layer.cluster_centers)  # the finite tokens moved them
+        assert not torch.equal(before, layer.clusters.cluster_centers)  # the finite tokens moved them
         layers.append(layer)
     bad_layer, ref = layers
-    assert torch.isfinite(bad_layer.cluster_centers).all() and torch.isfinite(bad_layer.cluster_vars).all()
-    assert torch.equal(bad_layer.cluster_centers, ref.cluster_centers)
-    assert torch.equal(bad_layer.cluster_vars, ref.cluster_vars)
+    assert torch.isfinite(bad_layer.clusters.cluster_centers).all() and torch.isfinite(bad_layer.clusters.cluster_vars).all()
+    assert torch.equal(bad_layer.clusters.cluster_centers, ref.clusters.cluster_centers)
+    assert torch.equal(bad_layer.clusters.cluster_vars, ref.clusters.cluster_vars)
     y, y_ref = bad_layer(x2), ref(x2)  # the next clean batch
     assert torch.isfinite(y).all() and torch.equal(y, y_ref)
 
@@ -232,9 +233,9 @@ def test_non_finite_first_batch_initialises_from_its_finite_tokens():
     x_bad = x.clone()
     x_bad[3:] = float("nan")
     layer(x_bad)
-    assert not layer.cluster_initialized.item() and not layer._clusters_ready()
+    assert not layer.clusters.cluster_initialized.item() and not layer.clusters.ready
     layer(x)
-    assert layer.cluster_initialized.item() and torch.isfinite(layer.cluster_centers).all()
+    assert layer.clusters.cluster_initialized.item() and torch.isfinite(layer.clusters.cluster_centers).all()
 
 
 def test_overflowing_batch_leaves_the_clusters_unchanged_and_warns_once():
@@ -244,9 +245,9 @@ def test_overflowing_batch_leaves_the_clusters_unchanged_and_warns_once():
     huge = torch.randn(20, 6) * 1e30
     with pytest.warns(RuntimeWarning, match="cluster statistics non-finite") as rec:
         layer(huge)  # the init would overflow: stays uninitialised
-        assert not layer.cluster_initialized.item()
+        assert not layer.clusters.cluster_initialized.item()
         layer(torch.randn(20, 6))
-        assert layer.cluster_initialized.item()
+        assert layer.clusters.cluster_initialized.item()
         before = _cluster_state(layer)
         layer(huge)
         with torch.no_grad():
@@ -254,9 +255,10 @@ def test_overflowing_batch_leaves_the_clusters_unchanged_and_warns_once():
     assert len([w for w in rec if "cluster statistics" in str(w.message)]) == 1
     after = _cluster_state(layer)
     assert all(torch.equal(a, b) for a, b in zip(before[:2], after[:2]))
+    assert int(layer.clusters.rejected_batches) == 2  # the two EMA steps left out
     layer(torch.randn(20, 6))  # a normal batch moves them again
-    assert not torch.equal(before[0], layer.cluster_centers)
-    assert torch.isfinite(layer.cluster_vars).all()
+    assert not torch.equal(before[0], layer.clusters.cluster_centers)
+    assert torch.isfinite(layer.clusters.cluster_vars).all()
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
@@ -272,7 +274,7 @@ def test_gradient_checkpointing_updates_once_and_grads_match(use_reentrant):
     y = layer(x2)
     (y.square().sum()).backward()
     ref_grads = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.router)] + [x2.grad.clone()]
-    after_plain = layer.cluster_centers.clone()
+    after_plain = layer.clusters.cluster_centers.clone()
 
     layer.load_state_dict(state)
     for p in (layer.lora_A, layer.lora_B, layer.router):
@@ -285,7 +287,7 @@ def test_gradient_checkpointing_updates_once_and_grads_match(use_reentrant):
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     # moved exactly once (as in the plain run), not twice
-    assert torch.equal(layer.cluster_centers, after_plain)
+    assert torch.equal(layer.clusters.cluster_centers, after_plain)
 
 
 def test_aux_losses():
@@ -331,7 +333,7 @@ def _run_aux_checkpointed(reentrant, **kw):
         loss = y.pow(2).mean() + sk.aux_loss(layer)
         loss.backward()
         out.append((loss.detach(), [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.router)],
-                    layer.cluster_centers.clone(), layer.cluster_vars.clone()))
+                    layer.clusters.cluster_centers.clone(), layer.clusters.cluster_vars.clone()))
     return out
 
 
@@ -369,7 +371,7 @@ def test_tiny_token_counts(T):
     y = layer(x)
     assert y.shape == (T, 29)
     y.sum().backward()
-    assert not layer.cluster_initialized.item()  # needs >= C tokens
+    assert not layer.clusters.cluster_initialized.item()  # needs >= C tokens
     x3 = torch.randn(2, 0, 45, dtype=torch.float64)
     assert layer(x3).shape == (2, 0, 29)
     layer.eval()
@@ -401,7 +403,8 @@ def test_bad_inputs_raise_clear_errors():
         layer([1.0] * 45)
     with pytest.raises(TypeError, match="SlimConfig"):
         sk.SlimLinear.from_linear(nn.Linear(3, 3), {"rank": 2})
-    layer.config.backend = "cpp" if "cpp" not in sk.available_backends() else "triton"
+    layer.config = layer.config.replace(
+        backend="cpp" if "cpp" not in sk.available_backends() else "triton")
     if layer.config.backend not in sk.available_backends():
         with pytest.raises(RuntimeError, match="cannot run"):
             layer(torch.randn(3, 45))
@@ -417,33 +420,68 @@ def test_sizes_and_shape_fields_errors_name_the_argument():
         sk.SlimLinear.from_linear(nn.Linear(0, 4))
     layer = sk.SlimLinear(np.int64(6), np.int32(4), config=sk.SlimConfig(**CFG))
     assert (layer.in_features, layer.out_features) == (6, 4) and type(layer.in_features) is int
-    # the shape fields of the config are fixed once the layer is built ...
+    # a config is immutable, checked whole when built; a changed copy is assigned to the
+    # layer, which refuses one whose shape fields differ from those it was built with ...
     x = torch.randn(3, 6)
+    layer = sk.SlimLinear(6, 4, config=sk.SlimConfig(**CFG))
+    with pytest.raises(dataclasses.FrozenInstanceError, match=r"config\.replace\(alpha=\.\.\.\)"):
+        layer.config.alpha = -1.0
     for field, value in (("rank", 2), ("num_lora_experts", 4), ("num_identity_experts", 0),
-                         ("num_clusters", 7)):
-        cfg = sk.SlimConfig(**CFG)
-        layer = sk.SlimLinear(6, 4, config=cfg)
-        setattr(cfg, field, value)
-        with pytest.raises(ValueError, match=rf"config\.{field}={value} but the layer was built "
-                                             rf"with {field}=\d+: the shape fields"):
-            layer(x)
-    # ... the others are read at every forward
-    cfg = sk.SlimConfig(**CFG)
-    layer = sk.SlimLinear(6, 4, config=cfg).eval()
+                         ("num_clusters", 7), ("distance_scale", "spread")):
+        with pytest.raises(ValueError, match=rf"the new config has {field}={value!r} but the "
+                                             rf"layer was built with"):
+            layer.config = layer.config.replace(**{field: value})
+    for bad in (dict(alpha=-1.0), dict(cluster_momentum=float("nan")), dict(cluster_eps=-1.0),
+                dict(merge_drop=1.0), dict(balance_coef=float("nan"))):
+        with pytest.raises(ValueError, match=f"SlimConfig.{next(iter(bad))}="):
+            layer.config.replace(**bad)
+    with pytest.raises(TypeError, match="config must be a SlimConfig"):
+        layer.config = {"alpha": 2.0}
+    # ... the others take effect at the next forward
+    layer.eval()
     with torch.no_grad():
         layer.lora_B.normal_()
     y, base = layer(x), nn.functional.linear(x, layer.weight, layer.bias)
-    cfg.alpha *= 2
+    layer.config = layer.config.replace(alpha=layer.config.alpha * 2)
     torch.testing.assert_close(layer(x), 2 * y - base)
 
 
 def test_routing_stats_and_no_lora_mixture():
     lin, layer = make_layer(num_identity_experts=0, top_k=2)
     layer.train()
-    layer(torch.randn(10, 45, dtype=torch.float64))
+    layer(torch.randn(10, 45, dtype=torch.float64))  # not recorded: outside track_routing
+    assert sk.routing_stats(layer)[""]["tokens"] == 0
+    with sk.track_routing(layer):
+        layer(torch.randn(10, 45, dtype=torch.float64))
     st = sk.routing_stats(layer, reset=True)[""]
     assert st["tokens"] == 10 and st["identity_mass"] == 0.0
+    assert st["distance_tokens"] == 10 and st["mean_distance"] is not None
     assert sk.routing_stats(layer)[""]["tokens"] == 0
+    assert not layer.tracker.tracking
+
+
+def test_routing_stats_skip_bad_tokens_and_say_when_no_distance():
+    """A NaN token never reaches the statistics (as it never reaches the clusters), padding
+    tokens neither; before the clusters exist there is no distance to average (None)."""
+    lin, layer = make_layer(num_clusters=4)
+    layer.train()
+    x = torch.randn(3, 45, dtype=torch.float64)
+    with sk.track_routing(layer):
+        layer(x)  # 3 tokens < 4 clusters: no clusters yet
+        st = sk.routing_stats(layer, reset=True)[""]
+        assert st["tokens"] == 3 and st["mean_distance"] is None and st["distance_tokens"] == 0
+        layer(torch.randn(16, 45, dtype=torch.float64))  # initialises the clusters
+        sk.routing_stats(layer, reset=True)
+        bad = torch.randn(6, 45, dtype=torch.float64)
+        bad[2, 5] = float("nan")
+        with sk.token_mask(torch.tensor([True, True, True, True, True, False])):
+            layer(bad)
+        for _ in range(5):
+            layer(torch.randn(6, 45, dtype=torch.float64))
+    st = sk.routing_stats(layer)[""]
+    assert st["tokens"] == 4 + 5 * 6 and st["distance_tokens"] == 34
+    assert all(math.isfinite(st[k]) for k in ("identity_mass", "identity_top1_share",
+                                                "mean_distance"))
 
 
 def test_autocast_runs_in_the_autocast_dtype():
@@ -467,36 +505,40 @@ def test_cast_keeps_cluster_buffers_fp32():
                                                                      backend="torch")).train()
     layer(torch.randn(10, 8))  # initialise the clusters
     layer.eval()  # (a training forward would move the clusters)
-    cen = layer.cluster_centers.clone()
+    cen = layer.clusters.cluster_centers.clone()
     for dt in (torch.bfloat16, torch.float16):
         m = layer.to(dt)
         assert m is layer
         assert layer.weight.dtype == dt and layer.lora_A.dtype == dt
-        assert layer.cluster_centers.dtype == torch.float32 and layer.cluster_vars.dtype == torch.float32
-        assert torch.equal(layer.cluster_centers, cen)
+        assert layer.clusters.cluster_centers.dtype == torch.float32 and layer.clusters.cluster_vars.dtype == torch.float32
+        assert torch.equal(layer.clusters.cluster_centers, cen)
         y = layer(torch.randn(4, 8, dtype=dt))
         y.float().sum().backward()
     layer.float()
-    assert layer.lora_B.dtype == torch.float32 and torch.equal(layer.cluster_centers, cen)
+    assert layer.lora_B.dtype == torch.float32 and torch.equal(layer.clusters.cluster_centers, cen)
 
 
 # --- distance_scale (docs/method.md §2) ---------------------------------------------------------
 class _OpSpy:
-    """Wraps slim_kernels.layer.slim_linear_op: records each call's keyword arguments and
-    outputs."""
+    """Wraps the op the layer calls (slim_kernels.layer.slim_linear_op_unchecked): records each
+    call's arguments by name and its first five outputs (y, gates, idx, distance, assign)."""
 
     def __init__(self, monkeypatch):
+        import inspect
+
         import slim_kernels.layer as L
 
         self.calls = []
-        real = L.slim_linear_op
+        real = L.slim_linear_op_unchecked
+        names = list(inspect.signature(real).parameters)
 
         def spy(*args, **kw):
             out = real(*args, **kw)
-            self.calls.append((kw, [t.detach().clone() for t in out]))
+            self.calls.append(({**dict(zip(names, args)), **kw},
+                               [t.detach().clone() for t in out[:5]]))
             return out
 
-        monkeypatch.setattr(L, "slim_linear_op", spy)
+        monkeypatch.setattr(L, "slim_linear_op_unchecked", spy)
 
 
 def _r(x, layer, centers=None, vars_=None):
@@ -504,8 +546,8 @@ def _r(x, layer, centers=None, vars_=None):
     layer's clusters (or the given ones); inv_std formed in fp32 as the layer forms it."""
     from slim_kernels.reference import cluster_distance as ref_distance
 
-    cen = layer.cluster_centers if centers is None else centers
-    var = layer.cluster_vars if vars_ is None else vars_
+    cen = layer.clusters.cluster_centers if centers is None else centers
+    var = layer.clusters.cluster_vars if vars_ is None else vars_
     d, assign = ref_distance(x.double(), cen, (var + layer.config.cluster_eps).rsqrt(),
                              layer.config.distance_reduce)
     return d + 1.0, assign
@@ -520,7 +562,7 @@ def test_distance_scale_none_calls_the_op_as_before(monkeypatch):
     layer.train()
     x = torch.randn(30, 8)
     layer(x)
-    var = layer.cluster_vars.clone()  # what the next forward routes with (then moves)
+    var = layer.clusters.cluster_vars.clone()  # what the next forward routes with (then moves)
     layer(x)
     kw, out = spy.calls[-1]
     assert kw["distance_shift"] is None
@@ -529,7 +571,7 @@ def test_distance_scale_none_calls_the_op_as_before(monkeypatch):
     layer(x)
     kw, (_, _, _, d, _) = spy.calls[-1]
     assert kw["distance_shift"] is None
-    assert torch.equal(kw["inv_std"], (layer.cluster_vars + 1e-5).rsqrt())
+    assert torch.equal(kw["inv_std"], (layer.clusters.cluster_vars + 1e-5).rsqrt())
     r, _ = _r(x, layer)
     torch.testing.assert_close(d.double(), r - 1, rtol=1e-5, atol=1e-5)
 
@@ -542,20 +584,20 @@ def test_spread_init_and_ema_match_a_hand_computation(reduce):
     K, C, mom = 7, 3, 0.25
     lin, layer = make_layer(K=K, N=5, num_clusters=C, cluster_momentum=mom,
                             distance_scale="spread", distance_reduce=reduce)
-    assert layer.distance_mean.dtype == layer.distance_var.dtype == torch.float32
-    assert layer.distance_mean.shape == layer.distance_var.shape == ()
-    assert (layer.distance_mean.item(), layer.distance_var.item()) == (1.0, 1.0)  # defaults
+    assert layer.clusters.distance_mean.dtype == layer.clusters.distance_var.dtype == torch.float32
+    assert layer.clusters.distance_mean.shape == layer.clusters.distance_var.shape == ()
+    assert (layer.clusters.distance_mean.item(), layer.clusters.distance_var.item()) == (1.0, 1.0)  # defaults
     layer.train()
     x1 = torch.randn(40, K, dtype=torch.float64)
     layer(x1)
-    assert layer.cluster_initialized.item()
+    assert layer.clusters.cluster_initialized.item()
     r1, _ = _r(x1, layer)
     mu0, var0 = r1.mean(), r1.var(unbiased=False)
-    torch.testing.assert_close(layer.distance_mean.double(), mu0, rtol=1e-6, atol=0)
-    torch.testing.assert_close(layer.distance_var.double(), var0, rtol=1e-6, atol=0)
-    mu0, var0 = layer.distance_mean.double(), layer.distance_var.double()  # as stored (fp32)
+    torch.testing.assert_close(layer.clusters.distance_mean.double(), mu0, rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.clusters.distance_var.double(), var0, rtol=1e-6, atol=0)
+    mu0, var0 = layer.clusters.distance_mean.double(), layer.clusters.distance_var.double()  # as stored (fp32)
 
-    cen, var = layer.cluster_centers.clone(), layer.cluster_vars.clone()
+    cen, var = layer.clusters.cluster_centers.clone(), layer.clusters.cluster_vars.clone()
     x2 = torch.randn(3, 10, K, dtype=torch.float64) * 1.7 + 0.4
     x2[0, 4, 2] = float("nan")
     mask = torch.ones(3, 10, dtype=torch.bool)
@@ -566,13 +608,13 @@ def test_spread_init_and_ema_match_a_hand_computation(reduce):
     r2, _ = _r(x2.reshape(-1, K)[keep], layer, cen, var)
     want_mu = (1 - mom) * mu0 + mom * r2.mean()
     want_var = (1 - mom) * var0 + mom * r2.var(unbiased=False)
-    torch.testing.assert_close(layer.distance_mean.double(), want_mu, rtol=1e-6, atol=0)
-    torch.testing.assert_close(layer.distance_var.double(), want_var, rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.clusters.distance_mean.double(), want_mu, rtol=1e-6, atol=0)
+    torch.testing.assert_close(layer.clusters.distance_var.double(), want_var, rtol=1e-6, atol=0)
     # eval freezes them
-    before = (layer.distance_mean.clone(), layer.distance_var.clone())
+    before = (layer.clusters.distance_mean.clone(), layer.clusters.distance_var.clone())
     layer.eval()
     layer(x2 * 3)
-    assert torch.equal(before[0], layer.distance_mean) and torch.equal(before[1], layer.distance_var)
+    assert torch.equal(before[0], layer.clusters.distance_mean) and torch.equal(before[1], layer.clusters.distance_var)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -593,13 +635,13 @@ def test_spread_distance_and_identity_logits(monkeypatch, dtype):
     x = torch.randn(25, K, dtype=dtype) * 1.5
     y = layer(x)
     kw, (_, gates, _, d, assign) = spy.calls[-1]
-    mu, var = layer.distance_mean.double(), layer.distance_var.double()
+    mu, var = layer.clusters.distance_mean.double(), layer.clusters.distance_var.double()
     sigma = (var + 1e-5).sqrt()
     shift = kw["distance_shift"]
     assert shift.shape == (3,) and shift.dtype == torch.float32
     torch.testing.assert_close(shift.double(), (mu / sigma).expand(3), rtol=1e-6, atol=0)
     torch.testing.assert_close(kw["inv_std"].double(),
-                               (layer.cluster_vars.double() + 1e-5).rsqrt() / sigma,
+                               (layer.clusters.cluster_vars.double() + 1e-5).rsqrt() / sigma,
                                rtol=1e-6, atol=0)
     r, a = _r(x, layer)
     assert torch.equal(assign, a)
@@ -614,28 +656,20 @@ def test_spread_distance_and_identity_logits(monkeypatch, dtype):
     torch.testing.assert_close(gates.double(), want_g, rtol=tol, atol=tol)
     y0, *_ = slim_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.router,
                             top_k=2, scaling=layer.scaling, yield_strength=lam,
-                            centers=layer.cluster_centers,
-                            cluster_vars=(layer.cluster_vars + 1e-5) * sigma.float() ** 2 - 1e-5,
+                            centers=layer.clusters.cluster_centers,
+                            cluster_vars=(layer.clusters.cluster_vars + 1e-5) * sigma.float() ** 2 - 1e-5,
                             distance_shift=(mu / sigma).float().expand(3))
     torch.testing.assert_close(y.double(), y0.double(), rtol=tol, atol=tol)
 
 
-def test_spread_and_none_route_alike_at_the_defaults():
-    """Before a state dict with statistics is loaded, mu = 1 and sigma² = 1: a "spread" layer
-    loaded from a "none" one's state routes with d / sqrt(1 + eps), the paper's d."""
-    torch.manual_seed(0)
+def test_spread_layer_refuses_a_state_without_its_statistics():
+    """A "none" layer's state dict lacks distance_mean / distance_var: a "spread" layer does not
+    load it (strict), and says which keys are missing."""
     lin, none = make_layer(K=8, N=5, num_clusters=2)
     spread = sk.SlimLinear.from_linear(lin, sk.SlimConfig(**{**CFG, "num_clusters": 2,
                                                            "distance_scale": "spread"}))
-    none.train()
-    none(torch.randn(30, 8, dtype=torch.float64))
-    sd = {k: v for k, v in none.state_dict().items()}
-    spread.load_state_dict(sd)  # strict: the missing statistics get their defaults
-    assert (spread.distance_mean.item(), spread.distance_var.item()) == (1.0, 1.0)
-    none.eval()
-    spread.eval()
-    x = torch.randn(20, 8, dtype=torch.float64)
-    torch.testing.assert_close(spread(x), none(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="distance_mean"):
+        spread.load_state_dict(none.state_dict())
 
 
 def test_spread_state_dict_round_trip_copies_and_errors():
@@ -651,10 +685,10 @@ def test_spread_state_dict_round_trip_copies_and_errors():
     _, other = make_layer(K=8, N=5, distance_scale="spread", seed=3)
     other.load_state_dict(sd)
     for k in ("distance_mean", "distance_var", "cluster_centers"):
-        assert torch.equal(getattr(other, k), getattr(layer, k)), k
+        assert torch.equal(getattr(other.clusters, k), getattr(layer.clusters, k)), k
     for c in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        assert torch.equal(c.distance_mean, layer.distance_mean)
-        assert torch.equal(c.distance_var, layer.distance_var)
+        assert torch.equal(c.clusters.distance_mean, layer.clusters.distance_mean)
+        assert torch.equal(c.clusters.distance_var, layer.clusters.distance_var)
         c.eval()
         layer.eval()
         x = torch.randn(4, 8, dtype=torch.float64)
@@ -664,23 +698,21 @@ def test_spread_state_dict_round_trip_copies_and_errors():
     with pytest.raises(RuntimeError, match="distance_mean"):
         none.load_state_dict(sd)
     # distance_scale decides the buffers: fixed once the layer is built
-    layer.config.distance_scale = "none"
-    with pytest.raises(ValueError, match="config.distance_scale='none' but the layer was built "
-                                         "with distance_scale='spread'"):
-        layer(torch.randn(2, 8, dtype=torch.float64))
-    none.config.distance_scale = "spread"
-    with pytest.raises(ValueError, match="config.distance_scale='spread'"):
-        none(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="new config has distance_scale='none' but the layer "
+                                         "was built with 'spread'"):
+        layer.config = layer.config.replace(distance_scale="none")
+    with pytest.raises(ValueError, match="new config has distance_scale='spread'"):
+        none.config = none.config.replace(distance_scale="spread")
 
 
 def test_spread_cast_keeps_statistics_fp32():
     lin, layer = make_layer(K=8, N=5, dtype=torch.float32, distance_scale="spread")
     layer.to(torch.bfloat16)
-    assert layer.distance_mean.dtype == layer.distance_var.dtype == torch.float32
+    assert layer.clusters.distance_mean.dtype == layer.clusters.distance_var.dtype == torch.float32
     layer.train()
     layer(torch.randn(20, 8, dtype=torch.bfloat16))
     layer(torch.randn(20, 8, dtype=torch.bfloat16))
-    assert torch.isfinite(layer.distance_var) and layer.distance_var > 0
+    assert torch.isfinite(layer.clusters.distance_var) and layer.clusters.distance_var > 0
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
@@ -695,7 +727,7 @@ def test_spread_gradient_checkpointing_updates_once(use_reentrant):
     y = layer(x2)
     y.square().sum().backward()
     ref = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.router)] + [x2.grad.clone()]
-    after = (layer.distance_mean.clone(), layer.distance_var.clone())
+    after = (layer.clusters.distance_mean.clone(), layer.clusters.distance_var.clone())
     assert not torch.equal(after[0], state["distance_mean"])
 
     layer.load_state_dict(state)
@@ -707,7 +739,7 @@ def test_spread_gradient_checkpointing_updates_once(use_reentrant):
     grads = [p.grad for p in (layer.lora_A, layer.lora_B, layer.router)] + [x2.grad]
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert torch.equal(layer.distance_mean, after[0]) and torch.equal(layer.distance_var, after[1])
+    assert torch.equal(layer.clusters.distance_mean, after[0]) and torch.equal(layer.clusters.distance_var, after[1])
 
 
 def test_spread_overflow_drops_the_whole_update():
@@ -717,11 +749,13 @@ def test_spread_overflow_drops_the_whole_update():
                             distance_scale="spread")
     layer.train()
     layer(torch.randn(20, 6))
-    before = [t.clone() for t in (layer.cluster_centers, layer.cluster_vars,
-                                  layer.distance_mean, layer.distance_var)]
-    with pytest.warns(RuntimeWarning, match="non-finite"):
-        layer(torch.randn(20, 6) * 1e30)
-    after = (layer.cluster_centers, layer.cluster_vars, layer.distance_mean, layer.distance_var)
+    before = [t.clone() for t in (layer.clusters.cluster_centers, layer.clusters.cluster_vars,
+                                  layer.clusters.distance_mean, layer.clusters.distance_var)]
+    layer(torch.randn(20, 6) * 1e30)  # counted on the device, no host sync
+    after = (layer.clusters.cluster_centers, layer.clusters.cluster_vars,
+             layer.clusters.distance_mean, layer.clusters.distance_var)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+    with pytest.warns(RuntimeWarning, match="non-finite"):  # said where the host reads it
+        assert sk.routing_stats(layer)[""]["rejected_batches"] == 1
     layer(torch.randn(20, 6))
-    assert not torch.equal(before[2], layer.distance_mean)
+    assert not torch.equal(before[2], layer.clusters.distance_mean)

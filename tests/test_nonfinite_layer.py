@@ -39,13 +39,13 @@ def bad_rows(y):
 def reference_rows(lay, x):
     """The rows the reference makes non-finite for this layer in eval mode."""
     c = lay.config
-    ready = bool(lay.cluster_initialized)
+    ready = bool(lay.clusters.cluster_initialized)
     y, _, _, _ = slim_reference(
         x.double(), lay.weight.double(), lay.bias.double(), lay.lora_A.double(),
         lay.lora_B.double(), lay.router.double(), top_k=c.top_k, scaling=c.scaling,
         yield_strength=c.yield_strength, distance_reduce=c.distance_reduce,
-        centers=lay.cluster_centers if ready else None,
-        cluster_vars=lay.cluster_vars if ready else None, cluster_eps=c.cluster_eps)
+        centers=lay.clusters.cluster_centers if ready else None,
+        cluster_vars=lay.clusters.cluster_vars if ready else None, cluster_eps=c.cluster_eps)
     return bad_rows(y)
 
 
@@ -98,9 +98,9 @@ def probe_bad_weights(backend):
             elif what == "expert":
                 lay.lora_A[-1, 0, 5] = NAN
             elif what == "centers":
-                lay.cluster_centers[1, 4] = NAN
+                lay.clusters.cluster_centers[1, 4] = NAN
             else:
-                lay.cluster_vars[2] = -1.0
+                lay.clusters.cluster_vars[2] = -1.0
         with torch.no_grad():
             got, want = bad_rows(lay(x)), reference_rows(lay, x)
         assert torch.equal(got, want), (what, got.sum().item(), want.sum().item())

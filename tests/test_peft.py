@@ -65,7 +65,7 @@ def test_get_peft_model_trainable_and_save_load_bit_exact(tmp_path, capsys):
     assert "trainable params" in capsys.readouterr().out
     _train_step(model)
     layers = [m for _, m in sk.slim_modules(model)]
-    assert len(layers) == 4 and all(bool(m.cluster_initialized) for m in layers)
+    assert len(layers) == 4 and all(bool(m.clusters.cluster_initialized) for m in layers)
     want = _logits(model)
     model.save_pretrained(tmp_path)
     from safetensors.torch import load_file

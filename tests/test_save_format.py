@@ -25,7 +25,7 @@ sys.path.insert(0, DATA)
 
 
 def _slim_tensors(model):
-    return {f"{n}.{t}": getattr(m, t).detach().clone()
+    return {f"{n}.{t}": m.slim_tensors()[t].detach().clone()
             for n, m in sk.slim_modules(model) for t in sl.TENSORS}
 
 

@@ -54,7 +54,7 @@ torch.nn.init.normal_(layer.lora_B, std=0.1)
 y = layer(x)  # clusters initialised by the first call: yielding on
 (y.square().mean() + sk.aux_loss(layer)).backward()
 assert y.shape == (2, 7, 20) and x.grad is not None and layer.lora_A.grad is not None
-assert bool(layer.cluster_initialized)
+assert bool(layer.clusters.cluster_initialized)
 print("SMOKE OK", sk.__version__)
 """
 

@@ -70,16 +70,18 @@ def retention(before: Dict[str, float], after: Dict[str, float],
 def _eval_all(model, data, tasks=None, routing: bool = False):
     """Accuracy per task (every task of ``data`` by default); with ``routing``, also SLIM
     routing stats per task and layer."""
-    from ..layer import routing_stats
+    from ..layer import routing_stats, track_routing
 
     tasks = list(data) if tasks is None else tasks
     acc, route = {}, {}
     for t in tasks:
         if routing:
-            routing_stats(model, reset=True)
-        acc[t] = exact_match(model, t, data[t])
-        if routing:
-            route[t] = routing_stats(model, reset=True)
+            with track_routing(model):
+                routing_stats(model, reset=True)
+                acc[t] = exact_match(model, t, data[t])
+                route[t] = routing_stats(model, reset=True)
+        else:
+            acc[t] = exact_match(model, t, data[t])
     return (acc, route) if routing else acc
 
 
@@ -93,18 +95,20 @@ def _routing_summary(route: Dict[str, Dict[str, Dict[str, float]]], task: str = 
         new = route[task][name]["identity_mass"]
         gen = [route[t][name]["identity_mass"] for t in RETENTION_TASKS]
         gd = [route[t][name]["mean_distance"] for t in RETENTION_TASKS]
+        gd = [v for v in gd if v is not None]
         per_layer[name] = {"identity_mass_new": new, "identity_mass_general": sum(gen) / len(gen),
                            "distance_new": route[task][name]["mean_distance"],
-                           "distance_general": sum(gd) / len(gd)}
+                           "distance_general": sum(gd) / len(gd) if gd else float("nan")}
 
     def mean(key):
-        v = [d[key] for d in per_layer.values() if not math.isnan(d[key])]
+        v = [d[key] for d in per_layer.values() if d[key] is not None and not math.isnan(d[key])]
         return sum(v) / len(v) if v else float("nan")
 
     by_task = {}
     for t, layers_t in route.items():
         v = [d["identity_mass"] for d in layers_t.values() if not math.isnan(d["identity_mass"])]
-        dv = [d["mean_distance"] for d in layers_t.values() if not math.isnan(d["mean_distance"])]
+        dv = [d["mean_distance"] for d in layers_t.values()
+              if d["mean_distance"] is not None and not math.isnan(d["mean_distance"])]
         by_task[t] = {"identity_mass": sum(v) / len(v) if v else float("nan"),
                       "distance": sum(dv) / len(dv) if dv else float("nan")}
     n_more = sum(1 for d in per_layer.values()

@@ -128,24 +128,25 @@ def retention(before: Dict[str, float], after: Dict[str, float]) -> Dict[str, fl
 def routing_diagnostic(model, tok, test_pairs, texts) -> Dict:
     """Identity-expert gate mass per SLIM layer on new-task tokens (the held-out prompts and
     answers) vs general tokens (the perplexity text), and their means over layers."""
-    from ..layer import routing_stats
+    from ..layer import routing_stats, track_routing
 
     model.eval()
-    routing_stats(model, reset=True)
-    for i in range(0, len(test_pairs), 16):
-        b = _batch(tok, test_pairs[i:i + 16])
-        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    new = routing_stats(model, reset=True)
-    for t in texts:
-        model(input_ids=torch.tensor([R.encode(tok, t)]))
-    gen = routing_stats(model, reset=True)
+    with track_routing(model):
+        routing_stats(model, reset=True)
+        for i in range(0, len(test_pairs), 16):
+            b = _batch(tok, test_pairs[i:i + 16])
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        new = routing_stats(model, reset=True)
+        for t in texts:
+            model(input_ids=torch.tensor([R.encode(tok, t)]))
+        gen = routing_stats(model, reset=True)
     layers = {n: {"identity_mass_new": new[n]["identity_mass"],
                   "identity_mass_general": gen[n]["identity_mass"],
                   "distance_new": new[n]["mean_distance"],
                   "distance_general": gen[n]["mean_distance"]} for n in new}
 
     def mean(k):
-        v = [d[k] for d in layers.values() if d[k] == d[k]]
+        v = [d[k] for d in layers.values() if d[k] is not None and d[k] == d[k]]
         return sum(v) / len(v) if v else float("nan")
 
     return {"mean_identity_mass_new": mean("identity_mass_new"),

@@ -7,7 +7,7 @@ process group with :func:`set_cluster_sync_group`.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Tuple
 
 import torch
 import torch.distributed as dist
@@ -23,8 +23,7 @@ def clusters_in_sync(model: torch.nn.Module) -> bool:
     all-reduces. Always True outside torch.distributed."""
     parts = []
     for _, m in slim_modules(model):
-        stats = [m._buffers[n] for n in ("distance_mean", "distance_var") if n in m._buffers]
-        for t in [m.cluster_centers, m.cluster_vars, m.cluster_initialized] + stats:
+        for t in m.clusters.tensors().values():
             t = t.detach()
             if hasattr(t, "full_tensor"):  # a DTensor (not sharded by FSDP2, but be safe)
                 t = t.full_tensor()
@@ -41,14 +40,14 @@ def clusters_in_sync(model: torch.nn.Module) -> bool:
     return bool(torch.equal(lo, hi))
 
 
-def full_cpu_tensors(layers: Iterable[Tuple[str, torch.nn.Module]],
-                     names: Sequence[str]) -> Dict[str, torch.Tensor]:
-    """``{f"{layer}.{name}": full CPU copy}`` of the named tensors of SLIM layers, gathering
+def full_cpu_tensors(layers: Iterable[Tuple[str, torch.nn.Module]]) -> Dict[str, torch.Tensor]:
+    """``{f"{layer}.{name}": full CPU copy}`` of the saved tensors of SLIM layers
+    (:meth:`~slim_kernels.SlimLinear.slim_tensors`), gathering
     what a data-parallel engine has sharded: FSDP2 ``DTensor`` parameters (``full_tensor``)
     and DeepSpeed ZeRO-3 partitions (``deepspeed.zero.GatheredParameters``). Collective
     whenever something is sharded: then every rank must call it."""
-    layers = list(layers)
-    zero3 = [getattr(m, n) for _, m in layers for n in names if hasattr(getattr(m, n), "ds_id")]
+    layers = [(name, m.slim_tensors()) for name, m in layers]
+    zero3 = [t for _, ts in layers for t in ts.values() if hasattr(t, "ds_id")]
     ctx = contextlib.nullcontext()
     if zero3:
         import deepspeed  # only reached when the model is a DeepSpeed ZeRO-3 model
@@ -56,9 +55,9 @@ def full_cpu_tensors(layers: Iterable[Tuple[str, torch.nn.Module]],
         ctx = deepspeed.zero.GatheredParameters(zero3)
     out: Dict[str, torch.Tensor] = {}
     with ctx:
-        for lname, m in layers:
-            for n in names:
-                t = getattr(m, n).detach()
+        for lname, ts in layers:
+            for n, t in ts.items():
+                t = t.detach()
                 if hasattr(t, "full_tensor"):  # DTensor (FSDP2): all-gather the shards
                     t = t.full_tensor()
                 out[f"{lname}.{n}"] = t.to("cpu", copy=True).contiguous()  # outlives the gather

@@ -6,7 +6,7 @@ this module knows nothing of the kernels, and nothing in it needs ``transformers
 
 * :func:`apply_slim` swaps the projections named by ``config.target_modules`` for SlimLinear,
   freezes every other parameter and installs two hooks on the top-level model:
-  - a forward pre-hook that sets :func:`slim_kernels.token_mask` from the ``attention_mask``
+  - a forward pre-hook that hands every layer the ``attention_mask`` as its ``token_keep``
     (so padding tokens do not move the clusters) and clears the layers' last aux losses;
   - a forward hook that, in training mode and when the output carries a loss (labels were
     given), adds :func:`slim_kernels.aux_loss` to ``outputs.loss``.
@@ -36,9 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SlimConfig
-from ..layer import (
-    SlimLinear, accumulate_aux, aux_accumulating, aux_loss, slim_modules, token_mask, unsupported_base,
-)
+from ..base_layers import unsupported_base
+from ..layer import SlimLinear, accumulate_aux, aux_accumulating, aux_loss, slim_modules
 
 logger = logging.getLogger("slim_kernels")
 
@@ -94,15 +93,14 @@ class _SlimState:
         self.add_aux_to_loss = add_aux_to_loss
         self.layers = layers
         self.handles: list = []
-        self.mask_cms: list = []
         self.disabled = 0
         self.warned_no_grad = False
         self.warned_fused = False
 
     def __getstate__(self):
-        # a copy of the model (deepcopy, pickle) is outside the forward and the disable_slim
-        # context the original may be in
-        return {**self.__dict__, "mask_cms": [], "disabled": 0}
+        # a copy of the model (deepcopy, pickle) is outside the disable_slim context the
+        # original may be in
+        return {**self.__dict__, "disabled": 0}
 
 
 # -- planning (no mutation) ---------------------------------------------------------------
@@ -247,7 +245,7 @@ def apply_slim(model: nn.Module, config: Optional[SlimConfig] = None, verbose: b
     passes ``num_items_in_batch`` (HF Trainer with gradient accumulation) the aux loss is
     weighted by this micro-batch's share of the label tokens, so it is counted once per
     optimizer step. The attention mask of every forward is handed to the layers
-    (:func:`slim_kernels.token_mask`) either way.
+    (each layer's ``token_keep``) either way.
 
     Errors (the model is left unchanged): SLIM already applied; a target name that matches
     nothing; a matching module that is not ``nn.Linear`` (e.g. GPT-2's Conv1D); only part of
@@ -284,11 +282,11 @@ def _find_attention_mask(module: nn.Module, args: tuple, kwargs: dict) -> Option
 
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     st: _SlimState = module._slim_state
-    cm = token_mask(_find_attention_mask(module, args, kwargs))
-    cm.__enter__()
-    st.mask_cms.append(cm)
-    if not aux_accumulating():  # (SlimAuxLossMixin: every forward of one loss counts)
-        for layer in st.layers:
+    mask = _find_attention_mask(module, args, kwargs)
+    reset = not aux_accumulating()  # (SlimAuxLossMixin: every forward of one loss counts)
+    for layer in st.layers:
+        layer.token_keep = mask  # padding tokens do not move the clusters
+        if reset:
             layer.reset_aux_loss()  # aux_loss(model) then reflects this forward only
     return None
 
@@ -334,7 +332,8 @@ def _weighted_aux(module: nn.Module, kwargs: dict) -> Optional[Tensor]:
             aux = aux * (n_here.to(aux.device).float() / n_all)
     st: _SlimState = module._slim_state
     if not st.warned_no_grad and torch.is_grad_enabled() and any(
-            m._last_balance is not None and not m._last_balance.requires_grad for m in layers):
+            m.tracker.balance is not None and not m.tracker.balance.requires_grad
+            for m in layers):
         st.warned_no_grad = True
         warnings.warn(
             "slim_kernels: the SLIM aux loss has no gradient in this forward (with reentrant "
@@ -382,8 +381,8 @@ def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output):
                 return (loss + aux.to(loss.dtype),) + tuple(output[1:])
         return None
     finally:
-        if st.mask_cms:
-            st.mask_cms.pop().__exit__(None, None, None)
+        for layer in st.layers:
+            layer.token_keep = None
 
 
 def _install_hooks(model: nn.Module, add_aux_to_loss: bool, layers: List[SlimLinear]) -> None:
@@ -459,7 +458,7 @@ def disable_slim(model: nn.Module) -> Iterator[nn.Module]:
     st = getattr(model, "_slim_state", None)
     _open_disabled()
     for m in layers:
-        m._base_only += 1
+        m.disabled += 1
     if st is not None:
         st.disabled += 1
     try:
@@ -468,7 +467,7 @@ def disable_slim(model: nn.Module) -> Iterator[nn.Module]:
         if st is not None and st.disabled:
             st.disabled -= 1
         for m in layers:
-            m._base_only = max(0, m._base_only - 1)
+            m.disabled = max(0, m.disabled - 1)
         _close_disabled()
 
 
@@ -503,7 +502,7 @@ class SlimAuxLossMixin:
     (``aux / steps`` when the trainer does not divide the loss itself), and logs it as
     ``slim_aux_loss`` (the mean per micro-batch, undivided: the same value whatever the
     accumulation). A loss computed from several forwards (GRPO's chunks) counts the
-    load-balance term of each (their mean, :func:`slim_kernels.layer.accumulate_aux`); forwards
+    load-balance term of each (their mean, :func:`slim_kernels.tracking.accumulate_aux`); forwards
     with the adapters disabled (a DPO/GRPO reference through ``disable_adapter``) add none."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from ..config import SlimConfig
-from ..layer import SlimLinear, slim_modules, unsupported_base
+from ..base_layers import unsupported_base
+from ..layer import SlimLinear, slim_modules
 from . import hf as _hf
 
 PEFT_TYPE = "SLIM"

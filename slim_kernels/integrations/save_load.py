@@ -151,13 +151,9 @@ def save_slim(model: nn.Module, path: PathLike) -> None:
         if m.config != config:
             raise ValueError(f"save_slim: SlimLinear {name!r} has another SlimConfig than "
                              f"{layers[0][0]!r}; one adapter file holds one config")
-        m._check_config()  # the shape fields still match the parameters
-    try:  # fields assigned after the build: still valid, stored as plain Python values
-        config_dict = SlimConfig.from_dict(config.to_dict()).to_dict()
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"save_slim: the layers' SlimConfig is no longer valid: {e}") from e
+    config_dict = config.to_dict()
     # full tensors even when FSDP2 / DeepSpeed ZeRO-3 shard them (then a collective)
-    tensors: Dict[str, Tensor] = _dist.full_cpu_tensors(layers, slim_keys(config))
+    tensors: Dict[str, Tensor] = _dist.full_cpu_tensors(layers)
     for key, v in tensors.items():  # (on every rank: all raise alike)
         n, t = _split(key)
         why = _bad_values(t, v, v.dtype)

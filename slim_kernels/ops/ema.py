@@ -1,0 +1,72 @@
+"""The sliding update of the clusters (``docs/method.md`` §2) as one in-place op.
+
+:func:`cluster_ema_` applies a training forward's cluster statistics (the SLIM op's ``stats``,
+all-reduced under data parallelism) to the cluster buffers. :func:`cluster_ema_torch` is the
+definition, in whole-tensor PyTorch ops (what torch.compile traces and fuses); on CPU tensors
+the C++ extension's ``cluster_ema_`` does the same in one call, since in eager mode a dozen
+small ops cost more than the layer's kernels at small shapes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import _ext
+
+__all__ = ["cluster_ema_", "cluster_ema_torch"]
+
+
+@torch.no_grad()
+def cluster_ema_torch(centers: Tensor, variances: Tensor, rejected: Tensor, stats: Tensor,
+                      momentum: float, distance_mean: Optional[Tensor],
+                      distance_var: Optional[Tensor], eps: float) -> None:
+    """``stats`` (C, 2K + 3): per cluster j, ``[n, S1 = Σ(x - c_j), S2 = Σ(x - c_j)², R1 = Σr,
+    R2 = Σr²]`` (shifted by the centre the tokens were routed to). If every entry is finite,
+    for each cluster with n > 0: δ = S1/n, var = max(S2/n - δ², 0), ``c += mom·δ`` (that is
+    (1 - mom)·c + mom·mean) and ``v += mom·(var - v)``; with the distance statistics (the
+    op's r is r/sigma, sigma² = distance_var + eps; N = Σn, m = R1/N, s = max(R2/N - m², 0)):
+    ``mu += mom·(m·sigma - mu)``, ``distance_var += mom·(s·sigma² - distance_var)`` when
+    N > 0. Otherwise nothing changes and ``rejected`` (an int64 counter) goes up by one."""
+    K = centers.shape[1]
+    ok = torch.isfinite(stats).all()
+    s = torch.where(ok, stats, 0.0)
+    n = s[:, :1]
+    m = s[:, 1:2 * K + 1] * n.clamp_min(1.0).reciprocal()  # δ | S2/n
+    w = ((n > 0) & ok).to(m.dtype) * momentum  # (C, 1)
+    delta = m[:, :K]
+    var = torch.addcmul(m[:, K:], delta, delta, value=-1.0).clamp_min_(0.0)
+    if distance_mean is not None:
+        count = n.sum()
+        r = s[:, 2 * K + 1:].sum(0) / count.clamp_min(1.0)  # m, R2/N
+        var_r = (r[1] - r[0] * r[0]).clamp_min(0.0)
+        sigma2 = distance_var + eps
+        wr = ((count > 0) & ok).float() * momentum
+        distance_mean.lerp_((r[0] * sigma2.sqrt()).float(), wr)
+        distance_var.lerp_((var_r * sigma2).float(), wr)
+    centers.addcmul_(delta.float(), w.float())
+    variances.lerp_(var.float(), w.float())
+    rejected.add_(~ok)
+
+
+_HAS_CPP: list = []  # whether the extension has cluster_ema_ (looked up once)
+
+
+def cluster_ema_(centers: Tensor, variances: Tensor, rejected: Tensor, stats: Tensor,
+                 momentum: float, distance_mean: Optional[Tensor],
+                 distance_var: Optional[Tensor], eps: float) -> None:
+    """:func:`cluster_ema_torch`, in one C++ call on CPU tensors when the extension is built
+    (and in eager mode)."""
+    if torch.compiler.is_compiling():
+        return cluster_ema_torch(centers, variances, rejected, stats, momentum, distance_mean,
+                                 distance_var, eps)
+    if not _HAS_CPP:
+        _HAS_CPP.append(_ext.has_op("cluster_ema_"))
+    if stats.device.type == "cpu" and _HAS_CPP[0]:
+        torch.ops.slim_kernels_C.cluster_ema_(centers, variances, rejected, stats.contiguous(),
+                                              float(momentum), distance_mean, distance_var,
+                                              float(eps))
+        return
+    cluster_ema_torch(centers, variances, rejected, stats, momentum, distance_mean,
+                      distance_var, eps)
