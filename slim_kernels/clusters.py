@@ -2,21 +2,22 @@
 §2).
 
 :class:`SlidingClusters` owns the cluster buffers (centres, variances, the initialised flag,
-and with ``distance_scale="spread"`` the running mean and variance of the distance r), and
-everything that writes them:
+and with ``distance_scale="spread"`` the running mean and variance of the distance r), the
+routing tensors derived from them, and everything that writes them:
 
-* :meth:`~SlidingClusters.routing`: what the op routes with (centres, ``inv_std``, the
-  distance shift), and, for a forward that gradient checkpointing will re-run, a snapshot of
-  it, so that the re-run routes exactly as the first forward did;
+* :meth:`~SlidingClusters.routing`: what the op routes with, ``(centres, inv_std, shift)``,
+  kept up to date in (non-persistent) buffers by every write, so routing costs no op. Before
+  the clusters exist they are zeros, which makes every distance exactly 0 (no yielding): the
+  forward has one form, initialised or not. For a forward that gradient checkpointing will
+  re-run, a snapshot, so that the re-run routes exactly as the first forward did.
 * :meth:`~SlidingClusters.update`: after a training forward, from the statistics the op
-  computed in its route pass: the initialisation (the first time) or the EMA step.
+  computed in its route pass: the initialisation (the first time; it reads token counts on
+  the host, once) or the EMA step (no host sync: a batch that would make a buffer non-finite
+  is dropped whole, and ``rejected_batches`` counts it; :func:`slim_kernels.routing_stats`
+  and the trainer integration's logs read it). Under torch.compile the update is one custom
+  op (``slim_kernels::cluster_update``): one opaque node, whichever of the two it does, so
+  the graph neither breaks nor changes when the clusters come into existence.
 
-The EMA step is a handful of whole-tensor ops, with no host sync: a batch that would make a
-buffer non-finite is dropped whole (``rejected_batches`` counts them, read by
-:func:`slim_kernels.routing_stats` and the trainer integration's logs). The initialisation
-reads token counts on the host (once); it runs as one custom op (``slim_kernels::
-cluster_init``), so that ``torch.compile`` sees a single opaque node and no graph break, and
-it tells the module whether it succeeded (``ready``), which selects the steady-state path.
 Under data parallelism the statistics are all-reduced before the step and the
 initialisation's draw is rank 0's (:mod:`slim_kernels.cluster_sync`), so every rank holds
 the same clusters.
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from . import cluster_sync as _dist
-from .ops.ema import cluster_ema_
+from .ops.ema import cluster_ema_, refresh_routing_
 from .routing import cluster_distance
 
 __all__ = ["SlidingClusters", "CLUSTER_KEYS", "DISTANCE_KEYS"]
@@ -43,16 +44,18 @@ DISTANCE_KEYS = ("distance_mean", "distance_var")
 # SlidingClusters by id: the initialisation op tells its module that it succeeded
 _OWNERS: Dict[int, "weakref.ReferenceType[SlidingClusters]"] = {}
 
-Routing = Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]
+Routing = Tuple[Tensor, Tensor, Tensor]
 
 
 class SlidingClusters(nn.Module):
     """C centres and per-channel variances of the inputs a layer was trained on (fp32
     buffers ``cluster_centers``, ``cluster_vars`` (C, K), ``cluster_initialized``), and with
     ``spread`` the running mean and variance of r (``distance_mean``, ``distance_var``, fp32
-    scalars). The buffers stay fp32 when the model is cast to another dtype."""
+    scalars). The buffers stay fp32 when the model is cast to another dtype. ``eps`` is the
+    variance floor (``SlimConfig.cluster_eps``)."""
 
-    def __init__(self, num_clusters: int, in_features: int, spread: bool, device=None) -> None:
+    def __init__(self, num_clusters: int, in_features: int, spread: bool, eps: float,
+                 device=None) -> None:
         super().__init__()
         C, K = num_clusters, in_features
         f32 = dict(device=device, dtype=torch.float32)
@@ -64,12 +67,17 @@ class SlidingClusters(nn.Module):
         if spread:
             self.register_buffer("distance_mean", torch.ones((), **f32))
             self.register_buffer("distance_var", torch.ones((), **f32))
+        # derived from the above (refresh): what the op routes with
+        self.register_buffer("inv_std", torch.zeros(C, K, **f32), persistent=False)
+        self.register_buffer("shift", torch.zeros(C, **f32), persistent=False)
         # batches left out of the EMA because they would have made a buffer non-finite
         self.register_buffer("rejected_batches", torch.zeros((), dtype=torch.int64,
                                                              device=device), persistent=False)
+        self.eps = float(eps)
         self.ready = False  # the host's copy of cluster_initialized
         self._snapshot: Optional[Tuple[Routing]] = None
         self._warned = False
+        self._seen = self._versions()  # what the routing tensors were derived from
         self._own()
         self.register_load_state_dict_post_hook(SlidingClusters._after_load)
 
@@ -92,6 +100,7 @@ class SlidingClusters(nn.Module):
     def _after_load(module: "SlidingClusters", incompatible) -> None:
         module.ready = bool(module.cluster_initialized)
         module._snapshot = None
+        module.refresh()
 
     def _apply(self, fn, recurse=True):
         # The statistics stay fp32 (the op requires it): a dtype cast of the model
@@ -116,6 +125,25 @@ class SlidingClusters(nn.Module):
                 self.distance_var.fill_(1.0)
         self.ready = False
         self._snapshot = None
+        self.refresh()
+
+    def set_eps(self, eps: float) -> None:
+        """A new variance floor: the routing tensors follow."""
+        self.eps = float(eps)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the routing tensors from the buffers (a loaded state dict, a reset, a new
+        ``eps``; in eager mode :meth:`routing` also notices any other write to the buffers)."""
+        if self.cluster_centers.device.type != "meta":
+            b = self._buffers
+            refresh_routing_(b["cluster_vars"], b["cluster_initialized"], b.get("distance_mean"),
+                             b.get("distance_var"), b["inv_std"], b["shift"], self.eps)
+        self._seen = self._versions()
+
+    def _versions(self) -> Tuple[int, ...]:
+        """The version counters of the buffers the routing tensors derive from."""
+        return tuple(t._version for t in self.tensors().values())
 
     @property
     def num_clusters(self) -> int:
@@ -128,59 +156,39 @@ class SlidingClusters(nn.Module):
         return {n: self._buffers[n] for n in names}
 
     # -- routing --------------------------------------------------------------------------
-    def routing(self, eps: float, snapshot: bool, recompute: bool) -> Routing:
-        """(centres, inv_std, shift) for the op, or None before the clusters exist (no
-        yielding). ``inv_std = 1/sqrt(v + eps)``; with ``spread``, divided by
-        ``sigma = sqrt(distance_var + eps)`` and ``shift = distance_mean / sigma`` for every
-        cluster, so that the op's ``d = r/sigma - mu/sigma`` (every reduce is positively
-        homogeneous). ``snapshot``: keep what this forward routes with for a checkpointed
-        re-run (``recompute``), which then gets exactly that."""
+    def routing(self, snapshot: bool, recompute: bool) -> Routing:
+        """(centres, inv_std, shift) for the op: ``inv_std = 1/sqrt(v + eps)`` and
+        ``shift = 1`` (the paper's d = r - 1); with ``spread`` divided by and ``mu`` over
+        ``sigma = sqrt(distance_var + eps)`` (every reduce is positively homogeneous, so the
+        op's d = (r - mu)/sigma); zeros before the clusters exist (d = 0). ``snapshot``: keep
+        a copy of what this forward routes with (the update writes the buffers in place) for
+        a checkpointed re-run (``recompute``), which then gets exactly that."""
         if recompute and self._snapshot is not None:
             return self._snapshot[0]
-        if not self.ready and not torch.compiler.is_compiling():
-            # before the first successful initialisation only (a host read): the flag may
-            # have been written from outside (a checkpoint loaded on rank 0, then DDP's
-            # broadcast of its buffers)
-            self.ready = bool(self.cluster_initialized)
-        out: Routing = None
-        if self.ready:
-            centers = self.cluster_centers
-            inv_std = (self.cluster_vars + eps).rsqrt()
-            shift = None
-            if self.spread:
-                sigma = (self.distance_var + eps).sqrt()
-                inv_std = inv_std / sigma
-                shift = (self.distance_mean / sigma).expand(self.num_clusters)
-            if snapshot:  # the EMA writes the centres in place after this forward
-                centers = centers.clone()
-            out = (centers, inv_std, shift)
+        if not torch.compiler.is_compiling() and self._versions() != self._seen:
+            self.refresh()  # a buffer was written from outside (e.g. by hand)
+        out = (self.cluster_centers, self.inv_std, self.shift)
         if snapshot:
+            out = tuple(t.clone() for t in out)
             self._snapshot = (out,)
         return out
 
     # -- the sliding update ---------------------------------------------------------------
-    @torch.no_grad()
-    def update(self, x: Tensor, keep: Optional[Tensor], stats: Optional[Tensor],
-               momentum: float, eps: float, reduce: str) -> None:
+    def update(self, x: Tensor, keep: Optional[Tensor], stats: Tensor, momentum: float,
+               reduce: str) -> None:
         """One training forward's update: the initialisation from ``x`` (T, K) while the
         clusters do not exist, else the EMA step from ``stats``, the op's (C, 2K + 3)
         statistics of the kept tokens (``keep`` (T,) bool or None, and finite)."""
-        if not self.ready:
-            s = self._buffers
-            _cluster_init(x.detach(), keep, s["cluster_centers"], s["cluster_vars"],
-                          s["cluster_initialized"], s.get("distance_mean"),
-                          s.get("distance_var"), float(eps), reduce, self._key)
-            return
-        self._ema(stats, momentum, eps)
-
-    def _ema(self, stats: Tensor, momentum: float, eps: float) -> None:
-        """The EMA step (:func:`slim_kernels.ops.ema.cluster_ema_torch` defines it): for each
-        cluster with tokens, c += mom·δ and v += mom·(var - v), δ and var the batch's mean
-        offset from c and variance; all or nothing (a non-finite statistic drops the batch)."""
-        _dist.all_reduce_sum_(stats)
         b = self._buffers
-        cluster_ema_(b["cluster_centers"], b["cluster_vars"], b["rejected_batches"], stats,
-                     momentum, b.get("distance_mean"), b.get("distance_var"), eps)
+        args = (x.detach(), keep, stats, b["cluster_centers"], b["cluster_vars"],
+                b["cluster_initialized"], b.get("distance_mean"), b.get("distance_var"),
+                b["inv_std"], b["shift"], b["rejected_batches"], float(momentum), self.eps,
+                reduce, self._key)
+        if torch.compiler.is_compiling():
+            _cluster_update(*args)
+        else:
+            _update(*args)
+            self._seen = self._versions()
 
     def check_rejected(self) -> int:
         """The number of batches left out of the EMA so far (a host read); warns once."""
@@ -198,17 +206,67 @@ def _warn_rejected() -> None:
         "were for that batch (docs/method.md §2)", RuntimeWarning, stacklevel=3)
 
 
-# -- the initialisation: one opaque op --------------------------------------------------------
+# -- the update: one opaque op under torch.compile --------------------------------------------
+def _owner(key: int) -> Optional[SlidingClusters]:
+    ref = _OWNERS.get(key)
+    return ref() if ref is not None else None
+
+
+@torch.no_grad()
+def _update(x: Tensor, keep: Optional[Tensor], stats: Tensor, centers: Tensor,
+            variances: Tensor, initialized: Tensor, distance_mean: Optional[Tensor],
+            distance_var: Optional[Tensor], inv_std: Tensor, shift: Tensor, rejected: Tensor,
+            momentum: float, eps: float, reduce: str, owner: int) -> None:
+    """:meth:`SlidingClusters.update` on the buffers given (``owner``: the module's key, whose
+    ``ready`` flag says which of the two steps runs)."""
+    mod = _owner(owner)
+    ready = mod is not None and mod.ready
+    if not ready:
+        # before the first initialisation only (a host read): the flag may have been set from
+        # outside, e.g. rank 0 loaded a checkpoint and DDP broadcast its buffers
+        ready = bool(initialized)
+        if ready:
+            refresh_routing_(variances, initialized, distance_mean, distance_var, inv_std, shift, eps)
+    if ready:
+        _dist.all_reduce_sum_(stats)
+        cluster_ema_(centers, variances, rejected, stats, momentum, distance_mean,
+                     distance_var, inv_std, shift, eps)
+    else:
+        ready = _init(x, keep, centers, variances, initialized, distance_mean, distance_var,
+                      eps, reduce)
+        if ready:
+            refresh_routing_(variances, initialized, distance_mean, distance_var, inv_std, shift, eps)
+    if mod is not None:
+        mod.ready = ready
+
+
 @torch.library.custom_op(
-    "slim_kernels::cluster_init",
-    mutates_args=("centers", "variances", "initialized", "distance_mean", "distance_var"))
-def _cluster_init(x: Tensor, keep: Optional[Tensor], centers: Tensor, variances: Tensor,
-                  initialized: Tensor, distance_mean: Optional[Tensor],
-                  distance_var: Optional[Tensor], eps: float, reduce: str, owner: int) -> None:
+    "slim_kernels::cluster_update",
+    mutates_args=("stats", "centers", "variances", "initialized", "distance_mean",
+                  "distance_var", "inv_std", "shift", "rejected"))
+def _cluster_update(x: Tensor, keep: Optional[Tensor], stats: Tensor, centers: Tensor,
+                    variances: Tensor, initialized: Tensor, distance_mean: Optional[Tensor],
+                    distance_var: Optional[Tensor], inv_std: Tensor, shift: Tensor,
+                    rejected: Tensor, momentum: float, eps: float, reduce: str,
+                    owner: int) -> None:
+    _update(x, keep, stats, centers, variances, initialized, distance_mean, distance_var,
+            inv_std, shift, rejected, momentum, eps, reduce, owner)
+
+
+@_cluster_update.register_fake
+def _(x, keep, stats, centers, variances, initialized, distance_mean, distance_var, inv_std,
+      shift, rejected, momentum, eps, reduce, owner):
+    return None
+
+
+def _init(x: Tensor, keep: Optional[Tensor], centers: Tensor, variances: Tensor,
+          initialized: Tensor, distance_mean: Optional[Tensor],
+          distance_var: Optional[Tensor], eps: float, reduce: str) -> bool:
     """Centres: C distinct random kept tokens of the *global* batch; variances: its
     per-channel variance (for every cluster). Needs at least max(C, 2) kept tokens over all
     ranks, else the clusters stay uninitialised (on every rank) until a later batch. A batch
     that would give non-finite centres or variances is skipped the same way, with a warning.
+    Returns whether the clusters exist now.
 
     The global batch is every rank's kept tokens in rank order. Rank 0 draws C distinct
     indices into it (a generator seeded from ``torch.initial_seed()``, not the global RNG)
@@ -233,7 +291,7 @@ def _cluster_init(x: Tensor, keep: Optional[Tensor], centers: Tensor, variances:
     per_rank = packed[:W].round().long().tolist()
     total = sum(per_rank)
     if total < max(C, 2):
-        return  # stay uninitialised (on every rank); try again on the next batch
+        return False  # stay uninitialised (on every rank); try again on the next batch
     n = packed[:W].sum()
     mean = packed[W: W + K] / n
     var = (packed[W + K:] / n - mean * mean).clamp_min(0.0).float()
@@ -249,28 +307,19 @@ def _cluster_init(x: Tensor, keep: Optional[Tensor], centers: Tensor, variances:
     # the same on every rank (all-reduced values): all stay uninitialised, or none
     if not bool(torch.isfinite(new_c).all() & torch.isfinite(var).all()):
         _warn_rejected()
-        return
+        return False
     new_v = var[None, :].expand(C, K)
     if distance_mean is not None:
         dstat = _distance_stats(xs, new_c, new_v, eps, reduce)
         if dstat is None:
             _warn_rejected()
-            return
+            return False
         distance_mean.copy_(dstat[0])
         distance_var.copy_(dstat[1])
     centers.copy_(new_c)
     variances.copy_(new_v)
     initialized.fill_(True)
-    ref = _OWNERS.get(owner)
-    mod = ref() if ref is not None else None
-    if mod is not None:
-        mod.ready = True
-
-
-@_cluster_init.register_fake
-def _(x, keep, centers, variances, initialized, distance_mean, distance_var, eps, reduce,
-      owner):
-    return None
+    return True
 
 
 def _distance_stats(xs: Tensor, centers: Tensor, variances: Tensor, eps: float,

@@ -111,7 +111,8 @@ class SlimLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(c.num_lora_experts, c.rank, K, **kw))
         self.lora_B = nn.Parameter(torch.zeros(c.num_lora_experts, N, c.rank, **kw))
         self.router = nn.Parameter(torch.empty(c.num_experts, K, **kw))
-        self.clusters = SlidingClusters(c.num_clusters, K, c.distance_scale == "spread", dev)
+        self.clusters = SlidingClusters(c.num_clusters, K, c.distance_scale == "spread",
+                                        c.cluster_eps, dev)
         self.tracker = RoutingTracker(c.num_lora_experts)
         self._config = config
         self.disabled = 0  # > 0 inside disable_slim: the base layer only
@@ -137,6 +138,8 @@ class SlimLinear(nn.Module):
                     f"was built with {getattr(self._config, name)!r}: {', '.join(BUILD_FIELDS)} "
                     f"fix the layer's parameters and buffers (build a new layer instead)")
         self._config = new
+        if new.cluster_eps != self.clusters.eps:
+            self.clusters.set_eps(new.cluster_eps)
 
     def get_base_layer(self) -> nn.Module:
         base = self._modules.get("base_layer")
@@ -243,30 +246,28 @@ class SlimLinear(nn.Module):
             x, W, b, A, B, R = (None if t is None else t.to(dt) for t in (x, W, b, A, B, R))
         E_L, r, K, N = c.num_lora_experts, c.rank, self.in_features, self.out_features
         x2 = x.reshape(-1, K)
-        recompute = not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+        compiling = torch.compiler.is_compiling()
+        recompute = not compiling and torch._C._current_graph_task_id() != -1
         updating = self.training and c.num_clusters > 0 and not recompute
-        route = None
+        centers = inv_std = shift = None
+        routed = c.num_clusters > 0 and self.clusters.ready  # (for the statistics)
         if c.num_clusters > 0:
-            route = self.clusters.routing(c.cluster_eps, updating and not torch.compiler.is_compiling(),
-                                          recompute)
+            centers, inv_std, shift = self.clusters.routing(updating and not compiling, recompute)
         keep = self._keep(x2.shape[0]) if updating or self.tracker.tracking else None
         x_lora = F.dropout(x2, c.lora_dropout, True) if self.training and c.lora_dropout > 0 else None
-        centers, inv_std, shift = (None, None, None) if route is None else route
-        stats = updating and route is not None
         y, gates, idx, dist, _, _, cstats = slim_linear_op_unchecked(
             x2, W, b, A.reshape(E_L * r, K), B.transpose(0, 1).reshape(N, E_L * r), R, E_L, c.top_k,
             c.scaling, c.yield_strength if c.num_identity_experts else 0.0, c.distance_reduce,
-            centers, inv_std, x_lora, c.backend, shift, stats, keep if stats else None)
+            centers, inv_std, x_lora, c.backend, shift, updating, keep if updating else None)
         # built in a checkpointed re-run too: non-reentrant checkpointing needs the re-run to
         # save the same tensors as the first forward
         balance = self._balance_loss(gates, idx)
         if not recompute:
             if updating:
-                self.clusters.update(x2, keep, cstats, c.cluster_momentum, c.cluster_eps,
-                                     c.distance_reduce)
+                self.clusters.update(x2, keep, cstats, c.cluster_momentum, c.distance_reduce)
             self.tracker.after_forward(balance)
             if self.tracker.tracking:
-                self.tracker.record(gates, dist, keep, route is not None)
+                self.tracker.record(gates, dist, keep, routed)
         return y.reshape(*x.shape[:-1], N)
 
     def _bad_input(self, x) -> None:

@@ -554,8 +554,8 @@ def _r(x, layer, centers=None, vars_=None):
 
 
 def test_distance_scale_none_calls_the_op_as_before(monkeypatch):
-    """distance_scale="none" (the default): no new buffer, no distance_shift, the same inv_std
-    as before: the op is called exactly as before the option existed."""
+    """distance_scale="none" (the default): no distance buffer; the op gets the shift 1 for
+    every cluster (d = r - 1, the paper's) and inv_std = 1/sqrt(v + eps)."""
     lin, layer = make_layer(K=8, N=5, dtype=torch.float32)
     assert not any(k.startswith("distance") for k in layer.state_dict())
     spy = _OpSpy(monkeypatch)
@@ -565,12 +565,12 @@ def test_distance_scale_none_calls_the_op_as_before(monkeypatch):
     var = layer.clusters.cluster_vars.clone()  # what the next forward routes with (then moves)
     layer(x)
     kw, out = spy.calls[-1]
-    assert kw["distance_shift"] is None
+    assert torch.equal(kw["distance_shift"], torch.ones(4))
     assert torch.equal(kw["inv_std"], (var + 1e-5).rsqrt())
     layer.eval()
     layer(x)
     kw, (_, _, _, d, _) = spy.calls[-1]
-    assert kw["distance_shift"] is None
+    assert torch.equal(kw["distance_shift"], torch.ones(4))
     assert torch.equal(kw["inv_std"], (layer.clusters.cluster_vars + 1e-5).rsqrt())
     r, _ = _r(x, layer)
     torch.testing.assert_close(d.double(), r - 1, rtol=1e-5, atol=1e-5)

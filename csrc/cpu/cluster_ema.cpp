@@ -8,6 +8,9 @@
 // and with the distance statistics (mu, sigma² of r, where the op's r is r / sigma):
 //   N = Σ n,  m = R1 / N,  s = max(R2 / N - m², 0),  sigma² = distance_var + eps,
 //   mu += mom (m sigma - mu),  distance_var += mom (s sigma² - distance_var)   (if N > 0).
+// Then the routing tensors: inv_std = 1 / sqrt(v + eps) and shift = 1, with the distance
+// statistics inv_std / sqrt(distance_var + eps) and shift = mu / sqrt(distance_var + eps)
+// (the same fp32 arithmetic as slim_kernels/ops/ema.py::refresh_routing_: bit-identical).
 // Otherwise nothing changes and rejected += 1.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
@@ -21,7 +24,8 @@ namespace {
 
 template <typename acc_t>
 void ema_impl(float* c, float* v, const acc_t* S, int64_t C, int64_t K, double momentum,
-              float* dmean, float* dvar, double eps, int64_t* rejected) {
+              float* dmean, float* dvar, float* inv_std, float* shift, double eps,
+              int64_t* rejected) {
   const int64_t L = 2 * K + 3;
   for (int64_t i = 0; i < C * L; ++i) {
     if (!std::isfinite(S[i])) {
@@ -56,12 +60,24 @@ void ema_impl(float* c, float* v, const acc_t* S, int64_t C, int64_t K, double m
     *dmean = static_cast<float>(mu + mom * (m * std::sqrt(sigma2) - mu));
     *dvar = static_cast<float>(*dvar + mom * (s * sigma2 - static_cast<acc_t>(*dvar)));
   }
+  const float feps = static_cast<float>(eps);
+  float sigma = 1.0f, sh = 1.0f;
+  if (dmean != nullptr) {
+    sigma = std::sqrt(*dvar + feps);
+    sh = *dmean / sigma;
+  }
+  for (int64_t i = 0; i < C * K; ++i) {
+    const float r = 1.0f / std::sqrt(v[i] + feps);
+    inv_std[i] = dmean != nullptr ? r / sigma : r;
+  }
+  for (int64_t j = 0; j < C; ++j) shift[j] = sh;
 }
 
 void cluster_ema_(at::Tensor& centers, at::Tensor& variances, at::Tensor& rejected,
                   const at::Tensor& stats, double momentum,
                   const c10::optional<at::Tensor>& distance_mean,
-                  const c10::optional<at::Tensor>& distance_var, double eps) {
+                  const c10::optional<at::Tensor>& distance_var, at::Tensor& inv_std,
+                  at::Tensor& shift, double eps) {
   const int64_t C = centers.size(0), K = centers.size(1);
   TORCH_CHECK(centers.device().is_cpu(), "cluster_ema_: CPU tensors");
   TORCH_CHECK(centers.scalar_type() == at::kFloat && variances.scalar_type() == at::kFloat &&
@@ -73,6 +89,10 @@ void cluster_ema_(at::Tensor& centers, at::Tensor& variances, at::Tensor& reject
               "cluster_ema_: stats must be contiguous (C, 2K + 3)");
   TORCH_CHECK(rejected.scalar_type() == at::kLong && rejected.numel() == 1,
               "cluster_ema_: rejected must be one int64");
+  TORCH_CHECK(inv_std.scalar_type() == at::kFloat && inv_std.is_contiguous() &&
+                  inv_std.sizes() == centers.sizes() && shift.scalar_type() == at::kFloat &&
+                  shift.is_contiguous() && shift.numel() == C,
+              "cluster_ema_: inv_std (C, K) and shift (C,) must be contiguous fp32");
   TORCH_CHECK(distance_mean.has_value() == distance_var.has_value(),
               "cluster_ema_: distance_mean and distance_var go together");
   float* dm = nullptr;
@@ -88,10 +108,12 @@ void cluster_ema_(at::Tensor& centers, at::Tensor& variances, at::Tensor& reject
   float* v = variances.data_ptr<float>();
   int64_t* rej = rejected.data_ptr<int64_t>();
   if (stats.scalar_type() == at::kDouble) {
-    ema_impl<double>(c, v, stats.data_ptr<double>(), C, K, momentum, dm, dv, eps, rej);
+    ema_impl<double>(c, v, stats.data_ptr<double>(), C, K, momentum, dm, dv,
+                     inv_std.data_ptr<float>(), shift.data_ptr<float>(), eps, rej);
   } else {
     TORCH_CHECK(stats.scalar_type() == at::kFloat, "cluster_ema_: stats must be fp32 or fp64");
-    ema_impl<float>(c, v, stats.data_ptr<float>(), C, K, momentum, dm, dv, eps, rej);
+    ema_impl<float>(c, v, stats.data_ptr<float>(), C, K, momentum, dm, dv,
+                    inv_std.data_ptr<float>(), shift.data_ptr<float>(), eps, rej);
   }
 }
 
@@ -102,7 +124,7 @@ TORCH_LIBRARY_FRAGMENT(slim_kernels_C, m) {
   m.def(
       "cluster_ema_(Tensor(a!) centers, Tensor(b!) variances, Tensor(c!) rejected, "
       "Tensor stats, float momentum, Tensor(d!)? distance_mean, Tensor(e!)? distance_var, "
-      "float eps) -> ()");
+      "Tensor(f!) inv_std, Tensor(g!) shift, float eps) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(slim_kernels_C, CPU, m) { m.impl("cluster_ema_", &slim_cpu::cluster_ema_); }

@@ -277,7 +277,7 @@ def _find_attention_mask(module: nn.Module, args: tuple, kwargs: dict) -> Option
         return None  # 4-D / float masks: no per-token padding information we can trust
     if m.is_floating_point():
         return None
-    return m != 0
+    return m  # the layers read it as bool (nonzero: a real token)
 
 
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):

@@ -1,10 +1,11 @@
 """The sliding update of the clusters (``docs/method.md`` §2) as one in-place op.
 
 :func:`cluster_ema_` applies a training forward's cluster statistics (the SLIM op's ``stats``,
-all-reduced under data parallelism) to the cluster buffers. :func:`cluster_ema_torch` is the
-definition, in whole-tensor PyTorch ops (what torch.compile traces and fuses); on CPU tensors
-the C++ extension's ``cluster_ema_`` does the same in one call, since in eager mode a dozen
-small ops cost more than the layer's kernels at small shapes.
+all-reduced under data parallelism) to the cluster buffers and the routing tensors derived
+from them. :func:`cluster_ema_torch` is the definition, in whole-tensor PyTorch ops; on CPU
+tensors the C++ extension's ``cluster_ema_`` does the same in one call, since a dozen small
+ops cost more than the layer's kernels at small shapes. (On CUDA the torch version runs: a
+fused kernel there is future work.)
 """
 from __future__ import annotations
 
@@ -15,20 +16,43 @@ from torch import Tensor
 
 from .backends import _ext
 
-__all__ = ["cluster_ema_", "cluster_ema_torch"]
+__all__ = ["cluster_ema_", "cluster_ema_torch", "refresh_routing_"]
+
+
+@torch.no_grad()
+def refresh_routing_(variances: Tensor, initialized: Optional[Tensor],
+                     distance_mean: Optional[Tensor],
+                     distance_var: Optional[Tensor], inv_std: Tensor, shift: Tensor,
+                     eps: float) -> None:
+    """The routing tensors the op takes, from the cluster state, in place: ``inv_std =
+    1/sqrt(v + eps)`` and ``shift = 1`` (the paper's d = r - 1), with a distance scale divided
+    by and ``mu`` over ``sigma = sqrt(distance_var + eps)`` (d = (r - mu)/sigma); zeros while
+    ``initialized`` is false (d = 0: no yielding; None: the clusters exist)."""
+    inv = (variances + eps).rsqrt()
+    sh = torch.ones_like(shift)
+    if distance_mean is not None:
+        sigma = (distance_var + eps).sqrt()
+        inv = inv / sigma
+        sh = (distance_mean / sigma).expand_as(shift)
+    if initialized is not None:
+        inv, sh = torch.where(initialized, inv, 0.0), torch.where(initialized, sh, 0.0)
+    inv_std.copy_(inv)
+    shift.copy_(sh)
 
 
 @torch.no_grad()
 def cluster_ema_torch(centers: Tensor, variances: Tensor, rejected: Tensor, stats: Tensor,
                       momentum: float, distance_mean: Optional[Tensor],
-                      distance_var: Optional[Tensor], eps: float) -> None:
+                      distance_var: Optional[Tensor], inv_std: Tensor, shift: Tensor,
+                      eps: float) -> None:
     """``stats`` (C, 2K + 3): per cluster j, ``[n, S1 = Σ(x - c_j), S2 = Σ(x - c_j)², R1 = Σr,
     R2 = Σr²]`` (shifted by the centre the tokens were routed to). If every entry is finite,
     for each cluster with n > 0: δ = S1/n, var = max(S2/n - δ², 0), ``c += mom·δ`` (that is
     (1 - mom)·c + mom·mean) and ``v += mom·(var - v)``; with the distance statistics (the
     op's r is r/sigma, sigma² = distance_var + eps; N = Σn, m = R1/N, s = max(R2/N - m², 0)):
     ``mu += mom·(m·sigma - mu)``, ``distance_var += mom·(s·sigma² - distance_var)`` when
-    N > 0. Otherwise nothing changes and ``rejected`` (an int64 counter) goes up by one."""
+    N > 0; then the routing tensors (:func:`refresh_routing_`). Otherwise nothing changes
+    and ``rejected`` (an int64 counter) goes up by one. The clusters exist (initialised)."""
     K = centers.shape[1]
     ok = torch.isfinite(stats).all()
     s = torch.where(ok, stats, 0.0)
@@ -48,6 +72,7 @@ def cluster_ema_torch(centers: Tensor, variances: Tensor, rejected: Tensor, stat
     centers.addcmul_(delta.float(), w.float())
     variances.lerp_(var.float(), w.float())
     rejected.add_(~ok)
+    refresh_routing_(variances, None, distance_mean, distance_var, inv_std, shift, eps)
 
 
 _HAS_CPP: list = []  # whether the extension has cluster_ema_ (looked up once)
@@ -55,18 +80,15 @@ _HAS_CPP: list = []  # whether the extension has cluster_ema_ (looked up once)
 
 def cluster_ema_(centers: Tensor, variances: Tensor, rejected: Tensor, stats: Tensor,
                  momentum: float, distance_mean: Optional[Tensor],
-                 distance_var: Optional[Tensor], eps: float) -> None:
-    """:func:`cluster_ema_torch`, in one C++ call on CPU tensors when the extension is built
-    (and in eager mode)."""
-    if torch.compiler.is_compiling():
-        return cluster_ema_torch(centers, variances, rejected, stats, momentum, distance_mean,
-                                 distance_var, eps)
+                 distance_var: Optional[Tensor], inv_std: Tensor, shift: Tensor,
+                 eps: float) -> None:
+    """:func:`cluster_ema_torch`, in one C++ call on CPU tensors when the extension is built."""
     if not _HAS_CPP:
         _HAS_CPP.append(_ext.has_op("cluster_ema_"))
     if stats.device.type == "cpu" and _HAS_CPP[0]:
         torch.ops.slim_kernels_C.cluster_ema_(centers, variances, rejected, stats.contiguous(),
                                               float(momentum), distance_mean, distance_var,
-                                              float(eps))
+                                              inv_std, shift, float(eps))
         return
     cluster_ema_torch(centers, variances, rejected, stats, momentum, distance_mean,
-                      distance_var, eps)
+                      distance_var, inv_std, shift, eps)
