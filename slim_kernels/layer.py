@@ -234,7 +234,7 @@ class SlimLinear(nn.Module):
         W, b = base.weight, base.bias
         if self._handler.quantized:  # dequantized for the op (docs/method.md §6)
             W, b = self._handler.weight(base).to(self.lora_A.dtype), None if b is None else b.detach()
-        if torch.is_autocast_enabled(dev):
+        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
             dt = torch.get_autocast_dtype(dev)
         elif x.dtype != W.dtype:
             raise TypeError(f"SlimLinear input has dtype {x.dtype} but the layer's weight is "
@@ -248,7 +248,8 @@ class SlimLinear(nn.Module):
         x2 = x.reshape(-1, K)
         compiling = torch.compiler.is_compiling()
         recompute = not compiling and torch._C._current_graph_task_id() != -1
-        updating = self.training and c.num_clusters > 0 and not recompute
+        # (a meta tensor has a shape, no values: nothing to learn the clusters from)
+        updating = self.training and c.num_clusters > 0 and not recompute and dev != "meta"
         centers = inv_std = shift = None
         routed = c.num_clusters > 0 and self.clusters.ready  # (for the statistics)
         if c.num_clusters > 0:

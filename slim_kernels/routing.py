@@ -88,13 +88,13 @@ def cluster_route(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str,
     ok = torch.isfinite(xf).all(1)
     if keep is not None:
         ok = ok & keep
+    C = centers.shape[0]
     feats = torch.cat([torch.ones_like(r)[:, None], diff, diff.square(), r[:, None],
                        r.square()[:, None]], dim=1)
-    feats = torch.where(ok[:, None], feats, 0.0)
-    # a scatter, not a one-hot GEMM: a cluster whose centre is not finite must not reach the
-    # other rows through 0 · NaN
-    out = feats.new_zeros(centers.shape[0], feats.shape[1])
-    return d, assign, out.index_add_(0, assign, feats)
+    # a scatter, not a one-hot GEMM (a cluster whose centre is not finite must not reach the
+    # other rows through 0 · NaN); the tokens left out go to a row C that is dropped
+    out = feats.new_zeros(C + 1, feats.shape[1]).index_add_(0, assign.masked_fill(~ok, C), feats)
+    return d, assign, out[:C]
 
 
 def cluster_distance(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str,

@@ -109,7 +109,7 @@ def _resolve(requested: str, device: str, dtype: torch.dtype, lora_cols: int, nu
             return name
         reasons.append(f"{name}: {why}")
     key = (dev_type, tuple(reasons))
-    if reasons and key not in _warned:
+    if reasons and key not in _warned and dev_type != "meta":  # (meta: shapes only)
         _warned.add(key)
         warnings.warn(
             "slim_kernels: no fused backend for this call ("
