@@ -23,7 +23,9 @@ still run (no stop at the first failure). In order:
    against the targets (fwd <= 1.10x base, 1.07x on the MLP shapes; fwd+bwd <= 1.16x /
    1.11x; >= 2x faster than the eager loop; >= 1.3x faster than compiled dense).
 5. ``kernel``: per-kernel times (route forward, fused linear, route backward with each way of
-   summing dB, dB GEMM, dx, [dA; dR]) and whether the deterministic dB repeats bit for bit.
+   summing dB, dB GEMM, dx, [dA; dR], and a training forward's route with the statistics'
+   per-token input and the cluster-statistics pass) and whether the deterministic dB and
+   cluster statistics repeat bit for bit; the statistics against the fp64 reference.
 6. ``decode``: T in {1, 16, 64}: the gradients as in 2, and forward times against the base.
 (The fp32 half of 2 runs last.)
 
@@ -81,6 +83,7 @@ from slim_kernels.bench.measuring import (flop_floor, quantiles, step, sync_fn, 
 from slim_kernels.bench.providers import providers_for  # noqa: E402
 from slim_kernels.ops import slim_linear_op  # noqa: E402
 from slim_kernels.ops.backends.triton import launch as tb  # noqa: E402
+from slim_kernels.reference import reference_cluster_stats  # noqa: E402
 
 DEV = "cpu" if ARGS.dry else "cuda"
 CUDA = DEV == "cuda"
@@ -340,11 +343,11 @@ def kernel_section(rep: Report, case: Case) -> None:
     dy = inp.dy
     E_L, ER, E = c.num_lora_experts, c.num_lora_experts * c.rank, c.E
 
-    def route_fwd():
+    def route_fwd(stats=False):
         return tb.route_forward(x, None, A, R, inp.centers, inp.inv_std, E_L, c.top_k,
-                                c.scaling, c.yield_strength, c.distance_reduce)
+                                c.scaling, c.yield_strength, c.distance_reduce, None, stats)
 
-    gates, idx, d, assign, h, hg = route_fwd()
+    gates, idx, d, assign, h, hg, _ = route_fwd()
     y = torch.empty(c.T, c.N, device=DEV, dtype=x.dtype)
     dhz, _, _ = tb.route_backward(dy, None, B, gates, h, E_L, c.scaling, db="gemm")
     dh, dz = dhz[:, :ER], dhz[:, ER:]
@@ -366,6 +369,11 @@ def kernel_section(rep: Report, case: Case) -> None:
         "base F.linear": lambda: F.linear(x, W, b),
         "base dx (dy W)": lambda: torch.mm(dy, W),
     }
+    per_token = None
+    if inp.centers is not None:  # a training forward: the cluster statistics' two passes
+        per_token = route_fwd(True)[6]
+        fns["route_fwd + stats input"] = lambda: route_fwd(True)
+        fns["cluster_stats"] = lambda: tb.cluster_statistics(x, inp.centers, *per_token)
     ms = timeit(fns)
     tag = shape_name(case)
     for n, v in ms.items():
@@ -384,6 +392,16 @@ def kernel_section(rep: Report, case: Case) -> None:
     for n, v in (("partials", d1), ("atomics", a1)):
         rep.check("kernel", f"{tag} dB {n} error", rel(v, ref),
                   2 * rel(dy.t() @ hg, ref) + 1e-5)
+    if per_token is not None:
+        rep.result("kernel", f"{tag} cluster_stats / route_fwd", "INFO",
+                   ms["cluster_stats"] / ms["route_fwd"], "", "the second pass over x")
+        s1 = tb.cluster_statistics(x, inp.centers, *per_token)
+        s2 = tb.cluster_statistics(x, inp.centers, *per_token)
+        rep.check("kernel", f"{tag} cluster stats: two runs differ (bits)",
+                  float(not torch.equal(s1, s2)), 0.0, note="deterministic")
+        want = reference_cluster_stats(x, inp.centers, inp.inv_std, assign, c.distance_reduce)
+        rep.check("kernel", f"{tag} cluster stats error (tf32x3 one-hot dots)", rel(s1, want),
+                  1e-5, note="vs the fp64 reference on the same x and assignment")
 
 
 def decode_section(rep: Report) -> None:

@@ -22,8 +22,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from slim_kernels.ops.backends.triton import kernels as K
-from slim_kernels.ops.backends.triton.launch import _pad16, route_config
-from slim_kernels.ops.backends.triton.tuning import bucket, linear_configs, split_k
+from slim_kernels.ops.backends.triton.launch import _pad16, route_config, stats_config
+from slim_kernels.ops.backends.triton.tuning import bucket, linear_configs, split_k, stats_groups
 
 # the benchmark shape: T=8192, K=N=4096, E_L=8, r=16, E_I=2, top_k=2, C=4
 BENCH = dict(T=8192, K=4096, N=4096, E_L=8, r=16, E_I=2, top_k=2, C=4)
@@ -151,8 +151,13 @@ def resources(compiled, arch: int) -> Dict[str, int]:
     out["n_spills"] = out["spill_stores"] + out["spill_loads"]
     out["shared"] = int(compiled.metadata.shared)
     out["wgmma"] = int("wgmma" in compiled.asm["ptx"])
+    out["mma_tf32"] = int(bool(re.search(r"mma\S*\.tf32", compiled.asm["ptx"])))
     out["i32_offsets"] = len(i32_offset_products(compiled.asm["ttir"]))
     return out
+
+
+def _cdiv(a, b):
+    return -(-a // b)
 
 
 def _ptr(dt):
@@ -179,22 +184,28 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
         R = ER // E_L if er is None else er // E_L
         RP, EP = _pad16(ER), _pad16(E)
         bt, bk, w, st, hb = route_config(RP, interpret=False, fp32=not half)
-        # without a distance shift (distance_scale="none"), and with one (the layer's "spread":
-        # one value expanded, stride 0)
-        for shift in (False, True):
+        # without a distance shift (distance_scale="none"), with one (the layer's "spread":
+        # one value expanded, stride 0), and a training forward's: the shift and the
+        # per-token input of the cluster statistics (a strided keep mask), also at the
+        # layer's default of 16 clusters
+        variants = [(False, False, C), (True, False, C), (True, True, C)]
+        variants += [(True, True, 16)] if C != 16 else []
+        for shift, stats, C_ in variants:
             specs.append(Spec(
                 "route_fwd_kernel",
-                f"ER={ER},C={C},BT={bt},BK={bk},HB={hb}" + (",SHIFT" if shift else ""),
+                f"ER={ER},C={C_},BT={bt},BK={bk},HB={hb}" + (",SHIFT" if shift else "")
+                + (",STATS" if stats else ""),
                 K.route_fwd_kernel,
                 dict(x_ptr=P, xl_ptr=P, a_ptr=P, r_ptr=P, c_ptr="*fp32", s_ptr="*fp32",
-                     sh_ptr="*fp32", gates_ptr="*fp32", idx_ptr="*i64", dist_ptr="*fp32",
-                     assign_ptr="*i64", h_ptr="*fp32", hg_ptr=P, T=T, K=Kd, stride_xt=Kd,
+                     sh_ptr="*fp32", keep_ptr="*u8", gates_ptr="*fp32", idx_ptr="*i64",
+                     dist_ptr="*fp32", assign_ptr="*i64", h_ptr="*fp32", hg_ptr=P,
+                     sj_ptr="*i32", rr_ptr="*fp32", T=T, K=Kd, stride_xt=Kd,
                      stride_xlt=Kd, stride_a=Kd, stride_r=Kd, stride_c=Kd, stride_s=Kd,
-                     stride_sh=0, scaling=2.0, lam=1.0),
-                dict(ER=ER, R=R, E=E, E_L=E_L, TOPK=s["top_k"], C=C, RP=hb, EP=EP,
-                     CP=max(1, 1 << (C - 1).bit_length()) if C else 1, HAS_XL=False, REDUCE=2,
-                     YIELD=bool(C and E_I), HAS_SHIFT=shift, UPCAST=False, DOT_PREC=prec,
-                     BLOCK_T=bt, BLOCK_K=bk),
+                     stride_sh=0, stride_keep=2, scaling=2.0, lam=1.0),
+                dict(ER=ER, R=R, E=E, E_L=E_L, TOPK=s["top_k"], C=C_, RP=hb, EP=EP,
+                     CP=max(1, 1 << (C_ - 1).bit_length()) if C_ else 1, HAS_XL=False, REDUCE=2,
+                     YIELD=bool(C_ and E_I), HAS_SHIFT=shift, STATS=stats, HAS_KEEP=stats,
+                     UPCAST=False, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk),
                 w, st))
         bt, bk, w, st, _ = route_config(RP, interpret=False, backward=True, fp32=not half)
         for db_mode in (0, 1, 2):  # dB: its own GEMM, fused with partials, fused with atomics
@@ -207,6 +218,20 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
                 dict(ER=ER, R=R, E=E, E_L=E_L, RP=RP, EP=EP, HAS_DG=False, DB_MODE=db_mode,
                      UPCAST=False, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk),
                 w, st, meta=dict(db_mode=db_mode)))
+    # the cluster statistics of a training forward, at the launcher's groups (132 SMs), for
+    # the shape's clusters and the layer's default 16
+    bt, bk, w, st = stats_config(interpret=False)
+    groups = stats_groups(T, Kd, bt, bk, 132)
+    group_len = _cdiv(_cdiv(T, groups), bt) * bt
+    for Cs in sorted({C, 16} - {0}):
+        specs.append(Spec(
+            "cluster_stats_kernel", f"C={Cs},BT={bt},BK={bk},G={groups}", K.cluster_stats_kernel,
+            dict(x_ptr=P, c_ptr="*fp32", sj_ptr="*i32", rr_ptr="*fp32", out_ptr="*fp32",
+                 T=T, K=Kd, group_len=group_len, stride_xt=Kd, stride_c=Kd,
+                 stride_og=Cs * (2 * Kd + 3) if groups > 1 else 0, stride_oc=2 * Kd + 3),
+            dict(C=Cs, CP=max(16, 1 << (Cs - 1).bit_length()), DOT_PREC="tf32x3", BLOCK_T=bt,
+                 BLOCK_K=bk),
+            w, st, meta=dict(groups=groups)))
     ER = E_L * r
     base = dict(a1_ptr=P, b1_ptr=P, a2_ptr=P, b2_ptr=P, a3_ptr=P, b3_ptr=P,
                 bias_ptr=P, out_ptr=P, s_bias=1)  # a contiguous bias (launch passes 1 without)

@@ -39,6 +39,8 @@ def test_gpu_check_dry_run(tmp_path):
             assert (("ratio", f"{s} {mode} eager_loop / slim_triton") in names)
         assert names[("kernel", f"{s} dB partials: two runs differ (max abs)")] == "PASS"
         assert names[("kernel", f"{s} dB atomics error")] == "PASS"
+        assert names[("kernel", f"{s} cluster stats: two runs differ (bits)")] == "PASS"
+        assert names[("kernel", f"{s} cluster stats error (tf32x3 one-hot dots)")] == "PASS"
     assert ("ratio", f"{shapes[0]} forward+backward compiled_dense / slim_triton") in names
     for T in (1, 4):
         assert names[("decode", f"bf16 T={T},48x48 dB")] == "PASS"

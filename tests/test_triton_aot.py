@@ -2,10 +2,11 @@
 
 The interpreter (TRITON_INTERPRET=1, set by conftest.py) turns @triton.jit functions into
 interpreted ones that cannot be compiled, so the compile runs in a subprocess without it:
-``python benchmarks/triton_aot.py`` compiles the route kernels (route backward with each way
-of summing dB) and the fused linear as forward, as the split-K [dA; dR] weight gradient and
-as a decode forward, at the benchmark shape (bf16, T=8192, K=N=4096, E_L·r=128) for both
-targets. The full table (every config and variant, E_L·r = 1024, fp32) is written by
+``python benchmarks/triton_aot.py`` compiles the route kernels (route forward with and
+without the per-token input of the cluster statistics, route backward with each way of
+summing dB), the cluster-statistics kernel (also at 16 clusters) and the fused linear as
+forward, as the split-K [dA; dR] weight gradient and as a decode forward, at the benchmark
+shape (bf16, T=8192, K=N=4096, E_L·r=128) for both targets. The full table (every config and variant, E_L·r = 1024, fp32) is written by
 ``benchmarks/triton_resources.py`` to ``benchmarks/triton_resources.csv``.
 
 Besides registers and shared memory, every compile is checked for int32 offset arithmetic:
@@ -33,22 +34,44 @@ def _ptxas_available():
         return False
 
 
-@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is not available")
-def test_aot_compile_sm80_sm90():
+needs_ptxas = pytest.mark.skipif(not _ptxas_available(),
+                                 reason="triton's bundled ptxas is not available")
+
+
+def _at_16_clusters(row):
+    return row["kernel"] == "route_fwd_kernel" and ",C=16," in row["variant"]
+
+
+@pytest.fixture(scope="module")
+def aot_rows():
+    """One JSON row per compile of ``python benchmarks/triton_aot.py`` (the quick set)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_aot.py")], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+@needs_ptxas
+def test_aot_compile_sm80_sm90(aot_rows):
+    rows = aot_rows
     kernels = {(row["kernel"], row["arch"]) for row in rows}
-    for name in ("route_fwd_kernel", "route_bwd_kernel", "fused_linear_kernel"):
+    for name in ("route_fwd_kernel", "route_bwd_kernel", "fused_linear_kernel",
+                 "cluster_stats_kernel"):
         for arch in ("sm_80", "sm_90"):
             assert (name, arch) in kernels, f"{name} not compiled for {arch}"
     variants = {row["variant"].split(",")[0] for row in rows}
     assert {"fwd", "wgrad_dAR", "decode_fwd"} <= variants, variants
     assert any("DB=1" in row["variant"] for row in rows)  # dB summed in route backward
+    # a training forward's route kernel, and the statistics at the layer's default 16 clusters
+    assert any("STATS" in row["variant"] and "C=16" in row["variant"] for row in rows
+               if row["kernel"] == "route_fwd_kernel")
+    stats = [row for row in rows if row["kernel"] == "cluster_stats_kernel"]
+    assert any(row["variant"].startswith("C=16,") for row in stats), stats
+    for row in stats:  # the one-hot dots run tf32x3 on tensor cores (mma.sync, 16-row tiles)
+        assert row["mma_tf32"] == 1 and row["wgmma"] == 0, row
     for row in rows:
         assert row["n_regs"] > 0, row
         assert row["shared"] <= row["smem_limit"], f"shared memory over the limit: {row}"
@@ -59,10 +82,26 @@ def test_aot_compile_sm80_sm90():
             big = int(row["variant"].split(",")[1].split("x")[0]) >= 64
             assert row["wgmma"] == (1 if row["arch"] == "sm_90" and big else 0), row
     # the benchmark-shape kernels fit in registers on sm_90 (the route kernels once spilled;
-    # see route_config; loop-carried pointer tensors spilled in the fused linear)
+    # see route_config; loop-carried pointer tensors spilled in the fused linear); the route
+    # kernel at 16 clusters is the known exception below
     for row in rows:
-        if row["arch"] == "sm_90":
+        if row["arch"] == "sm_90" and not _at_16_clusters(row):
             assert row["n_spills"] == 0, row
+    for row in stats:  # on both architectures
+        assert row["n_spills"] == 0, row
+
+
+@needs_ptxas
+@pytest.mark.xfail(strict=True, reason="known: route_fwd_kernel spills at C = 16 (the layer's "
+                   "default; the benchmark shape has 4), with or without STATS (sm_90: 76 bytes "
+                   "without, 64 with). Its unrolled per-cluster loop grows with C; no launch "
+                   "configuration tried (BLOCK_T, BLOCK_K 32 or 64, 1-3 stages, 8 warps) "
+                   "removes it. Strict: this fails once it no longer spills.")
+def test_route_fwd_fits_in_registers_at_16_clusters(aot_rows):
+    rows = [row for row in aot_rows if _at_16_clusters(row)]
+    assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
+    for row in rows:
+        assert row["n_spills"] == 0, row
 
 
 _TTIR = """\

@@ -4,8 +4,11 @@
 //
 // Forward:  [h | z] = x [A_all; R]ᵀ (one GEMM; two when x_lora is given)
 //           route_forward -> gates, idx, d, assign, h (acc), hg = s g ⊙ h
-//           (d = r - distance_shift[j*], or r - 1 without a shift)
+//           (d = r - distance_shift[j*], or r - 1 without a shift; with cluster_stats also
+//           j* of each kept token and r, the statistics' per-token input)
 //           y = x Wᵀ + b, then y += hg B_allᵀ into the same output (addmm_, beta = 1)
+//           cluster_stats (when asked for) -> the (C, 2K + 3) statistics: a second pass
+//           over x, per token group; the group partials summed in order (at::sum)
 // Backward: dhg = dy B_all;  route_backward -> dz, dh, hg
 //           dB = dyᵀ hg, dA = dhᵀ x_lora, dR = dzᵀ x, dx = dy W + dz R (+ dh A_all)
 #include <ATen/core/Tensor.h>
@@ -13,6 +16,8 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -47,7 +52,9 @@ std::vector<at::Tensor> cuda_forward(const at::Tensor& x_, const c10::optional<a
                                      const c10::optional<at::Tensor>& inv_std,
                                      const c10::optional<at::Tensor>& distance_shift,
                                      int64_t EL, int64_t top_k, double scaling,
-                                     double yield_strength, int64_t reduce, int64_t /*mode*/) {
+                                     double yield_strength, int64_t reduce, int64_t /*mode*/,
+                                     const c10::optional<at::Tensor>& stats_keep,
+                                     bool stats_wanted) {
   TORCH_CHECK(x_.is_cuda(), "slim_kernels_C.cuda_forward: x must be a CUDA tensor");
   c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous();
@@ -91,6 +98,20 @@ std::vector<at::Tensor> cuda_forward(const at::Tensor& x_, const c10::optional<a
   auto dist = at::empty({T}, aopt);
   auto assign = at::empty({T}, x.options().dtype(at::kLong));
   auto hg = at::empty({T, R}, x.options());
+  // the statistics' per-token input: j* of a kept token (else -1) and r before the shift
+  const bool want_stats = stats_wanted && clusters;
+  at::Tensor keep, stats_j, stats_r;
+  if (want_stats) {
+    if (stats_keep.has_value()) {
+      TORCH_CHECK(stats_keep->dim() == 1 && stats_keep->size(0) == T &&
+                      stats_keep->scalar_type() == at::kBool,
+                  "slim_kernels_C.cuda_forward: stats_keep must be a (T,) bool tensor");
+      // read through its stride, as bytes
+      keep = stats_keep->to(x.device()).view(at::kByte);
+    }
+    stats_j = at::empty({T}, x.options().dtype(at::kInt));
+    stats_r = at::empty({T}, aopt);
+  }
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   check(route_forward(dtype_code(x.scalar_type()), T, K, E, EL, r, clusters ? c.size(0) : 0,
                       top_k, scaling, yield_strength, static_cast<int>(reduce), x.data_ptr(),
@@ -100,13 +121,38 @@ std::vector<at::Tensor> cuda_forward(const at::Tensor& x_, const c10::optional<a
                       ld_z, clusters ? c.data_ptr<float>() : nullptr,
                       clusters ? s.data_ptr<float>() : nullptr,
                       sh.defined() ? sh.data_ptr<float>() : nullptr,
-                      sh.defined() ? sh.stride(0) : 0, h.data_ptr(), gates.data_ptr(),
+                      sh.defined() ? sh.stride(0) : 0,
+                      keep.defined() ? keep.data_ptr<uint8_t>() : nullptr,
+                      keep.defined() ? keep.stride(0) : 0, h.data_ptr(), gates.data_ptr(),
                       idx.data_ptr<int64_t>(), dist.data_ptr(), assign.data_ptr<int64_t>(),
-                      hg.data_ptr(), stream),
+                      hg.data_ptr(), want_stats ? stats_j.data_ptr<int32_t>() : nullptr,
+                      want_stats ? stats_r.data_ptr() : nullptr, stream),
         "route_forward");
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   y.addmm_(hg, B.t());  // the gated expand accumulated into the same output
-  return {y, gates, idx, dist, assign, h};
+  at::Tensor stats;
+  if (want_stats) {
+    const int64_t C = c.size(0);
+    if (T == 0) {
+      stats = at::zeros({C, 2 * K + 3}, aopt);  // no token: all zeros
+    } else {  // every entry is written: by the kernel, or by the sum of the group partials
+      stats = at::empty({C, 2 * K + 3}, aopt);
+      const int64_t groups = cluster_stats_groups(T, K);
+      at::Tensor dst = groups > 1 ? at::empty({groups, C, 2 * K + 3}, aopt) : stats;
+      check(cluster_stats(dtype_code(x.scalar_type()), T, K, C, groups, x.data_ptr(),
+                          c.data_ptr<float>(), stats_j.data_ptr<int32_t>(), stats_r.data_ptr(),
+                          dst.data_ptr(), groups > 1 ? dst.stride(0) : 0, stream),
+            "cluster_stats");
+      if (groups > 1) {  // a fixed-order sum over the groups (dim 0, spelled out: a bare 0
+                         // could read as "no dims", a sum over everything)
+        const int64_t group_dim[] = {0};
+        at::sum_out(stats, dst, at::IntArrayRef(group_dim));
+      }
+    }
+  } else {
+    stats = at::empty({0, 2 * K + 3}, aopt);
+  }
+  return {y, gates, idx, dist, assign, h, stats};
 }
 
 std::vector<at::Tensor> cuda_backward(const at::Tensor& dy_, const c10::optional<at::Tensor>& dgates,
@@ -165,7 +211,7 @@ TORCH_LIBRARY_FRAGMENT(slim_kernels_C, m) {
       "cuda_forward(Tensor x, Tensor? x_lora, Tensor weight, Tensor? bias, Tensor lora_A, "
       "Tensor lora_B, Tensor router, Tensor? centers, Tensor? inv_std, Tensor? distance_shift, "
       "int num_lora_experts, int top_k, float scaling, float yield_strength, int reduce, "
-      "int mode) -> Tensor[]");
+      "int mode, Tensor? stats_keep, bool cluster_stats) -> Tensor[]");
   m.def(
       "cuda_backward(Tensor dy, Tensor? dgates, Tensor x, Tensor? x_lora, Tensor weight, "
       "Tensor lora_A, Tensor lora_B, Tensor router, Tensor gates, Tensor h, "

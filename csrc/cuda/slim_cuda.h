@@ -28,13 +28,33 @@ constexpr int kMaxExperts = 64;
 // h_in / z_in are the GEMM outputs [x_lora A_allᵀ | x Rᵀ] in the data dtype, with leading
 // dimensions ld_h / ld_z. gates, dist and h_out are in the acc dtype (fp64 for kF64, else
 // fp32); hg in the data dtype; idx (T, top_k) and assign (T,) int64.
+// With stats_j != nullptr (and clusters) it also writes the per-token input of
+// cluster_stats: stats_j[t] = j* when the token is kept (every entry of x[t] finite, and
+// keep[t * keep_stride] != 0 when keep != nullptr), else -1; stats_r[t] = r, the reduced
+// distance before the shift (acc dtype).
 cudaError_t route_forward(DType dtype, int64_t T, int64_t K, int64_t E, int64_t EL, int64_t r,
                           int64_t C, int64_t top_k, double scaling, double yield_strength,
                           int reduce, const void* x, const void* h_in, int64_t ld_h,
                           const void* z_in, int64_t ld_z, const float* centers,
                           const float* inv_std, const float* shift, int64_t shift_stride,
-                          void* h_out, void* gates, int64_t* idx, void* dist, int64_t* assign,
-                          void* hg, cudaStream_t stream);
+                          const uint8_t* keep, int64_t keep_stride, void* h_out, void* gates,
+                          int64_t* idx, void* dist, int64_t* assign, void* hg,
+                          int32_t* stats_j, void* stats_r, cudaStream_t stream);
+
+// Token groups of cluster_stats for T tokens and K channels on the current device (its SM
+// count, asked from the runtime without a sync): 1 when the column blocks alone give 4 blocks
+// per SM, else enough groups for that, each >= 256 tokens, at most 16.
+int64_t cluster_stats_groups(int64_t T, int64_t K);
+
+// The (C, 2K + 3) cluster statistics (csrc/common/cluster_stats.h) from x (T, K) contiguous
+// in `dtype`, the centres (C, K) fp32 contiguous, and route_forward's stats_j / stats_r.
+// out: `groups` partials (acc dtype) of (C, 2K + 3) each, group_stride apart (0 when
+// groups = 1: the result itself); the caller sums them over the groups in order. Grid
+// (ceil(K / 32) + 1, groups), 32 x rows threads; deterministic (no atomics).
+cudaError_t cluster_stats(DType dtype, int64_t T, int64_t K, int64_t C, int64_t groups,
+                          const void* x, const float* centers, const int32_t* stats_j,
+                          const void* stats_r, void* out, int64_t group_stride,
+                          cudaStream_t stream);
 
 // Backward route epilogue, one CUDA block per token (chain rule of
 // slim_kernels/ops/torch_backend.py::backward):

@@ -18,6 +18,8 @@ import torch
 from slim_kernels.ops.backends.triton import launch as tb
 from slim_kernels.ops.backends.triton import tuning
 
+from slim_kernels.reference import reference_cluster_stats
+
 from ._harness import (CASES, LOW, Target, check, dtypes, make_inputs,
                        reference_lowp, run_backend, truth)
 
@@ -25,7 +27,8 @@ if tb._IMPORT_ERROR is not None:  # pragma: no cover
     pytest.skip(f"triton does not import: {tb._IMPORT_ERROR}", allow_module_level=True)
 
 ARG_NAMES = {n: list(getattr(tb._k, n).arg_names)
-             for n in ("route_fwd_kernel", "route_bwd_kernel", "fused_linear_kernel")}
+             for n in ("route_fwd_kernel", "route_bwd_kernel", "fused_linear_kernel",
+                       "cluster_stats_kernel")}
 
 
 # ------------------------------------------------------------------------------------------
@@ -92,15 +95,19 @@ class FakeGPU:
                 + list(self.autotuned))
 
 
-def meta_call(T=37, K=45, N=29, E_L=3, r=5, E_I=2, dtype=torch.bfloat16, backward=True):
-    """forward (and backward) of the triton launcher on meta tensors."""
+def meta_call(T=37, K=45, N=29, E_L=3, r=5, E_I=2, dtype=torch.bfloat16, backward=True,
+              stats=False):
+    """forward (and backward) of the triton launcher on meta tensors; ``stats``: with the
+    cluster statistics (and a strided stats_keep)."""
     m = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
     ER, E = E_L * r, E_L + E_I
     x, W, b = m(T, K), m(N, K), m(N)
     A, B, R = m(ER, K), m(N, ER), m(E, K)
     cen, isd = m(2, K, dt=torch.float32), m(2, K, dt=torch.float32)
-    y, gates, idx, d, assign, h = tb.forward(x, None, W, b, A, B, R, cen, isd, E_L, 2, 0.5,
-                                             1.0, "rms")
+    keep = m(2 * T, dt=torch.bool)[::2] if stats else None
+    y, gates, idx, d, assign, h, st = tb.forward(x, None, W, b, A, B, R, cen, isd, E_L, 2, 0.5,
+                                                 1.0, "rms", None, stats, keep)
+    assert st.shape == ((2, 2 * K + 3) if stats else (0, 2 * K + 3))
     if backward:
         tb.backward(m(T, N), None, x, None, W, A, B, R, gates, h, E_L, 0.5)
     return x
@@ -113,10 +120,11 @@ def test_every_launch_runs_on_the_inputs_device(monkeypatch):
     """Triton launches on the current device: forward and backward make it x's for every
     kernel (route, fused linear, autotuned or not)."""
     gpu = FakeGPU(monkeypatch)
-    x = meta_call()
+    x = meta_call(stats=True)
     launches = gpu.launches + gpu.autotuned
     names = {x.name for x in launches}
-    assert names == {"route_fwd_kernel", "route_bwd_kernel", "fused_linear_kernel"}, names
+    assert names == {"route_fwd_kernel", "route_bwd_kernel", "fused_linear_kernel",
+                     "cluster_stats_kernel"}, names
     for launch in launches:
         assert launch.device == x.device, (launch.name, launch.device)
     assert gpu.current == []
@@ -327,3 +335,123 @@ def test_fused_db_matches_reference(monkeypatch, db, name, dtype):
         check(got, truth(case, inp), dtype, baselines, f"triton {db} {name} {dtype}")
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+# ------------------------------------------------------------------------------------------
+# cluster statistics: a second pass over x in token groups, partials summed in group order
+# ------------------------------------------------------------------------------------------
+def test_stats_groups_choice():
+    # the target shape on 132 SMs: 65 programs per group (64 K blocks + the [1, r, r²] one)
+    assert tuning.stats_groups(8192, 4096, 64, 64, 132) == 5
+    assert tuning.stats_groups(8192, 14336, 64, 64, 132) == 2
+    assert tuning.stats_groups(8192, 32768, 64, 64, 132) == 1  # 513 programs: enough
+    assert tuning.stats_groups(500, 4096, 64, 64, 132) == 1  # too few tokens to split
+    assert tuning.stats_groups(10**6, 64, 64, 64, 132) == 8  # capped
+
+
+def test_stats_launches(monkeypatch):
+    """With cluster_stats the route kernel gets STATS (and the strided keep mask as bytes,
+    through its stride) and one cluster_stats launch follows on x's device: grid (K blocks
+    + 1, groups), tf32x3 one-hot dots on a GPU, group partials (G, C, 2K + 3). Without it,
+    neither."""
+    gpu = FakeGPU(monkeypatch, sms=132)
+    meta_call(T=8192, K=4096, N=64, E_L=2, r=4, backward=False, stats=True)
+    fwd, = [x for x in gpu.launches if x.name == "route_fwd_kernel"]
+    assert fwd.args["STATS"] and fwd.args["HAS_KEEP"] and fwd.args["stride_keep"] == 2
+    assert fwd.args["keep_ptr"].dtype == torch.uint8
+    assert fwd.args["sj_ptr"].dtype == torch.int32 and fwd.args["sj_ptr"].shape == (8192,)
+    st, = [x for x in gpu.launches if x.name == "cluster_stats_kernel"]
+    assert st.device == fwd.device
+    assert st.grid == (4096 // 64 + 1, 5)
+    assert st.args["group_len"] == 1664  # 26 tiles of 64 tokens; 5 groups cover 8192
+    assert st.args["out_ptr"].shape == (5, 2, 2 * 4096 + 3)
+    assert st.args["stride_og"] == 2 * (2 * 4096 + 3)
+    assert st.args["DOT_PREC"] == "tf32x3" and st.args["CP"] == 16
+    gpu.launches.clear()
+    meta_call(T=8192, K=4096, N=64, E_L=2, r=4, backward=False, stats=False)
+    fwd, = [x for x in gpu.launches if x.name == "route_fwd_kernel"]
+    assert not fwd.args["STATS"] and not fwd.args["HAS_KEEP"]
+    assert not [x for x in gpu.launches if x.name == "cluster_stats_kernel"]
+
+
+def _stats_inputs(dtype, seed=0, T=70, K=37, C=4):
+    """x (T, K), centres, inv_std, and route_fwd's per-token (sj, r) with a keep mask."""
+    case = CASES["stats_keep"].but(T=T, K=K, C=C, seed=seed)
+    inp = make_inputs(case, dtype)
+    out = tb.route_forward(inp["x"], None, inp["lora_A"], inp["router"], inp["centers"],
+                           inp["inv_std"], case.E_L, case.top_k, case.scaling, case.lam,
+                           case.reduce, inp["distance_shift"], True, inp["stats_keep"])
+    assign, (sj, r) = out[3], out[6]
+    return case, inp, assign, sj, r
+
+
+@pytest.mark.skipif(not tb._INTERPRET, reason="runs kernels under the Triton interpreter")
+@dtypes()
+@pytest.mark.parametrize("groups", [1, 2, 3, 5])
+def test_stats_groups_match_reference(dtype, groups):
+    """route_fwd's per-token j* (or -1: not kept) and r, then the statistics in 1..5 token
+    groups (the last one partial), against the reference on the same x: the count exactly,
+    the sums to the accumulation dtype's tolerance (fp32 for half x: x is exact in fp32)."""
+    case, inp, assign, sj, r = _stats_inputs(dtype)
+    keep = inp["stats_keep"]
+    assert torch.equal(sj.long(), torch.where(keep, assign, -1))
+    got = tb.cluster_statistics(inp["x"], inp["centers"], sj, r, groups=groups)
+    want = reference_cluster_stats(inp["x"], inp["centers"], inp["inv_std"], assign,
+                                   case.reduce, keep)
+    assert got.dtype == want.dtype and got.shape == want.shape == (case.C, 2 * case.K + 3)
+    assert torch.equal(got[:, 0], want[:, 0])
+    assert bool((want[:, 0] > 0).all()), "every cluster should have tokens"
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    e = (got.double() - want.double()).norm() / want.double().norm()
+    assert e <= tol, e
+
+
+@pytest.mark.skipif(not tb._INTERPRET, reason="runs kernels under the Triton interpreter")
+@dtypes(torch.float32, torch.bfloat16)
+def test_stats_are_bit_identical_across_runs(monkeypatch, dtype):
+    """The same call twice gives the same bits (no atomics; group partials summed in order),
+    through the backend's forward, with the token groups forced to 3."""
+    monkeypatch.setattr(tb, "stats_groups", lambda *a, **k: 3)
+    case = CASES["stats_keep"].but(T=70, seed=31)
+    inp = make_inputs(case, dtype)
+    runs = [run_backend(Target("triton", "cpu"), case, inp)["stats"] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    assert runs[0].view(torch.int32 if runs[0].dtype == torch.float32 else torch.int64).equal(
+        runs[1].view(torch.int32 if runs[1].dtype == torch.float32 else torch.int64))
+
+
+@pytest.mark.skipif(not tb._INTERPRET, reason="runs kernels under the Triton interpreter")
+@dtypes(torch.float64, torch.float32, torch.bfloat16)
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_bad_centre_or_r_poisons_its_own_row_only(dtype, groups, value):
+    """A non-finite centre entry of cluster 1, with tokens assigned to every cluster (given
+    directly: through the op a non-finite centre takes every token), makes row 1 non-finite
+    and leaves every other row bit-identical to the clean call: no 0 · NaN through the
+    one-hot dot. The same for a non-finite r of one token of cluster 2 (an inv_std that
+    makes its r NaN): only row 2's Σr and Σr² change."""
+    case, inp, assign, sj, r = _stats_inputs(dtype)
+    x, cen = inp["x"], inp["centers"]
+    assert all(bool((sj == j).any()) for j in range(case.C))
+    clean = tb.cluster_statistics(x, cen, sj, r, groups=groups)
+    assert bool(torch.isfinite(clean).all())
+
+    bad_c = cen.clone()
+    bad_c[1, 5] = value
+    got = tb.cluster_statistics(x, bad_c, sj, r, groups=groups)
+    others = torch.tensor([j != 1 for j in range(case.C)])
+    assert torch.equal(got[others], clean[others])
+    K = case.K
+    bad_cols = torch.zeros(2 * K + 3, dtype=torch.bool)
+    bad_cols[[1 + 5, 1 + K + 5]] = True
+    assert bool((~torch.isfinite(got[1, bad_cols])).all())
+    assert torch.equal(got[1, ~bad_cols], clean[1, ~bad_cols])
+
+    bad_r = r.clone()
+    t = int((sj == 2).nonzero()[0])
+    bad_r[t] = value
+    got = tb.cluster_statistics(x, cen, sj, bad_r, groups=groups)
+    others = torch.tensor([j != 2 for j in range(case.C)])
+    assert torch.equal(got[others], clean[others])
+    assert bool((~torch.isfinite(got[2, -2:])).all())
+    assert torch.equal(got[2, :-2], clean[2, :-2])

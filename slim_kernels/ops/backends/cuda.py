@@ -2,7 +2,10 @@
 
 Forward: ``[h | z] = x [A_all; R]ᵀ`` in one GEMM, the route kernel (cluster distance,
 yielding, top-k, softmax, gating) writes gates/indices/distance and ``hg``; then
-``y = x Wᵀ + b`` and ``y += hg B_allᵀ`` into the same output. Backward: ``dhg = dy B_all``,
+``y = x Wᵀ + b`` and ``y += hg B_allᵀ`` into the same output. With ``cluster_stats`` the route
+kernel also writes each kept token's cluster and r, and a statistics kernel
+(``csrc/common/cluster_stats.h``) makes the second pass over x, per token group, with no
+atomics; the group partials are summed in order. Backward: ``dhg = dy B_all``,
 the route-backward kernel (``dg``, softmax/top-k backward to ``dz``, ``dh``), then the weight
 and input GEMMs. Same interface as :mod:`slim_kernels.ops.backends.torch`.
 
@@ -59,19 +62,12 @@ def forward(
     if router.shape[0] > MAX_EXPERTS:
         raise ValueError(f"the cuda backend handles at most {MAX_EXPERTS} experts, "
                          f"got {router.shape[0]}; use backend='torch' or 'triton'")
-    y, gates, idx, d, assign, h = torch.ops.slim_kernels_C.cuda_forward(
+    y, gates, idx, d, assign, h, stats = torch.ops.slim_kernels_C.cuda_forward(
         x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
         distance_shift, int(num_lora_experts), int(top_k), float(scaling),
-        float(yield_strength), reduce_code(distance_reduce), 0,
+        float(yield_strength), reduce_code(distance_reduce), 0, stats_keep,
+        bool(cluster_stats),
     )
-    # TEMPORARY (replaced by the kernels' own statistics): the torch routing helper
-    from ...routing import cluster_route
-    from ..op import stats_shape
-    if cluster_stats and centers is not None:
-        _, _, stats = cluster_route(x, centers, inv_std, distance_reduce, distance_shift, True,
-                                    stats_keep)
-    else:
-        stats = x.new_zeros(stats_shape(0, x.shape[1]), dtype=gates.dtype)
     return y, gates, idx, d, assign, h, stats
 
 

@@ -1,6 +1,6 @@
 """The SLIM Triton kernels (``docs/method.md`` §6). Pure kernels: no torch, no launch logic.
 
-Three kernels:
+Four kernels:
 
 * ``route_fwd_kernel``: one pass over x. Per block of BLOCK_T tokens (and per RP-wide block
   of h columns: one block up to E_L·r = 128, more above, each recomputing the small routing
@@ -12,6 +12,10 @@ Three kernels:
   logits, does top-k (rank-count, NaN last, ties to the lower index), the softmax over the kept
   experts, and writes gates, topk_idx, distance, assign, h (fp32) and
   ``hg = s * g ⊙ h`` (x dtype) for the fused linear kernel.
+* ``cluster_stats_kernel``: when asked for, the per-cluster statistics of the sliding update
+  (count, sums and sums of squares of ``x - c_{j*}``, of r), a second pass over x after the
+  route kernel has chosen j* (it writes j*-or-not-kept and r per token for it). Deterministic:
+  per-program partials over a few token groups, summed in a fixed order.
 * ``fused_linear_kernel``: ``out = Σ_seg a_seg b_seg (+ bias)`` over up to three K
   segments with arbitrary strides (the bias's too), fp32 accumulation, grouped program
   ordering, optional split-K of the first segment into fp32 partials. Used for
@@ -71,18 +75,24 @@ def _chunk_sums(v, ecol, hcol, R: tl.constexpr, E_L: tl.constexpr):
 
 @triton.jit
 def route_fwd_kernel(
-    x_ptr, xl_ptr, a_ptr, r_ptr, c_ptr, s_ptr, sh_ptr,
-    gates_ptr, idx_ptr, dist_ptr, assign_ptr, h_ptr, hg_ptr,
+    x_ptr, xl_ptr, a_ptr, r_ptr, c_ptr, s_ptr, sh_ptr, keep_ptr,
+    gates_ptr, idx_ptr, dist_ptr, assign_ptr, h_ptr, hg_ptr, sj_ptr, rr_ptr,
     T, K,
-    stride_xt, stride_xlt, stride_a, stride_r, stride_c, stride_s, stride_sh,
+    stride_xt, stride_xlt, stride_a, stride_r, stride_c, stride_s, stride_sh, stride_keep,
     scaling, lam,
     ER: tl.constexpr, R: tl.constexpr, E: tl.constexpr, E_L: tl.constexpr,
     TOPK: tl.constexpr, C: tl.constexpr,
     RP: tl.constexpr, EP: tl.constexpr, CP: tl.constexpr,
     HAS_XL: tl.constexpr, REDUCE: tl.constexpr, YIELD: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    STATS: tl.constexpr, HAS_KEEP: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """See the module docstring. With STATS (clusters given and their statistics asked for)
+    it also writes, per token, what :func:`cluster_stats_kernel` needs: ``sj`` (int32) = j* when
+    the token is kept (``keep[t]``, read through its stride, when HAS_KEEP; and every entry of
+    x_t finite, checked in the K loop), else -1; and ``rr`` = r, the reduced distance before
+    the shift (acc dtype). 8 bytes per token written, 1 read (the keep mask)."""
     pid = tl.program_id(0)
     pid_h = tl.program_id(1)  # which RP-wide block of h columns this program owns
     ACC = h_ptr.dtype.element_ty  # fp32 (fp64 for fp64 x)
@@ -106,6 +116,7 @@ def route_fwd_kernel(
     c_mx = tl.zeros((BLOCK_T, CP), dtype=ACC)
     c_sm = tl.zeros((BLOCK_T, CP), dtype=ACC)
     c_ss = tl.zeros((BLOCK_T, CP), dtype=ACC)
+    x_nf = tl.zeros((BLOCK_T,), dtype=ACC)  # STATS: Σ (x - x): 0 iff the row is finite
 
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + kk
@@ -129,6 +140,8 @@ def route_fwd_kernel(
         acc_z = tl.dot(x, tl.trans(rt), acc_z, input_precision=DOT_PREC, out_dtype=ACC)
         if C > 0:
             xf = x.to(ACC)
+            if STATS:
+                x_nf += tl.sum(xf - xf, axis=1)  # NaN for a NaN or ±inf entry, else 0
             # CUDA-core work per element and cluster, so only what the reduce needs:
             # masked K columns load x = c = 0 (diff 0); masked token rows are never stored
             for c in tl.static_range(C):
@@ -181,6 +194,14 @@ def route_fwd_kernel(
             z = tl.where(ident, z + lam * d[:, None], z)
         tl.store(dist_ptr + rows64, d.to(dist_ptr.dtype.element_ty), mask=wmask)
         tl.store(assign_ptr + rows64, jstar.to(tl.int64), mask=wmask)
+        if STATS:
+            kept = x_nf == 0.0
+            if HAS_KEEP:
+                kv = tl.load(keep_ptr + rows64 * tl.cast(stride_keep, tl.int64), mask=tmask,
+                             other=0)
+                kept = kept & (kv != 0)
+            tl.store(sj_ptr + rows64, tl.where(kept, jstar, -1).to(tl.int32), mask=wmask)
+            tl.store(rr_ptr + rows64, red.to(rr_ptr.dtype.element_ty), mask=wmask)
     else:
         tl.store(dist_ptr + rows64, tl.zeros((BLOCK_T,), dtype=dist_ptr.dtype.element_ty),
                  mask=wmask)
@@ -221,6 +242,147 @@ def route_fwd_kernel(
     hg = (scaling * gexp) * acc_h
     tl.store(hg_ptr + rows64[:, None] * ER + hcol[None, :],
              _cast(hg, hg_ptr.dtype.element_ty, UPCAST), mask=hmask)
+
+
+@triton.jit
+def _add_nonfinite(acc, v, j, ccol):
+    """acc (CP, W) += the non-finite entries of v (W,), one token's row, in row j (-1: none):
+    selected, never multiplied, so a NaN or inf reaches its own cluster's row only (a one-hot
+    dot would spread it as 0 · NaN). One token at a time, so nothing large is held in
+    registers: this runs only in a program that saw a non-finite value."""
+    return tl.where((ccol[:, None] == j) & (v - v != 0.0)[None, :], acc + v[None, :], acc)
+
+
+@triton.jit
+def _onehot_dot(acc, ohT, v, DOT_PREC: tl.constexpr):
+    """acc (CP, W) += ohT v over the finite entries of v (BT, W): ohT (CP, BT) is the 0/1
+    one-hot of the tokens' clusters (a zero column for a token not kept, whose row of v is 0).
+    The non-finite entries count as 0 here; :func:`_add_nonfinite` adds them after the loop."""
+    return tl.dot(ohT, tl.where(v - v != 0.0, 0.0, v), acc, input_precision=DOT_PREC,
+                  out_dtype=acc.dtype)
+
+
+@triton.jit
+def _stats_x_tile(x_ptr, c_ptr, sj_ptr, rows, t_hi, ks, kmask, stride_xt, stride_c64, ACC):
+    """(j, D) of one tile: the tokens' j (-1: not kept, or past the group) and
+    D = x - c_j (BT, BK) in the acc dtype, 0 where j = -1 or the channel is past K. x and c
+    go straight to the acc dtype (fp32 for half x: no half arithmetic, which the interpreter
+    also gets wrong)."""
+    j = tl.load(sj_ptr + rows, mask=rows < t_hi, other=-1)
+    m = (j >= 0)[:, None] & kmask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :], mask=m, other=0.0)
+    c = tl.load(c_ptr + j.to(tl.int64)[:, None] * stride_c64 + ks[None, :], mask=m, other=0.0)
+    return j, x.to(ACC) - c.to(ACC)
+
+
+@triton.jit
+def _stats_r_tile(sj_ptr, rr_ptr, rows, t_hi, vcol, ACC):
+    """(j, v) of one tile: v (BT, 16) = [1, r, r², 0...] of a kept token, 0 otherwise."""
+    j = tl.load(sj_ptr + rows, mask=rows < t_hi, other=-1)
+    kept = j >= 0
+    r = tl.load(rr_ptr + rows, mask=kept, other=0.0).to(ACC)
+    v = tl.where(vcol[None, :] == 0, 1.0,
+                 tl.where(vcol[None, :] == 1, r[:, None],
+                          tl.where(vcol[None, :] == 2, (r * r)[:, None], 0.0)))
+    return j, tl.where(kept[:, None], v, 0.0).to(ACC)
+
+
+@triton.jit
+def _row_bad(bad, v):
+    """bad (BT,) int32 |= whether a row of v has a non-finite entry."""
+    return tl.maximum(bad, tl.max((v - v != 0.0).to(tl.int32), axis=1))
+
+
+@triton.jit
+def cluster_stats_kernel(
+    x_ptr, c_ptr, sj_ptr, rr_ptr, out_ptr,
+    T, K, group_len,
+    stride_xt, stride_c, stride_og, stride_oc,
+    C: tl.constexpr, CP: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The per-cluster statistics of the sliding update (``docs/method.md`` §2;
+    :func:`slim_kernels.reference.reference_cluster_stats`), one row per cluster:
+    ``[n, Σ(x - c) (K), Σ(x - c)² (K), Σr, Σr²]`` over the kept tokens assigned to it, from
+    what route_fwd wrote per token (``sj`` = j* or -1 when not kept, ``rr`` = r). A second
+    pass over x, after the route kernel has chosen j*.
+
+    Grid (cdiv(K, BLOCK_K) + 1, G). Program (k, g) walks the tokens of group g
+    ([g·group_len, (g+1)·group_len)) in order, BLOCK_T at a time, and accumulates for its
+    BLOCK_K channels ``(C, BLOCK_K)`` sums of ``D = x - c_{sj}`` (c gathered per token, from
+    L1/L2) and of D², each with one one-hot dot per tile (ohT (CP, BLOCK_T) times D). The
+    last program of a group (k = cdiv(K, BLOCK_K)) sums the columns [1, r, r²] the same way.
+    Each program writes its rows once: into the output when G = 1, else into partial g of a
+    (G, C, 2K + 3) buffer that the launcher sums over g in a fixed order. No atomics: the same
+    bits every run.
+
+    Non-finite values (a non-finite centre, an inv_std that makes r NaN, an overflowing
+    square) are left out of the dots (0 · NaN would reach every cluster's row) and flagged;
+    a program that saw one walks its tokens again, one at a time, and adds them to their own
+    cluster's row only. That second walk happens only then (the layer drops such an update).
+
+    Cost at T = 8192, K = 4096, C = 16, bf16 x, 132 SMs (launcher: BLOCK_K = 64, G = 5):
+    one read of x (64 MiB; the centres' (C, BLOCK_K) slice stays in L1), 8·T = 64 KiB of
+    sj/r written by route_fwd and read per program from L2, the (C, 2K + 3) fp32 output
+    (0.5 MiB) and G partials (2.5 MiB) written and read once by the sum: 2 launches (this
+    kernel and the sum; 1 when G = 1). The dots are one-hot (CP = 16 rows) against fp32 D:
+    "tf32x3" on a GPU (3 tensor-core passes, ~fp32 accuracy: the one-hot is exact in tf32
+    and D = D_hi + D_lo), "ieee" under the interpreter and for fp64.
+    """
+    pid_k = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    ACC = out_ptr.dtype.element_ty
+    ccol = tl.arange(0, CP)
+    tt = tl.arange(0, BLOCK_T)
+    # every index x stride product in int64
+    t_lo = pid_g.to(tl.int64) * group_len
+    t_hi = tl.minimum(t_lo + group_len, T)
+    K64 = tl.cast(K, tl.int64)
+    stride_c64 = tl.cast(stride_c, tl.int64)
+    o_rows = out_ptr + pid_g.to(tl.int64) * stride_og + ccol.to(tl.int64)[:, None] * stride_oc
+    rmask = ccol[:, None] < C
+    bad = tl.zeros((BLOCK_T,), dtype=tl.int32)
+    if pid_k < tl.cdiv(K, BLOCK_K):
+        ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        acc_s = tl.zeros((CP, BLOCK_K), dtype=ACC)
+        acc_q = tl.zeros((CP, BLOCK_K), dtype=ACC)
+        for t0 in range(t_lo, t_hi, BLOCK_T):
+            j, D = _stats_x_tile(x_ptr, c_ptr, sj_ptr, t0 + tt, t_hi, ks, kmask, stride_xt,
+                                 stride_c64, ACC)
+            Q = D * D
+            ohT = (ccol[:, None] == j[None, :]).to(ACC)
+            acc_s = _onehot_dot(acc_s, ohT, D, DOT_PREC)
+            acc_q = _onehot_dot(acc_q, ohT, Q, DOT_PREC)
+            bad = _row_bad(bad, Q)  # Q is non-finite wherever D is
+        if tl.max(bad, axis=0) > 0:
+            for t in range(t_lo, t_hi):
+                j = tl.load(sj_ptr + t)
+                # j broadcast first: the interpreter rejects a tensor & scalar mask
+                m = kmask & ((ks * 0 + j) >= 0)
+                xr = tl.load(x_ptr + t * stride_xt + ks, mask=m, other=0.0)
+                cr = tl.load(c_ptr + j.to(tl.int64) * stride_c64 + ks, mask=m, other=0.0)
+                d = xr.to(ACC) - cr.to(ACC)
+                acc_s = _add_nonfinite(acc_s, d, j, ccol)
+                acc_q = _add_nonfinite(acc_q, d * d, j, ccol)
+        om = rmask & kmask[None, :]
+        tl.store(o_rows + 1 + ks[None, :], acc_s, mask=om)
+        tl.store(o_rows + 1 + K64 + ks[None, :], acc_q, mask=om)
+    else:
+        vcol = tl.arange(0, 16)  # [1, r, r², 0...]: 16 wide, the smallest dot
+        acc_v = tl.zeros((CP, 16), dtype=ACC)
+        for t0 in range(t_lo, t_hi, BLOCK_T):
+            j, v = _stats_r_tile(sj_ptr, rr_ptr, t0 + tt, t_hi, vcol, ACC)
+            acc_v = _onehot_dot(acc_v, (ccol[:, None] == j[None, :]).to(ACC), v, DOT_PREC)
+            bad = _row_bad(bad, v)
+        if tl.max(bad, axis=0) > 0:
+            for t in range(t_lo, t_hi):
+                j = tl.load(sj_ptr + t)
+                r = tl.load(rr_ptr + t, mask=j >= 0, other=0.0).to(ACC)
+                v = tl.where(vcol == 1, r, tl.where(vcol == 2, r * r, 0.0))  # n is finite
+                acc_v = _add_nonfinite(acc_v, v, j, ccol)
+        vc = tl.where(vcol == 0, 0, 2 * K64 + vcol.to(tl.int64))  # n at 0, Σr, Σr² at 2K+1, 2K+2
+        tl.store(o_rows + vc[None, :], acc_v, mask=rmask & (vcol[None, :] < 3))
 
 
 @triton.jit

@@ -10,6 +10,9 @@ Launches per call (T tokens, K in, N out, ER = E_L·r, E experts):
 
 forward   route_fwd  (T/BLOCK_T programs)   [h | z] = x [A_all; R]ᵀ, clusters, top-k, hg
           fused_linear (T×N tiles)          y = [x | hg] [W | B_all]ᵀ + b
+          cluster_stats ((K/BLOCK_K + 1) × G) with cluster_stats=True: the (C, 2K + 3)
+                                            statistics, a second pass over x (+ the sum of
+                                            the G group partials when G > 1)
 backward  route_bwd  (T/BLOCK_T programs)   dhg = dy B_all -> dhz = [dh | dz], hg
                                             (+ dB_all = dyᵀ hg: partials or atomics)
           fused_linear (T×K tiles)          dx = [dy | dh | dz] [W ; A_all ; R]
@@ -32,8 +35,9 @@ import torch
 from torch import Tensor
 
 from ....routing import reduce_code
+from ...op import stats_shape
 from .tuning import (DECODE_M, LINEAR_CONFIG_INTERPRET, autotune_enabled, db_mode, exact_key,
-                     family, linear_configs, split_k, table_config, tune_key)
+                     family, linear_configs, split_k, stats_groups, table_config, tune_key)
 
 NAME = "triton"
 MAX_LORA_COLS = 1024  # E_L·r
@@ -290,9 +294,13 @@ def fused_linear(segments, out: Tensor, bias: Optional[Tensor] = None,
 
 
 def route_forward(x, x_lora, lora_A, router, centers, inv_std, num_lora_experts, top_k,
-                  scaling, yield_strength, distance_reduce, distance_shift=None):
-    """Launch route_fwd: returns gates, topk_idx, distance, assign, h (acc dtype), hg (x dtype).
-    ``distance_shift`` (C,) fp32 or None (the constant 1) is read through its stride."""
+                  scaling, yield_strength, distance_reduce, distance_shift=None,
+                  stats=False, stats_keep=None):
+    """Launch route_fwd: returns gates, topk_idx, distance, assign, h (acc dtype), hg (x dtype)
+    and, with ``stats`` (and clusters), the per-token input of :func:`cluster_statistics`:
+    (sj (T,) int32: j* of a kept token, else -1; r (T,) acc dtype: the distance before the
+    shift), else None. ``distance_shift`` (C,) fp32 or None (the constant 1) and
+    ``stats_keep`` (T,) bool or None (every token) are read through their strides."""
     T, K = x.shape
     ER = lora_A.shape[0]
     E = router.shape[0]
@@ -305,10 +313,15 @@ def route_forward(x, x_lora, lora_A, router, centers, inv_std, num_lora_experts,
     assign = torch.empty((T,), dtype=torch.long, device=dev)
     h = torch.empty((T, ER), dtype=acc, device=dev)
     hg = torch.empty((T, ER), dtype=x.dtype, device=dev)
-    if T == 0:
-        return gates, idx, dist, assign, h, hg
-    reduce_id = reduce_code(distance_reduce)
     C = 0 if centers is None else centers.shape[0]
+    stats = bool(stats) and C > 0
+    per_token = None
+    if stats:
+        per_token = (torch.empty((T,), dtype=torch.int32, device=dev),  # sj
+                     torch.empty((T,), dtype=acc, device=dev))  # r
+    if T == 0:
+        return gates, idx, dist, assign, h, hg, per_token
+    reduce_id = reduce_code(distance_reduce)
     has_shift = bool(C) and distance_shift is not None
     if C:
         centers = centers.contiguous()
@@ -316,6 +329,10 @@ def route_forward(x, x_lora, lora_A, router, centers, inv_std, num_lora_experts,
     else:
         centers = inv_std = x  # dummies, never read
     shift = distance_shift if has_shift else inv_std  # a dummy when there is none, never read
+    has_keep = stats and stats_keep is not None
+    # the bool mask as bytes (same strides): a dummy when there is none, never read
+    keep = stats_keep.view(torch.uint8) if has_keep else idx
+    sj, rr = per_token if stats else (idx, dist)  # dummies without statistics, never written
     RP, EP = _pad16(ER), _pad16(E)
     CP = _next_pow2(max(C, 1))
     bt, bk, w, s, hb = route_config(RP, fp32=x.dtype == torch.float32)
@@ -323,18 +340,67 @@ def route_forward(x, x_lora, lora_A, router, centers, inv_std, num_lora_experts,
     xl = x if x_lora is None else x_lora
     grid = (triton.cdiv(T, bt), RP // hb)
     _k.route_fwd_kernel[grid](
-        x, xl, lora_A, router, centers, inv_std, shift,
-        gates, idx, dist, assign, h, hg,
+        x, xl, lora_A, router, centers, inv_std, shift, keep,
+        # shape [T, E], [T, top_k], [T], [T], [T, ER], [T, ER], [T], [T]
+        gates, idx, dist, assign, h, hg, sj, rr,
         T, K,
         x.stride(0), xl.stride(0), lora_A.stride(0), router.stride(0),
         centers.stride(0), inv_std.stride(0), shift.stride(0) if has_shift else 0,
+        keep.stride(0) if has_keep else 0,
         float(scaling), float(yield_strength),
         ER=ER, R=ER // E_L, E=E, E_L=E_L, TOPK=top_k, C=C, RP=hb, EP=EP, CP=CP,
         HAS_XL=x_lora is not None, REDUCE=reduce_id,
         YIELD=bool(C > 0 and yield_strength != 0.0 and E > E_L), HAS_SHIFT=has_shift,
+        STATS=stats, HAS_KEEP=has_keep,
         UPCAST=upcast, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk, num_warps=w, num_stages=s,
     )
-    return gates, idx, dist, assign, h, hg
+    return gates, idx, dist, assign, h, hg, per_token
+
+
+def stats_config(interpret: Optional[bool] = None):
+    """(BLOCK_T, BLOCK_K, num_warps, num_stages) of the cluster-statistics kernel (GPU: 64
+    tokens by 64 channels, (16, 64) x (64, 64) one-hot dots; the interpreter: small tiles).
+    With 4 warps ptxas spilled at 64 x 64 (the tf32x3 split of D and D² and the pipelined
+    x and centre tiles): 8 warps, ~230 registers, none spilled (sm_80 and sm_90)."""
+    if _INTERPRET if interpret is None else interpret:
+        return 16, 16, 4, 1
+    return 64, 64, 8, 3
+
+
+def cluster_statistics(x: Tensor, centers: Tensor, sj: Tensor, r: Tensor,
+                  groups: Optional[int] = None) -> Tensor:
+    """Launch cluster_stats: the (C, 2K + 3) statistics (acc dtype) from x (T, K) contiguous,
+    the centres (C, K) and route_fwd's per-token ``sj``, ``r``. ``groups``: how many token
+    groups share the pass (None: :func:`tuning.stats_groups`); with more than one, each writes
+    a (C, 2K + 3) partial and the partials are summed in group order (deterministic)."""
+    T, K = x.shape
+    C = centers.shape[0]
+    acc = r.dtype
+    out = torch.empty(stats_shape(C, K), dtype=acc, device=x.device)
+    if T == 0:
+        return out.zero_()
+    centers = centers.contiguous()
+    bt, bk, w, s = stats_config()
+    nkb = triton.cdiv(K, bk)
+    if groups is None:
+        groups = stats_groups(T, K, bt, bk, _num_sms(x.device))
+    group_len = triton.cdiv(triton.cdiv(T, max(1, int(groups))), bt) * bt
+    groups = triton.cdiv(T, group_len)  # no empty group
+    dst = out if groups == 1 else torch.empty((groups,) + out.shape, dtype=acc,
+                                              device=x.device)
+    _k.cluster_stats_kernel[(nkb + 1, groups)](
+        # shape [T, K], [C, K], [T], [T], [groups, C, 2K + 3] (or [C, 2K + 3])
+        x, centers, sj, r, dst,
+        T, K, group_len,
+        x.stride(0), centers.stride(0), dst.stride(0) if groups > 1 else 0, dst.stride(-2),
+        C=C, CP=max(16, _next_pow2(C)),
+        # one-hot dots against fp32 D: tf32x3 on tensor cores (~fp32 accuracy), ieee else
+        DOT_PREC="ieee" if (_INTERPRET or acc == torch.float64) else "tf32x3",
+        BLOCK_T=bt, BLOCK_K=bk, num_warps=w, num_stages=s,
+    )
+    if groups > 1:
+        torch.sum(dst, 0, out=out)  # a fixed-order reduction over the groups
+    return out
 
 
 def forward(
@@ -345,29 +411,27 @@ def forward(
     distance_reduce: str, distance_shift: Optional[Tensor] = None,
     cluster_stats: bool = False, stats_keep: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """y = [x | hg] [W | B_all]ᵀ + b after the route kernel (see the module docstring)."""
+    """y = [x | hg] [W | B_all]ᵀ + b after the route kernel, and the cluster statistics after
+    it when asked for (see the module docstring)."""
     T, K = x.shape
     N = weight.shape[0]
     ER, E = lora_A.shape[0], router.shape[0]
     _check_sizes(ER, E, num_lora_experts)
+    want_stats = bool(cluster_stats) and centers is not None and centers.shape[0] > 0
     with _device_guard(x):
         x = x.contiguous()
         x_lora = None if x_lora is None else x_lora.contiguous()
         lora_A, router = lora_A.contiguous(), router.contiguous()
-        gates, idx, dist, assign, h, hg = route_forward(
+        gates, idx, dist, assign, h, hg, per_token = route_forward(
             x, x_lora, lora_A, router, centers, inv_std, num_lora_experts, top_k,
-            scaling, yield_strength, distance_reduce, distance_shift)
+            scaling, yield_strength, distance_reduce, distance_shift, want_stats, stats_keep)
         y = torch.empty((T, N), dtype=x.dtype, device=x.device)
         if T > 0:
             fused_linear([(x, weight.t()), (hg, lora_B.t())], y, bias)
-    # TEMPORARY (replaced by the route kernel's own statistics): the torch routing helper
-    from ....routing import cluster_route
-    from ...op import stats_shape
-    if cluster_stats and centers is not None:
-        _, _, stats = cluster_route(x, centers, inv_std, distance_reduce, distance_shift, True,
-                                    stats_keep)
-    else:
-        stats = x.new_zeros(stats_shape(0, K), dtype=gates.dtype)
+        if want_stats:
+            stats = cluster_statistics(x, centers, *per_token)
+        else:
+            stats = torch.empty(stats_shape(0, K), dtype=gates.dtype, device=x.device)
     return y, gates, idx, dist, assign, h, stats
 
 

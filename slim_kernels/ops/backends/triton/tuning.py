@@ -192,3 +192,18 @@ def db_mode(T: int, N: int, ER: int, block_t: int, elem_bytes: int,
     programs = -(-T // block_t)
     partial_bytes = 2 * programs * N * ER * 4
     return "fused" if partial_bytes < T * N * elem_bytes else "gemm"
+
+
+def stats_groups(T: int, K: int, block_t: int, block_k: int, num_sms: int,
+                 max_groups: int = 8) -> int:
+    """How many token groups the cluster-statistics kernel splits T into (grid axis 1; its
+    axis 0 has cdiv(K, block_k) + 1 programs). 1 when axis 0 alone gives two programs per SM;
+    else enough groups for that, each at least 8 tiles of ``block_t`` tokens, at most
+    ``max_groups``. Each group beyond the first costs a (C, 2K + 3) fp32 partial, written and
+    read once by the fixed-order sum: about 8·C·block_k bytes per program, whatever K. At
+    T = 8192, K = 4096, block_k = 64 on 132 SMs: 65 programs per group, 5 groups."""
+    per_group = -(-K // block_k) + 1
+    want = 2 * max(1, num_sms)
+    if per_group >= want:
+        return 1
+    return max(1, min(-(-want // per_group), -(-T // (8 * block_t)), max_groups))
