@@ -5,6 +5,7 @@ Public API:
     aux_loss(model)                   summed SLIM auxiliary losses of the last forward
     routing_stats(model)              per-layer identity routing share and distances
     track_routing(model)              context: record the routing statistics
+    step_clusters(model)              move the clusters (each torch.optim step does it)
     token_mask(mask)                  context: padding tokens do not move the clusters
     slim_linear_op(...)               the functional op (one dispatch point, all backends)
     slim_reference(...)               the pure-PyTorch truth
@@ -35,6 +36,7 @@ _LAZY = {
     "slim_modules": ".layer",
     "token_mask": ".layer",
     "track_routing": ".tracking",
+    "step_clusters": ".clusters",
     "available_backends": ".ops",
     "slim_linear_op": ".ops",
     "slim_reference": ".reference",
@@ -68,6 +70,7 @@ __all__ = [
     "slim_modules",
     "slim_reference",
     "token_mask",
+    "step_clusters",
     "track_routing",
     "__version__",
 ]
@@ -96,3 +99,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as plain imports
     from .ops import available_backends, slim_linear_op
     from .reference import slim_reference
     from .tracking import track_routing
+    from .clusters import step_clusters

@@ -3,30 +3,36 @@
 
 :class:`SlidingClusters` owns the cluster buffers (centres, variances, the initialised flag,
 and with ``distance_scale="spread"`` the running mean and variance of the distance r), the
-routing tensors derived from them, and everything that writes them:
+routing tensors derived from them, and everything that writes them.
 
 * :meth:`~SlidingClusters.routing`: what the op routes with, ``(centres, inv_std, shift)``,
-  kept up to date in (non-persistent) buffers by every write, so routing costs no op. Before
-  the clusters exist they are zeros, which makes every distance exactly 0 (no yielding): the
-  forward has one form, initialised or not. For a forward that gradient checkpointing will
-  re-run, a snapshot, so that the re-run routes exactly as the first forward did.
-* :meth:`~SlidingClusters.update`: after a training forward, from the statistics the op
-  computed in its route pass: the initialisation (the first time; it reads token counts on
-  the host, once) or the EMA step (no host sync: a batch that would make a buffer non-finite
-  is dropped whole, and ``rejected_batches`` counts it; :func:`slim_kernels.routing_stats`
-  and the trainer integration's logs read it). Under torch.compile the update is one custom
-  op (``slim_kernels::cluster_update``): one opaque node, whichever of the two it does, so
-  the graph neither breaks nor changes when the clusters come into existence.
+  kept in (non-persistent) buffers by every write, so routing costs no op. Before the
+  clusters exist they are zeros, which makes every distance exactly 0 (no yielding): the
+  forward has one form, initialised or not.
+* :meth:`~SlidingClusters.collect`: after a training forward, the op's statistics of its
+  kept tokens are added to a pending sum (one op); the very first time, the initialisation
+  is computed from the tokens (it reads token counts on the host, once).
+* :meth:`~SlidingClusters.step`: at each optimizer step (a global
+  ``torch.optim.Optimizer`` step hook calls it for every layer with pending work), the
+  pending initialisation is applied, or the EMA step from the pending statistics (no host
+  sync: a step that would make a buffer non-finite is dropped whole, and
+  ``rejected_batches`` counts it).
 
-Under data parallelism the statistics are all-reduced before the step and the
-initialisation's draw is rank 0's (:mod:`slim_kernels.cluster_sync`), so every rank holds
-the same clusters.
+So the clusters move once per optimizer step, from every token of every micro-batch of
+that step: what one batch of the same tokens would give, whatever the gradient accumulation
+(``benchmarks/cluster_accumulation.py`` measures the alternative). Within a step they do not
+change, so a re-run under gradient checkpointing routes exactly as the first forward did.
+Under torch.compile :meth:`collect` is one custom op (``slim_kernels::cluster_collect``): one
+opaque node, so the graph neither breaks nor changes when the clusters come into existence.
+Under data parallelism the pending statistics are all-reduced at the step and the
+initialisation's draw is rank 0's (:mod:`slim_kernels.cluster_sync`), so every rank holds the
+same clusters.
 """
 from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -35,27 +41,31 @@ from . import cluster_sync as _dist
 from .ops.ema import cluster_ema_, refresh_routing_
 from .routing import cluster_distance
 
-__all__ = ["SlidingClusters", "CLUSTER_KEYS", "DISTANCE_KEYS"]
+__all__ = ["SlidingClusters", "CLUSTER_KEYS", "DISTANCE_KEYS", "step_clusters"]
 
 # the buffers saved with an adapter; DISTANCE_KEYS only with distance_scale="spread"
 CLUSTER_KEYS = ("cluster_centers", "cluster_vars", "cluster_initialized")
 DISTANCE_KEYS = ("distance_mean", "distance_var")
+# training forwards of one layer without an optimizer step before the warning that the
+# clusters are not moving
+_WARN_AFTER = 1000
 
-# SlidingClusters by id: the initialisation op tells its module that it succeeded
+# every SlidingClusters, in construction order (the step applies them in this order on every
+# rank): the collect op and the step hook find their module here
 _OWNERS: Dict[int, "weakref.ReferenceType[SlidingClusters]"] = {}
-
-Routing = Tuple[Tensor, Tensor, Tensor]
+_WARNED_NO_STEP = [False]
 
 
 class SlidingClusters(nn.Module):
     """C centres and per-channel variances of the inputs a layer was trained on (fp32
     buffers ``cluster_centers``, ``cluster_vars`` (C, K), ``cluster_initialized``), and with
     ``spread`` the running mean and variance of r (``distance_mean``, ``distance_var``, fp32
-    scalars). The buffers stay fp32 when the model is cast to another dtype. ``eps`` is the
-    variance floor (``SlimConfig.cluster_eps``)."""
+    scalars). The buffers stay fp32 when the model is cast to another dtype. ``eps``,
+    ``momentum`` and ``reduce`` are the layer config's ``cluster_eps``, ``cluster_momentum``
+    and ``distance_reduce``."""
 
     def __init__(self, num_clusters: int, in_features: int, spread: bool, eps: float,
-                 device=None) -> None:
+                 momentum: float, reduce: str, device=None) -> None:
         super().__init__()
         C, K = num_clusters, in_features
         f32 = dict(device=device, dtype=torch.float32)
@@ -70,12 +80,17 @@ class SlidingClusters(nn.Module):
         # derived from the above (refresh): what the op routes with
         self.register_buffer("inv_std", torch.zeros(C, K, **f32), persistent=False)
         self.register_buffer("shift", torch.zeros(C, **f32), persistent=False)
-        # batches left out of the EMA because they would have made a buffer non-finite
+        # steps left out of the EMA because they would have made a buffer non-finite
         self.register_buffer("rejected_batches", torch.zeros((), dtype=torch.int64,
                                                              device=device), persistent=False)
-        self.eps = float(eps)
+        # this rank's statistics since the last step: a plain tensor, not a buffer (data
+        # parallel engines broadcast buffers from rank 0; these are each rank's own)
+        self.pending = torch.zeros(C, 2 * K + 3, **f32)
+        self.eps, self.momentum, self.reduce = float(eps), float(momentum), reduce
         self.ready = False  # the host's copy of cluster_initialized
-        self._snapshot: Optional[Tuple[Routing]] = None
+        self.has_pending = False  # statistics or an initialisation wait for the step
+        self._init: Optional[Tuple[Tensor, ...]] = None  # the pending initialisation
+        self._since_step = 0
         self._warned = False
         self._seen = self._versions()  # what the routing tensors were derived from
         self._own()
@@ -85,12 +100,7 @@ class SlidingClusters(nn.Module):
     def _own(self) -> None:
         self._key = id(self)
         _OWNERS[self._key] = weakref.ref(self)
-
-    def __getstate__(self):
-        # a copy (deepcopy, pickle) has no re-run pending
-        state = self.__dict__.copy()
-        state["_snapshot"] = None
-        return state
+        _install_step_hook()
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
@@ -99,7 +109,6 @@ class SlidingClusters(nn.Module):
     @staticmethod
     def _after_load(module: "SlidingClusters", incompatible) -> None:
         module.ready = bool(module.cluster_initialized)
-        module._snapshot = None
         module.refresh()
 
     def _apply(self, fn, recurse=True):
@@ -111,26 +120,31 @@ class SlidingClusters(nn.Module):
             new = self._buffers[n]
             if new.dtype != torch.float32:
                 self._buffers[n] = old.to(device=new.device, dtype=torch.float32)
+        self.pending = self.pending.to(self.cluster_centers.device)
         return self
 
     def reset(self) -> None:
-        """Uninitialised: centres 0, variances 1 (and mu = sigma² = 1)."""
+        """Uninitialised: centres 0, variances 1 (and mu = sigma² = 1); nothing pending."""
         with torch.no_grad():
             self.cluster_centers.zero_()
             self.cluster_vars.fill_(1.0)
             self.cluster_initialized.fill_(False)
             self.rejected_batches.zero_()
+            self.pending.zero_()
             if self.spread:
                 self.distance_mean.fill_(1.0)
                 self.distance_var.fill_(1.0)
-        self.ready = False
-        self._snapshot = None
+        self.ready = self.has_pending = False
+        self._init = None
         self.refresh()
 
-    def set_eps(self, eps: float) -> None:
-        """A new variance floor: the routing tensors follow."""
-        self.eps = float(eps)
-        self.refresh()
+    def configure(self, eps: float, momentum: float, reduce: str) -> None:
+        """New ``cluster_eps`` / ``cluster_momentum`` / ``distance_reduce`` (a layer's new
+        config); the routing tensors follow a new ``eps``."""
+        self.momentum, self.reduce = float(momentum), reduce
+        if float(eps) != self.eps:
+            self.eps = float(eps)
+            self.refresh()
 
     def refresh(self) -> None:
         """Recompute the routing tensors from the buffers (a loaded state dict, a reset, a new
@@ -156,42 +170,57 @@ class SlidingClusters(nn.Module):
         return {n: self._buffers[n] for n in names}
 
     # -- routing --------------------------------------------------------------------------
-    def routing(self, snapshot: bool, recompute: bool) -> Routing:
+    def routing(self) -> Tuple[Tensor, Tensor, Tensor]:
         """(centres, inv_std, shift) for the op: ``inv_std = 1/sqrt(v + eps)`` and
         ``shift = 1`` (the paper's d = r - 1); with ``spread`` divided by and ``mu`` over
         ``sigma = sqrt(distance_var + eps)`` (every reduce is positively homogeneous, so the
-        op's d = (r - mu)/sigma); zeros before the clusters exist (d = 0). ``snapshot``: keep
-        a copy of what this forward routes with (the update writes the buffers in place) for
-        a checkpointed re-run (``recompute``), which then gets exactly that."""
-        if recompute and self._snapshot is not None:
-            return self._snapshot[0]
+        op's d = (r - mu)/sigma); zeros before the clusters exist (d = 0)."""
         if not torch.compiler.is_compiling() and self._versions() != self._seen:
             self.refresh()  # a buffer was written from outside (e.g. by hand)
-        out = (self.cluster_centers, self.inv_std, self.shift)
-        if snapshot:
-            out = tuple(t.clone() for t in out)
-            self._snapshot = (out,)
-        return out
+        return self.cluster_centers, self.inv_std, self.shift
 
-    # -- the sliding update ---------------------------------------------------------------
-    def update(self, x: Tensor, keep: Optional[Tensor], stats: Tensor, momentum: float,
-               reduce: str) -> None:
-        """One training forward's update: the initialisation from ``x`` (T, K) while the
-        clusters do not exist, else the EMA step from ``stats``, the op's (C, 2K + 3)
-        statistics of the kept tokens (``keep`` (T,) bool or None, and finite)."""
+    # -- collecting, and the step ----------------------------------------------------------
+    def collect(self, x: Tensor, keep: Optional[Tensor], stats: Tensor) -> None:
+        """After a training forward: add ``stats``, the op's (C, 2K + 3) statistics of the
+        kept tokens, to the pending sum; before the clusters exist, compute the
+        initialisation from ``x`` (T, K) instead (the kept tokens: ``keep`` (T,) bool or None,
+        and finite), applied at the next :meth:`step`."""
         b = self._buffers
-        args = (x.detach(), keep, stats, b["cluster_centers"], b["cluster_vars"],
-                b["cluster_initialized"], b.get("distance_mean"), b.get("distance_var"),
-                b["inv_std"], b["shift"], b["rejected_batches"], float(momentum), self.eps,
-                reduce, self._key)
+        args = (x.detach(), keep, stats, b["cluster_initialized"], self.pending, self.eps,
+                self.reduce, self._key)
         if torch.compiler.is_compiling():
-            _cluster_update(*args)
+            _cluster_collect(*args)
         else:
-            _update(*args)
-            self._seen = self._versions()
+            _collect(*args)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Apply what the training forwards since the last step left pending: the
+        initialisation, or one EMA step from the summed statistics (all-reduced under data
+        parallelism). A no-op when nothing is pending."""
+        self._since_step = 0
+        if not self.has_pending:
+            return
+        self.has_pending = False
+        b = self._buffers
+        if self._init is not None:
+            values, self._init = self._init, None
+            for name, v in zip(("cluster_centers", "cluster_vars", "distance_mean",
+                                "distance_var"), values):
+                b[name].copy_(v)
+            b["cluster_initialized"].fill_(True)
+            self.ready = True
+            self.refresh()
+            return
+        _dist.all_reduce_sum_(self.pending)
+        cluster_ema_(b["cluster_centers"], b["cluster_vars"], b["rejected_batches"],
+                     self.pending, self.momentum, b.get("distance_mean"),
+                     b.get("distance_var"), b["inv_std"], b["shift"], self.eps)
+        self.pending.zero_()
+        self._seen = self._versions()
 
     def check_rejected(self) -> int:
-        """The number of batches left out of the EMA so far (a host read); warns once."""
+        """The number of steps left out of the EMA so far (a host read); warns once."""
         n = int(self.rejected_batches)
         if n and not self._warned:
             self._warned = True
@@ -199,83 +228,116 @@ class SlidingClusters(nn.Module):
         return n
 
 
+def step_clusters(model: Optional[nn.Module] = None) -> None:
+    """Move the clusters of every SLIM layer (of ``model``, or of every model) by what the
+    training forwards since the last step collected. A ``torch.optim.Optimizer`` step does
+    this by itself; call it after the update of a loop that uses no torch optimizer."""
+    mods: Iterable[SlidingClusters]
+    if model is None:
+        mods = _live()
+    else:
+        mods = [m for m in model.modules() if isinstance(m, SlidingClusters)]
+    for m in mods:
+        m.step()
+
+
+def _live() -> List[SlidingClusters]:
+    out = []
+    for key, ref in list(_OWNERS.items()):
+        m = ref()
+        if m is None or m._key != key:
+            _OWNERS.pop(key, None)
+        elif m.has_pending or m._since_step:
+            out.append(m)
+    return out
+
+
+@torch.compiler.disable
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    for m in _live():
+        m.step()
+
+
+_HOOK: List[object] = []
+
+
+def _install_step_hook() -> None:
+    if not _HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _HOOK.append(register_optimizer_step_post_hook(_after_optimizer_step))
+
+
 def _warn_rejected() -> None:
     warnings.warn(
-        "slim_kernels: a training batch would have made a SLIM layer's cluster statistics "
+        "slim_kernels: a training step would have made a SLIM layer's cluster statistics "
         "non-finite (inputs too large for fp32 variances?), so the clusters were left as they "
-        "were for that batch (docs/method.md §2)", RuntimeWarning, stacklevel=3)
+        "were for that step (docs/method.md §2)", RuntimeWarning, stacklevel=3)
 
 
-# -- the update: one opaque op under torch.compile --------------------------------------------
+# -- collecting: one opaque op under torch.compile ---------------------------------------------
 def _owner(key: int) -> Optional[SlidingClusters]:
     ref = _OWNERS.get(key)
     return ref() if ref is not None else None
 
 
 @torch.no_grad()
-def _update(x: Tensor, keep: Optional[Tensor], stats: Tensor, centers: Tensor,
-            variances: Tensor, initialized: Tensor, distance_mean: Optional[Tensor],
-            distance_var: Optional[Tensor], inv_std: Tensor, shift: Tensor, rejected: Tensor,
-            momentum: float, eps: float, reduce: str, owner: int) -> None:
-    """:meth:`SlidingClusters.update` on the buffers given (``owner``: the module's key, whose
-    ``ready`` flag says which of the two steps runs)."""
+def _collect(x: Tensor, keep: Optional[Tensor], stats: Tensor, initialized: Tensor,
+             pending: Tensor, eps: float, reduce: str, owner: int) -> None:
+    """:meth:`SlidingClusters.collect` (``owner``: the module's key)."""
     mod = _owner(owner)
-    ready = mod is not None and mod.ready
-    if not ready:
+    if mod is None:
+        return
+    mod._since_step += 1
+    if mod._since_step == _WARN_AFTER and not _WARNED_NO_STEP[0]:
+        _WARNED_NO_STEP[0] = True
+        warnings.warn(
+            f"slim_kernels: {_WARN_AFTER} training forwards of a SLIM layer ran without an "
+            f"optimizer step: its clusters move at each torch.optim.Optimizer step; after "
+            f"an update made otherwise, call slim_kernels.step_clusters(model)",
+            RuntimeWarning, stacklevel=2)
+    if not mod.ready:
         # before the first initialisation only (a host read): the flag may have been set from
         # outside, e.g. rank 0 loaded a checkpoint and DDP broadcast its buffers
-        ready = bool(initialized)
-        if ready:
-            refresh_routing_(variances, initialized, distance_mean, distance_var, inv_std, shift, eps)
-    if ready:
-        _dist.all_reduce_sum_(stats)
-        cluster_ema_(centers, variances, rejected, stats, momentum, distance_mean,
-                     distance_var, inv_std, shift, eps)
-    else:
-        ready = _init(x, keep, centers, variances, initialized, distance_mean, distance_var,
-                      eps, reduce)
-        if ready:
-            refresh_routing_(variances, initialized, distance_mean, distance_var, inv_std, shift, eps)
-    if mod is not None:
-        mod.ready = ready
+        mod.ready = bool(initialized)
+        if mod.ready:
+            mod.refresh()
+    if mod.ready:
+        pending.add_(stats)
+        mod.has_pending = True
+    elif mod._init is None:
+        init = _init(x, keep, mod.num_clusters, mod.spread, eps, reduce)
+        if init is not None:
+            mod._init = init
+            mod.has_pending = True
 
 
-@torch.library.custom_op(
-    "slim_kernels::cluster_update",
-    mutates_args=("stats", "centers", "variances", "initialized", "distance_mean",
-                  "distance_var", "inv_std", "shift", "rejected"))
-def _cluster_update(x: Tensor, keep: Optional[Tensor], stats: Tensor, centers: Tensor,
-                    variances: Tensor, initialized: Tensor, distance_mean: Optional[Tensor],
-                    distance_var: Optional[Tensor], inv_std: Tensor, shift: Tensor,
-                    rejected: Tensor, momentum: float, eps: float, reduce: str,
-                    owner: int) -> None:
-    _update(x, keep, stats, centers, variances, initialized, distance_mean, distance_var,
-            inv_std, shift, rejected, momentum, eps, reduce, owner)
+@torch.library.custom_op("slim_kernels::cluster_collect", mutates_args=("pending",))
+def _cluster_collect(x: Tensor, keep: Optional[Tensor], stats: Tensor, initialized: Tensor,
+                     pending: Tensor, eps: float, reduce: str, owner: int) -> None:
+    _collect(x, keep, stats, initialized, pending, eps, reduce, owner)
 
 
-@_cluster_update.register_fake
-def _(x, keep, stats, centers, variances, initialized, distance_mean, distance_var, inv_std,
-      shift, rejected, momentum, eps, reduce, owner):
+@_cluster_collect.register_fake
+def _(x, keep, stats, initialized, pending, eps, reduce, owner):
     return None
 
 
-def _init(x: Tensor, keep: Optional[Tensor], centers: Tensor, variances: Tensor,
-          initialized: Tensor, distance_mean: Optional[Tensor],
-          distance_var: Optional[Tensor], eps: float, reduce: str) -> bool:
+def _init(x: Tensor, keep: Optional[Tensor], C: int, spread: bool, eps: float,
+          reduce: str) -> Optional[Tuple[Tensor, ...]]:
     """Centres: C distinct random kept tokens of the *global* batch; variances: its
     per-channel variance (for every cluster). Needs at least max(C, 2) kept tokens over all
     ranks, else the clusters stay uninitialised (on every rank) until a later batch. A batch
     that would give non-finite centres or variances is skipped the same way, with a warning.
-    Returns whether the clusters exist now.
+    Returns (centres, variances[, mean of r, variance of r]), or None.
 
     The global batch is every rank's kept tokens in rank order. Rank 0 draws C distinct
     indices into it (a generator seeded from ``torch.initial_seed()``, not the global RNG)
     and broadcasts them; the rank that holds a picked token contributes it and an all-reduce
     assembles the centres. So the ranks agree whatever their seeds, any rank may hold few or
     no tokens, and a single process fed the concatenated global batch (with rank 0's seed)
-    picks exactly the same tokens. With a distance scale (``distance_mean`` given) the mean
-    and variance of r against the fresh clusters are set too."""
-    C = centers.shape[0]
+    picks exactly the same tokens. With ``spread`` the mean and variance of r against the
+    fresh clusters too."""
     ok = torch.isfinite(x).all(1)
     if keep is not None:
         ok = ok & keep.to(device=x.device, dtype=torch.bool)
@@ -291,7 +353,7 @@ def _init(x: Tensor, keep: Optional[Tensor], centers: Tensor, variances: Tensor,
     per_rank = packed[:W].round().long().tolist()
     total = sum(per_rank)
     if total < max(C, 2):
-        return False  # stay uninitialised (on every rank); try again on the next batch
+        return None  # stay uninitialised (on every rank); try again on the next batch
     n = packed[:W].sum()
     mean = packed[W: W + K] / n
     var = (packed[W + K:] / n - mean * mean).clamp_min(0.0).float()
@@ -307,19 +369,16 @@ def _init(x: Tensor, keep: Optional[Tensor], centers: Tensor, variances: Tensor,
     # the same on every rank (all-reduced values): all stay uninitialised, or none
     if not bool(torch.isfinite(new_c).all() & torch.isfinite(var).all()):
         _warn_rejected()
-        return False
+        return None
     new_v = var[None, :].expand(C, K)
-    if distance_mean is not None:
-        dstat = _distance_stats(xs, new_c, new_v, eps, reduce)
-        if dstat is None:
-            _warn_rejected()
-            return False
-        distance_mean.copy_(dstat[0])
-        distance_var.copy_(dstat[1])
-    centers.copy_(new_c)
-    variances.copy_(new_v)
-    initialized.fill_(True)
-    return True
+    if not spread:
+        return new_c, new_v
+    dstat = _distance_stats(xs, new_c, new_v, eps, reduce)
+    if dstat is None:
+        _warn_rejected()
+        return None
+    return (new_c, new_v) + dstat
+
 
 
 def _distance_stats(xs: Tensor, centers: Tensor, variances: Tensor, eps: float,

@@ -112,7 +112,8 @@ class SlimLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(c.num_lora_experts, N, c.rank, **kw))
         self.router = nn.Parameter(torch.empty(c.num_experts, K, **kw))
         self.clusters = SlidingClusters(c.num_clusters, K, c.distance_scale == "spread",
-                                        c.cluster_eps, dev)
+                                        c.cluster_eps, c.cluster_momentum, c.distance_reduce,
+                                        dev)
         self.tracker = RoutingTracker(c.num_lora_experts)
         self._config = config
         self.disabled = 0  # > 0 inside disable_slim: the base layer only
@@ -138,8 +139,7 @@ class SlimLinear(nn.Module):
                     f"was built with {getattr(self._config, name)!r}: {', '.join(BUILD_FIELDS)} "
                     f"fix the layer's parameters and buffers (build a new layer instead)")
         self._config = new
-        if new.cluster_eps != self.clusters.eps:
-            self.clusters.set_eps(new.cluster_eps)
+        self.clusters.configure(new.cluster_eps, new.cluster_momentum, new.distance_reduce)
 
     def get_base_layer(self) -> nn.Module:
         base = self._modules.get("base_layer")
@@ -253,7 +253,7 @@ class SlimLinear(nn.Module):
         centers = inv_std = shift = None
         routed = c.num_clusters > 0 and self.clusters.ready  # (for the statistics)
         if c.num_clusters > 0:
-            centers, inv_std, shift = self.clusters.routing(updating and not compiling, recompute)
+            centers, inv_std, shift = self.clusters.routing()
         keep = self._keep(x2.shape[0]) if updating or self.tracker.tracking else None
         x_lora = F.dropout(x2, c.lora_dropout, True) if self.training and c.lora_dropout > 0 else None
         y, gates, idx, dist, _, _, cstats = slim_linear_op_unchecked(
@@ -265,7 +265,7 @@ class SlimLinear(nn.Module):
         balance = self._balance_loss(gates, idx)
         if not recompute:
             if updating:
-                self.clusters.update(x2, keep, cstats, c.cluster_momentum, c.distance_reduce)
+                self.clusters.collect(x2, keep, cstats)
             self.tracker.after_forward(balance)
             if self.tracker.tracking:
                 self.tracker.record(gates, dist, keep, routed)

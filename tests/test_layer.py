@@ -30,6 +30,14 @@ def make_layer(K=45, N=29, dtype=torch.float64, seed=0, **kw):
     return lin, layer
 
 
+def step(layer, x):
+    """One training step's worth of the clusters: the forward, then the update an optimizer
+    step would make (:func:`slim_kernels.step_clusters`)."""
+    y = layer(x)
+    sk.step_clusters(layer)
+    return y
+
+
 def test_from_linear_keeps_tensors_and_freezes():
     lin = nn.Linear(13, 7)
     layer = sk.SlimLinear.from_linear(lin, sk.SlimConfig(**CFG))
@@ -62,8 +70,8 @@ def test_eval_matches_reference(reduce, shape):
     lin, layer = make_layer(K=K, N=N, rank=r, distance_reduce=reduce)
     x = torch.randn(2, 11, K, dtype=torch.float64)
     layer.train()
-    layer(x)  # initialise the clusters
-    layer(torch.randn(5, K, dtype=torch.float64))  # and move them once
+    step(layer, x)  # initialise the clusters
+    step(layer, torch.randn(5, K, dtype=torch.float64))  # and move them once
     assert layer.clusters.cluster_initialized.item()
     layer.eval()
     y = layer(x)
@@ -79,7 +87,7 @@ def test_train_matches_reference_with_masks_and_dropout():
     layer.train()
     K = 45
     x = torch.randn(20, K, dtype=torch.float64)
-    layer(x)  # init clusters
+    step(layer, x)  # init clusters
     cen, var = layer.clusters.cluster_centers.clone(), layer.clusters.cluster_vars.clone()
     x2 = torch.randn(20, K, dtype=torch.float64)
     torch.manual_seed(123)
@@ -93,7 +101,9 @@ def test_train_matches_reference_with_masks_and_dropout():
                             scaling=layer.scaling, yield_strength=1.0, distance_reduce="mean",
                             centers=cen, cluster_vars=var, x_lora=x_lora)
     torch.testing.assert_close(y, y0, rtol=1e-12, atol=1e-12)
-    assert not torch.equal(cen, layer.clusters.cluster_centers)  # the clusters moved after the forward
+    assert torch.equal(cen, layer.clusters.cluster_centers)  # they move at the step
+    sk.step_clusters(layer)
+    assert not torch.equal(cen, layer.clusters.cluster_centers)
 
 
 def test_merge_mask_statistics_and_product():
@@ -137,7 +147,7 @@ def test_cluster_init_and_ema_match_numpy():
     lin, layer = make_layer(K=K, N=5, num_clusters=C, cluster_momentum=mom, dtype=torch.float32)
     layer.train()
     x1 = torch.randn(50, K)
-    layer(x1)
+    step(layer, x1)
     cen0 = layer.clusters.cluster_centers.numpy().copy()
     # init: C distinct tokens of the batch as centres; batch variance for every cluster
     matches = [np.where(np.all(x1.numpy() == c, axis=1))[0] for c in cen0]
@@ -145,7 +155,7 @@ def test_cluster_init_and_ema_match_numpy():
     np.testing.assert_allclose(layer.clusters.cluster_vars.numpy(), np.tile(x1.double().numpy().var(0), (C, 1)), rtol=1e-5)
     var0 = layer.clusters.cluster_vars.numpy().astype(np.float64)
     x2 = torch.randn(64, K) * 1.5 + 0.3
-    layer(x2)
+    step(layer, x2)
     xn = x2.double().numpy()
     assign = ((xn[:, None] - cen0[None].astype(np.float64)) ** 2).sum(-1).argmin(1)
     exp_c, exp_v = cen0.astype(np.float64).copy(), var0.copy()
@@ -159,22 +169,67 @@ def test_cluster_init_and_ema_match_numpy():
     # frozen in eval
     layer.eval()
     before = layer.clusters.cluster_centers.clone()
-    layer(x2 * 3)
+    step(layer, x2 * 3)
     assert torch.equal(before, layer.clusters.cluster_centers)
 
 
 def test_padding_tokens_do_not_move_clusters():
     lin, layer = make_layer(K=6, N=5, num_clusters=2, cluster_momentum=0.5, dtype=torch.float32)
     layer.train()
-    layer(torch.randn(10, 6))
+    step(layer, torch.randn(10, 6))
     before = layer.clusters.cluster_centers.clone()
     x = torch.randn(2, 5, 6) * 100
     with sk.token_mask(torch.zeros(2, 5, dtype=torch.bool)):
-        layer(x)
+        step(layer, x)
     assert torch.equal(before, layer.clusters.cluster_centers)
     with sk.token_mask(torch.ones(2, 5, dtype=torch.bool)):
-        layer(x)
+        step(layer, x)
     assert not torch.equal(before, layer.clusters.cluster_centers)
+
+
+def test_clusters_move_once_per_step_whatever_the_micro_batches():
+    """Gradient accumulation: the forwards of a step all route with the clusters of the step
+    before, and the step moves them by the statistics of all their tokens, as one forward of
+    the same tokens does (docs/method.md §2)."""
+    x = torch.randn(3, 40, 6) * 1.3 + 0.2
+    states = []
+    for parts in (1, 3):
+        _, layer = make_layer(K=6, N=5, num_clusters=3, cluster_momentum=0.4,
+                              dtype=torch.float64)
+        layer.train()
+        step(layer, torch.randn(30, 6, dtype=torch.float64))  # initialise
+        before = _cluster_state(layer)
+        outs = [layer(chunk) for chunk in x.reshape(-1, 6).double().chunk(parts)]
+        assert all(torch.equal(a, b) for a, b in zip(before[:2], _cluster_state(layer)[:2]))
+        sk.step_clusters(layer)
+        states.append((_cluster_state(layer), torch.cat(outs)))
+        sk.step_clusters(layer)  # nothing pending: no change
+        assert all(torch.equal(a, b)
+                   for a, b in zip(states[-1][0][:2], _cluster_state(layer)[:2]))
+    (one, y1), (three, y3) = states
+    torch.testing.assert_close(one[0], three[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(one[1], three[1], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(y1, y3, rtol=1e-12, atol=1e-12)  # routed alike within the step
+
+
+def test_an_optimizer_step_moves_the_clusters_and_none_warns():
+    """Any torch.optim optimizer's step moves the clusters of every layer with statistics
+    pending; training forwards without any step say so, once."""
+    _, layer = make_layer(K=6, N=5, num_clusters=2, dtype=torch.float32)
+    layer.train()
+    opt = torch.optim.SGD([layer.router], lr=0.0)
+    layer(torch.randn(10, 6))
+    assert not layer.clusters.ready
+    opt.step()
+    assert layer.clusters.ready
+    before = layer.clusters.cluster_centers.clone()
+    layer(torch.randn(10, 6) + 3)
+    opt.step()
+    assert not torch.equal(before, layer.clusters.cluster_centers)
+    import slim_kernels.clusters as cl
+    with pytest.warns(RuntimeWarning, match="without an optimizer step"):
+        for _ in range(cl._WARN_AFTER):
+            layer(torch.randn(4, 6))
 
 
 # --- non-finite tokens never reach the clusters (docs/method.md §2) ---------------------------
@@ -197,10 +252,10 @@ def test_non_finite_token_never_enters_the_clusters(bad, no_grad):
         lin, layer = make_layer(K=6, N=5, num_clusters=3, cluster_momentum=0.3,
                                 dtype=torch.float32)
         layer.train()
-        layer(x0)  # initialise
+        step(layer, x0)  # initialise
         before = layer.clusters.cluster_centers.clone()
         with torch.no_grad() if no_grad else contextlib.nullcontext():
-            layer(x)
+            step(layer, x)
         assert not torch.equal(before, layer.clusters.cluster_centers)  # the finite tokens moved them
         layers.append(layer)
     bad_layer, ref = layers
@@ -222,7 +277,7 @@ def test_non_finite_first_batch_initialises_from_its_finite_tokens():
     for batch in (x_bad, x[keep]):
         _, layer = make_layer(K=6, N=5, num_clusters=4, dtype=torch.float32)
         layer.train()
-        layer(batch)
+        step(layer, batch)
         states.append(_cluster_state(layer))
     (c, v, ready), (c_ref, v_ref, _) = states
     assert ready and torch.isfinite(c).all() and torch.isfinite(v).all()
@@ -232,9 +287,9 @@ def test_non_finite_first_batch_initialises_from_its_finite_tokens():
     layer.train()
     x_bad = x.clone()
     x_bad[3:] = float("nan")
-    layer(x_bad)
+    step(layer, x_bad)
     assert not layer.clusters.cluster_initialized.item() and not layer.clusters.ready
-    layer(x)
+    step(layer, x)
     assert layer.clusters.cluster_initialized.item() and torch.isfinite(layer.clusters.cluster_centers).all()
 
 
@@ -244,19 +299,19 @@ def test_overflowing_batch_leaves_the_clusters_unchanged_and_warns_once():
     layer.train()
     huge = torch.randn(20, 6) * 1e30
     with pytest.warns(RuntimeWarning, match="cluster statistics non-finite") as rec:
-        layer(huge)  # the init would overflow: stays uninitialised
+        step(layer, huge)  # the init would overflow: stays uninitialised
         assert not layer.clusters.cluster_initialized.item()
-        layer(torch.randn(20, 6))
+        step(layer, torch.randn(20, 6))
         assert layer.clusters.cluster_initialized.item()
         before = _cluster_state(layer)
-        layer(huge)
+        step(layer, huge)
         with torch.no_grad():
-            layer(huge)
+            step(layer, huge)
     assert len([w for w in rec if "cluster statistics" in str(w.message)]) == 1
     after = _cluster_state(layer)
     assert all(torch.equal(a, b) for a, b in zip(before[:2], after[:2]))
     assert int(layer.clusters.rejected_batches) == 2  # the two EMA steps left out
-    layer(torch.randn(20, 6))  # a normal batch moves them again
+    step(layer, torch.randn(20, 6))  # a normal batch moves them again
     assert not torch.equal(before[0], layer.clusters.cluster_centers)
     assert torch.isfinite(layer.clusters.cluster_vars).all()
 
@@ -266,13 +321,14 @@ def test_gradient_checkpointing_updates_once_and_grads_match(use_reentrant):
     lin, layer = make_layer(merge_drop=0.3, lora_dropout=0.1)
     layer.train()
     x = torch.randn(16, 45, dtype=torch.float64)
-    layer(x)  # init
+    step(layer, x)  # init
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     x2 = torch.randn(16, 45, dtype=torch.float64, requires_grad=True)
 
     torch.manual_seed(7)
     y = layer(x2)
     (y.square().sum()).backward()
+    sk.step_clusters(layer)
     ref_grads = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.router)] + [x2.grad.clone()]
     after_plain = layer.clusters.cluster_centers.clone()
 
@@ -283,6 +339,7 @@ def test_gradient_checkpointing_updates_once_and_grads_match(use_reentrant):
     torch.manual_seed(7)
     y = checkpoint(layer, x2, use_reentrant=use_reentrant)
     (y.square().sum()).backward()
+    sk.step_clusters(layer)
     grads = [p.grad for p in (layer.lora_A, layer.lora_B, layer.router)] + [x2.grad]
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -449,7 +506,7 @@ def test_sizes_and_shape_fields_errors_name_the_argument():
 def test_routing_stats_and_no_lora_mixture():
     lin, layer = make_layer(num_identity_experts=0, top_k=2)
     layer.train()
-    layer(torch.randn(10, 45, dtype=torch.float64))  # not recorded: outside track_routing
+    step(layer, torch.randn(10, 45, dtype=torch.float64))  # not recorded: outside track_routing
     assert sk.routing_stats(layer)[""]["tokens"] == 0
     with sk.track_routing(layer):
         layer(torch.randn(10, 45, dtype=torch.float64))
@@ -470,7 +527,7 @@ def test_routing_stats_skip_bad_tokens_and_say_when_no_distance():
         layer(x)  # 3 tokens < 4 clusters: no clusters yet
         st = sk.routing_stats(layer, reset=True)[""]
         assert st["tokens"] == 3 and st["mean_distance"] is None and st["distance_tokens"] == 0
-        layer(torch.randn(16, 45, dtype=torch.float64))  # initialises the clusters
+        step(layer, torch.randn(16, 45, dtype=torch.float64))  # initialises the clusters
         sk.routing_stats(layer, reset=True)
         bad = torch.randn(6, 45, dtype=torch.float64)
         bad[2, 5] = float("nan")
@@ -534,8 +591,10 @@ class _OpSpy:
 
         def spy(*args, **kw):
             out = real(*args, **kw)
-            self.calls.append(({**dict(zip(names, args)), **kw},
-                               [t.detach().clone() for t in out[:5]]))
+            given = {**dict(zip(names, args)), **kw}  # (copies: buffers move at the step)
+            given = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                     for k, v in given.items()}
+            self.calls.append((given, [t.detach().clone() for t in out[:5]]))
             return out
 
         monkeypatch.setattr(L, "slim_linear_op_unchecked", spy)
@@ -561,9 +620,9 @@ def test_distance_scale_none_calls_the_op_as_before(monkeypatch):
     spy = _OpSpy(monkeypatch)
     layer.train()
     x = torch.randn(30, 8)
-    layer(x)
-    var = layer.clusters.cluster_vars.clone()  # what the next forward routes with (then moves)
-    layer(x)
+    step(layer, x)
+    var = layer.clusters.cluster_vars.clone()  # what the next forward routes with
+    step(layer, x)
     kw, out = spy.calls[-1]
     assert torch.equal(kw["distance_shift"], torch.ones(4))
     assert torch.equal(kw["inv_std"], (var + 1e-5).rsqrt())
@@ -589,7 +648,7 @@ def test_spread_init_and_ema_match_a_hand_computation(reduce):
     assert (layer.clusters.distance_mean.item(), layer.clusters.distance_var.item()) == (1.0, 1.0)  # defaults
     layer.train()
     x1 = torch.randn(40, K, dtype=torch.float64)
-    layer(x1)
+    step(layer, x1)
     assert layer.clusters.cluster_initialized.item()
     r1, _ = _r(x1, layer)
     mu0, var0 = r1.mean(), r1.var(unbiased=False)
@@ -603,7 +662,7 @@ def test_spread_init_and_ema_match_a_hand_computation(reduce):
     mask = torch.ones(3, 10, dtype=torch.bool)
     mask[2, 7:] = False
     with sk.token_mask(mask):
-        layer(x2)
+        step(layer, x2)
     keep = mask.reshape(-1) & torch.isfinite(x2.reshape(-1, K)).all(1)
     r2, _ = _r(x2.reshape(-1, K)[keep], layer, cen, var)
     want_mu = (1 - mom) * mu0 + mom * r2.mean()
@@ -628,8 +687,8 @@ def test_spread_distance_and_identity_logits(monkeypatch, dtype):
     lin, layer = make_layer(K=K, N=6, dtype=dtype, num_clusters=3, cluster_momentum=0.3,
                             distance_scale="spread", yield_strength=lam, top_k=2)
     layer.train()
-    layer(torch.randn(50, K, dtype=dtype))
-    layer(torch.randn(50, K, dtype=dtype) * 2)
+    step(layer, torch.randn(50, K, dtype=dtype))
+    step(layer, torch.randn(50, K, dtype=dtype) * 2)
     spy = _OpSpy(monkeypatch)
     layer.eval()
     x = torch.randn(25, K, dtype=dtype) * 1.5
@@ -678,8 +737,8 @@ def test_spread_state_dict_round_trip_copies_and_errors():
 
     lin, layer = make_layer(K=8, N=5, distance_scale="spread", cluster_momentum=0.5)
     layer.train()
-    layer(torch.randn(30, 8, dtype=torch.float64))
-    layer(torch.randn(30, 8, dtype=torch.float64) + 1)
+    step(layer, torch.randn(30, 8, dtype=torch.float64))
+    step(layer, torch.randn(30, 8, dtype=torch.float64) + 1)
     sd = layer.state_dict()
     assert {"distance_mean", "distance_var"} <= set(sd)
     _, other = make_layer(K=8, N=5, distance_scale="spread", seed=3)
@@ -710,22 +769,24 @@ def test_spread_cast_keeps_statistics_fp32():
     layer.to(torch.bfloat16)
     assert layer.clusters.distance_mean.dtype == layer.clusters.distance_var.dtype == torch.float32
     layer.train()
-    layer(torch.randn(20, 8, dtype=torch.bfloat16))
-    layer(torch.randn(20, 8, dtype=torch.bfloat16))
+    step(layer, torch.randn(20, 8, dtype=torch.bfloat16))
+    step(layer, torch.randn(20, 8, dtype=torch.bfloat16))
     assert torch.isfinite(layer.clusters.distance_var) and layer.clusters.distance_var > 0
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_spread_gradient_checkpointing_updates_once(use_reentrant):
-    """A checkpointed re-run routes with the statistics the first forward saw (the snapshot)
-    and does not update them again: same gradients and statistics as without checkpointing."""
+    """A checkpointed re-run routes with the statistics the first forward saw (they move at
+    the step) and does not collect again: same gradients and statistics as without
+    checkpointing."""
     lin, layer = make_layer(distance_scale="spread", cluster_momentum=0.5, yield_strength=2.0)
     layer.train()
-    layer(torch.randn(16, 45, dtype=torch.float64))  # init
+    step(layer, torch.randn(16, 45, dtype=torch.float64))  # init
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     x2 = torch.randn(16, 45, dtype=torch.float64, requires_grad=True)
     y = layer(x2)
     y.square().sum().backward()
+    sk.step_clusters(layer)
     ref = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.router)] + [x2.grad.clone()]
     after = (layer.clusters.distance_mean.clone(), layer.clusters.distance_var.clone())
     assert not torch.equal(after[0], state["distance_mean"])
@@ -736,6 +797,7 @@ def test_spread_gradient_checkpointing_updates_once(use_reentrant):
     x2.grad = None
     y = checkpoint(layer, x2, use_reentrant=use_reentrant)
     y.square().sum().backward()
+    sk.step_clusters(layer)
     grads = [p.grad for p in (layer.lora_A, layer.lora_B, layer.router)] + [x2.grad]
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -748,14 +810,14 @@ def test_spread_overflow_drops_the_whole_update():
     lin, layer = make_layer(K=6, N=5, num_clusters=2, dtype=torch.float32,
                             distance_scale="spread")
     layer.train()
-    layer(torch.randn(20, 6))
+    step(layer, torch.randn(20, 6))
     before = [t.clone() for t in (layer.clusters.cluster_centers, layer.clusters.cluster_vars,
                                   layer.clusters.distance_mean, layer.clusters.distance_var)]
-    layer(torch.randn(20, 6) * 1e30)  # counted on the device, no host sync
+    step(layer, torch.randn(20, 6) * 1e30)  # counted on the device, no host sync
     after = (layer.clusters.cluster_centers, layer.clusters.cluster_vars,
              layer.clusters.distance_mean, layer.clusters.distance_var)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     with pytest.warns(RuntimeWarning, match="non-finite"):  # said where the host reads it
         assert sk.routing_stats(layer)[""]["rejected_batches"] == 1
-    layer(torch.randn(20, 6))
+    step(layer, torch.randn(20, 6))
     assert not torch.equal(before[2], layer.clusters.distance_mean)
