@@ -16,16 +16,18 @@ def test_fake_matches_real(target):
     """opcheck compares the fake and the real outputs (shapes, dtypes, strides): the real
     slim_fwd once returned non-contiguous top-k indices (a column slice of an argsort) where
     the fake promises contiguous ones, and inductor's stride check failed under compile."""
-    case = Case(T=7, K=6, N=5, E_L=2, r=3, E_I=2, C=3, scaling=1.5, shift=True, seed=17)
+    case = Case(T=7, K=6, N=5, E_L=2, r=3, E_I=2, C=3, scaling=1.5, shift=True, keep=True,
+                seed=17)
     inp = make_inputs(case, torch.float32, target.device)
     args = (inp["x"], None, inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"],
-            inp["router"], inp["centers"], inp["inv_std"], inp["distance_shift"], case.E_L,
-            case.top_k, case.scaling, case.lam, case.reduce, target.backend)
+            inp["router"], inp["centers"], inp["inv_std"], inp["distance_shift"],
+            inp["stats_keep"], case.E_L, case.top_k, case.scaling, case.lam, case.reduce, True,
+            target.backend)
     out = torch.ops.slim_kernels.slim_fwd(*args)
-    assert all(t.is_contiguous() for t in out)
+    assert len(out) == 7 and all(t.is_contiguous() for t in out)
     torch.library.opcheck(torch.ops.slim_kernels.slim_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
-    _, gates, _, _, _, h = out
+    _, gates, _, _, _, h, _ = out
     bargs = (inp["dy"], inp["dgates"], inp["x"], None, inp["weight"], inp["lora_A"],
              inp["lora_B"], inp["router"], gates, h, case.E_L, case.scaling, target.backend)
     assert all(t.is_contiguous() for t in torch.ops.slim_kernels.slim_bwd(*bargs))
