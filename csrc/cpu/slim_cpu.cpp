@@ -12,8 +12,7 @@
 //   z_i += lam * d  (identity experts);  top-k (ties: lower index);  softmax over the kept
 //   for each LoRA expert e: the tokens of the block that selected it (sparse mode) or all
 //   of them (dense mode): h_e = x_e A_eᵀ, hg_e = s g_e h_e, y[tokens] += hg_e B_eᵀ.
-// The base output y = x Wᵀ + b is one GEMM written before the block pass (or, in the
-// fused-base mode, the block's rows of it are written inside the pass); the expand is
+// The base output y = x Wᵀ + b is one GEMM written before the block pass; the expand is
 // accumulated into those same rows: no second T x N temporary exists.
 //
 // Backward, per block (chain rule written out in slim_kernels/ops/torch_backend.py):
@@ -51,10 +50,9 @@ namespace {
 
 constexpr int64_t kDefaultTokenBlock = 128;
 
-// mode: bit 0 = sparse (only the selected experts), bit 1 = fused base GEMM per block,
-// bits 8.. = tokens per block (0: the default)
+// mode: bit 0 = sparse (only the selected experts), bits 8.. = tokens per block (0: the
+// default; slim_kernels/ops/backends/cpp.py BLOCK)
 constexpr int64_t kSparse = 1;
-constexpr int64_t kFuseBase = 2;
 
 int64_t token_block(int64_t mode) {
   const int64_t b = mode >> 8;
@@ -228,7 +226,6 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
   s.C = has_clusters ? centers->size(0) : 0;
   const bool do_yield = has_clusters && yield_strength != 0.0 && s.E > EL;
   const bool sparse = mode & kSparse;
-  const bool fuse_base = (mode & kFuseBase) && is_acc_v<scalar_t>;
   const int64_t kTokenBlock = token_block(mode);
 
   auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
@@ -238,12 +235,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
   at::Tensor dist = at::empty({s.T}, aopt);
   at::Tensor assign = at::empty({s.T}, x.options().dtype(at::kLong));
   at::Tensor h = sparse ? at::zeros({s.T, s.R}, aopt) : at::empty({s.T, s.R}, aopt);
-  at::Tensor y;
-  if (fuse_base) {
-    y = at::empty({s.T, s.N}, x.options());
-  } else {
-    y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  }
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   if (s.T == 0) return {y, gates, idx, dist, assign, h};
 
   // the small weights in the acc dtype (direct for fp32/fp64)
@@ -253,8 +245,6 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
   const bool dense = !sparse || !factors_finite(small, s);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* xlp = x_lora.has_value() ? x_lora->data_ptr<scalar_t>() : nullptr;
-  const scalar_t* Wp = weight.data_ptr<scalar_t>();
-  const scalar_t* bp = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
   const float* cp = has_clusters ? centers->data_ptr<float>() : nullptr;
   const float* sp = has_clusters ? inv_std->data_ptr<float>() : nullptr;
   const float* shp = has_clusters && shift.has_value() ? shift->data_ptr<float>() : nullptr;
@@ -328,18 +318,6 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
         const bool every = dense || !all_finite(xab + i * s.K, s.K);
         for (int64_t e = 0; e < s.EL; ++e)
           if (every || gp[t * s.E + e] != acc_t(0)) sel[e].push_back(i);
-      }
-      // ---- base rows of y (fused-base mode, fp32/fp64 only)
-      if constexpr (is_acc_v<scalar_t>) {
-        if (fuse_base) {
-          acc_t* yb = reinterpret_cast<acc_t*>(yp) + t0 * s.N;
-          if (bp) {
-            for (int64_t i = 0; i < tb; ++i)
-              std::copy(bp, bp + s.N, yb + i * s.N);
-          }
-          gemm(false, true, tb, s.N, s.K, acc_t(1), xb, s.K,
-               reinterpret_cast<const acc_t*>(Wp), s.K, bp ? acc_t(1) : acc_t(0), yb, s.N);
-        }
       }
       // ---- experts: h, gated expand accumulated into y's rows
       acc_t* yb_acc = nullptr;  // where the expand accumulates for this block
@@ -701,8 +679,6 @@ std::vector<at::Tensor> slim_backward(const at::Tensor& dy, const c10::optional<
   }
 }
 
-bool raw_blas() { return have_raw_blas(); }
-
 }  // namespace
 }  // namespace slim_cpu
 
@@ -716,7 +692,10 @@ TORCH_LIBRARY_FRAGMENT(slim_kernels_C, m) {
       "backward(Tensor dy, Tensor? dgates, Tensor x, Tensor? x_lora, Tensor weight, "
       "Tensor lora_A, Tensor lora_B, Tensor router, Tensor gates, Tensor h, "
       "int num_lora_experts, float scaling, int mode) -> Tensor[]");
-  m.def("raw_blas() -> bool", &slim_cpu::raw_blas);
+  // whether the GEMMs call torch's BLAS symbols directly (else at::addmm_); use_raw_blas
+  // turns that off or back on (where the symbols exist) and returns the previous state
+  m.def("raw_blas() -> bool", &slim_cpu::raw_blas_in_use);
+  m.def("use_raw_blas(bool enable) -> bool", &slim_cpu::use_raw_blas);
 }
 
 TORCH_LIBRARY_IMPL(slim_kernels_C, CPU, m) {
