@@ -7,15 +7,17 @@
 //
 // Forward, per block of TB tokens (one pass over the block; everything stays in cache):
 //   z   = x_b Rᵀ, x_b·c_j                           (TB, E+C)  one small GEMM
-//   d   = reduce_k |x - c_{j*}| inv_std_{j*} - shift_{j*},  j* = argmin_j ||c_j||² - 2 x·c_j
-//         (shift: the optional distance_shift (C,), else the constant 1)
+//   r   = reduce_k |x - c_{j*}| inv_std_{j*},  j* = argmin_j ||c_j||² - 2 x·c_j
+//   d   = r - shift_{j*}  (shift: the optional distance_shift (C,), else the constant 1)
 //   z_i += lam * d  (identity experts);  top-k (ties: lower index);  softmax over the kept
 //   for each LoRA expert e: the tokens of the block that selected it (sparse mode) or all
 //   of them (dense mode): h_e = x_e A_eᵀ, hg_e = s g_e h_e, y[tokens] += hg_e B_eᵀ.
 // The base output y = x Wᵀ + b is one GEMM written before the block pass; the expand is
-// accumulated into those same rows: no second T x N temporary exists.
+// accumulated into those same rows: no second T x N temporary exists. With cluster_stats,
+// the pass that forms x - c_{j*} for r also sums it, its square, r and r² per cluster
+// (docs/method.md §2, the statistics of the sliding update) into per-chunk partials.
 //
-// Backward, per block (chain rule written out in slim_kernels/ops/torch_backend.py):
+// Backward, per block (chain rule written out in slim_kernels/ops/backends/torch.py):
 //   dhg_e = dy_e B_e,  dg_e = s Σ dhg_e ⊙ h_e (+ dgates),  dz = g ⊙ (dg - Σ g dg),
 //   dh_e = s g_e dhg_e;  dB_eᵀ += hg_eᵀ dy_e,  dA_e += dh_eᵀ x_e,  dR += dzᵀ x  (per-chunk
 //   partial sums, reduced at the end);  dx = dy W (one GEMM first) += dz R + dh_e A_e.
@@ -58,6 +60,17 @@ int64_t token_block(int64_t mode) {
   const int64_t b = mode >> 8;
   return b > 0 ? std::min<int64_t>(b, 4096) : kDefaultTokenBlock;
 }
+
+// The forward's cluster statistics are summed per chunk, a run of consecutive blocks that
+// one thread takes in token order, into the chunk's own partial; the partials are then added
+// in chunk order. The chunking depends on T (and the token block) only, never on the thread
+// count or the schedule, so the statistics have the same bits on every run. It caps the
+// forward's parallelism at this many threads when statistics are asked for (training
+// forwards); their partials cost at most kStatsChunks x C x (2K + 3) values.
+constexpr int64_t kStatsChunks = 16;
+
+// ceil(a / b) for a >= 0, b > 0
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T>
 struct AccOf { using type = float; };
@@ -124,17 +137,12 @@ void gather_rows(const acc_t* src, int64_t L, const std::vector<int64_t>& idx, a
     std::copy(src + idx[i] * L, src + (idx[i] + 1) * L, out + i * L);
 }
 
-// Cluster distance of one token (docs/method.md §2), as slim_kernels.routing.cluster_distance.
-// The assignment argmin_j ||x - c_j||² is taken as argmin_j (||c_j||² - 2 x·c_j) (||x||² is
-// the same for every j), with the dot products x·c_j computed by the route GEMM (the centres
-// are stacked under the router rows), as the torch backend does; then one pass over the
-// chosen centre for the reduce. dots[j] = x·c_j, strided by dot_stride; csq[j] = ||c_j||².
-// d = r - shift[j*] (shift: C values; nullptr: the constant 1).
+// The assigned cluster of one token (docs/method.md §2): argmin_j ||x - c_j||², taken as
+// argmin_j (||c_j||² - 2 x·c_j) (||x||² is the same for every j), with the dot products x·c_j
+// computed by the route GEMM (the centres are stacked under the router rows), as the torch
+// backend does. dots[j] = x·c_j, strided by dot_stride; csq[j] = ||c_j||².
 template <typename acc_t>
-void cluster_distance_row(const acc_t* x, const acc_t* dots, int64_t dot_stride, const acc_t* csq,
-                          const float* centers, const float* inv_std, const float* shift,
-                          int64_t C, int64_t K, int64_t reduce, acc_t* d_out,
-                          int64_t* assign_out) {
+int64_t nearest_cluster(const acc_t* dots, int64_t dot_stride, const acc_t* csq, int64_t C) {
   int64_t best = 0;
   acc_t best_sq = std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < C; ++j) {
@@ -145,33 +153,56 @@ void cluster_distance_row(const acc_t* x, const acc_t* dots, int64_t dot_stride,
       best = j;
     }
   }
-  const float* c = centers + best * K;
-  const float* s = inv_std + best * K;
+  return best;
+}
+
+// r = reduce_k |x_k - c_k| s_k (reduce 0 max, 1 mean, 2 rms), one pass over the assigned
+// centre c and its inv_std s, as slim_kernels.routing.cluster_route. kStats: the same pass
+// also adds x_k - c_k to sum[k] and its square to sq[k] (the token's share of its cluster's
+// statistics, while its row is in cache).
+template <typename acc_t, bool kStats>
+acc_t reduced_distance(const acc_t* x, const float* c, const float* s, int64_t K,
+                       int64_t reduce, acc_t* sum, acc_t* sq) {
   acc_t r = 0;
   if (reduce == 0) {  // max; it drops NaN, so NaN u are summed into probe (as torch.amax)
     acc_t probe = 0;
 #pragma omp simd reduction(max : r) reduction(+ : probe)
     for (int64_t k = 0; k < K; ++k) {
-      acc_t u = std::abs(x[k] - static_cast<acc_t>(c[k])) * static_cast<acc_t>(s[k]);
+      const acc_t v = x[k] - static_cast<acc_t>(c[k]);
+      acc_t u = std::abs(v) * static_cast<acc_t>(s[k]);
       r = u > r ? u : r;
       probe += u != u ? u : acc_t(0);
+      if constexpr (kStats) {
+        sum[k] += v;
+        sq[k] += v * v;
+      }
     }
     r += probe;
   } else if (reduce == 1) {  // mean
 #pragma omp simd reduction(+ : r)
-    for (int64_t k = 0; k < K; ++k)
-      r += std::abs(x[k] - static_cast<acc_t>(c[k])) * static_cast<acc_t>(s[k]);
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t v = x[k] - static_cast<acc_t>(c[k]);
+      r += std::abs(v) * static_cast<acc_t>(s[k]);
+      if constexpr (kStats) {
+        sum[k] += v;
+        sq[k] += v * v;
+      }
+    }
     r = r / static_cast<acc_t>(K);
   } else {  // rms
 #pragma omp simd reduction(+ : r)
     for (int64_t k = 0; k < K; ++k) {
-      acc_t u = std::abs(x[k] - static_cast<acc_t>(c[k])) * static_cast<acc_t>(s[k]);
+      const acc_t v = x[k] - static_cast<acc_t>(c[k]);
+      acc_t u = std::abs(v) * static_cast<acc_t>(s[k]);
       r += u * u;
+      if constexpr (kStats) {
+        sum[k] += v;
+        sq[k] += v * v;
+      }
     }
     r = std::sqrt(r / static_cast<acc_t>(K));
   }
-  *d_out = r - (shift != nullptr ? static_cast<acc_t>(shift[best]) : acc_t(1));
-  *assign_out = best;
+  return r;
 }
 
 // p[0..n) all finite (the sum of v * 0 is 0 for finite v, NaN otherwise)
@@ -209,6 +240,13 @@ Shapes op_shapes(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   return s;
 }
 
+// a stats_keep entry: token t counts in the statistics (nullptr: every token)
+struct KeepMask {
+  const bool* p = nullptr;
+  int64_t stride = 0;
+  bool operator()(int64_t t) const { return p == nullptr || p[t * stride]; }
+};
+
 template <typename scalar_t>
 std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at::Tensor>& x_lora,
                                      const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -216,15 +254,18 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
                                      const at::Tensor& router,
                                      const c10::optional<at::Tensor>& centers,
                                      const c10::optional<at::Tensor>& inv_std,
-                                     const c10::optional<at::Tensor>& shift, int64_t EL,
-                                     int64_t top_k, double scaling, double yield_strength,
-                                     int64_t reduce, int64_t mode) {
+                                     const c10::optional<at::Tensor>& shift, KeepMask keep,
+                                     int64_t EL, int64_t top_k, double scaling,
+                                     double yield_strength, int64_t reduce, bool cluster_stats,
+                                     int64_t mode) {
   using acc_t = typename AccOf<scalar_t>::type;
   Shapes s = op_shapes(x, weight, router, lora_A, EL);
   s.k = top_k;
   const bool has_clusters = centers.has_value() && centers->size(0) > 0;
   s.C = has_clusters ? centers->size(0) : 0;
   const bool do_yield = has_clusters && yield_strength != 0.0 && s.E > EL;
+  const bool with_stats = cluster_stats && has_clusters;
+  const int64_t W = 2 * s.K + 3;  // a statistics row: n, Σ(x - c) (K), Σ(x - c)² (K), Σr, Σr²
   const bool sparse = mode & kSparse;
   const int64_t kTokenBlock = token_block(mode);
 
@@ -236,7 +277,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
   at::Tensor assign = at::empty({s.T}, x.options().dtype(at::kLong));
   at::Tensor h = sparse ? at::zeros({s.T, s.R}, aopt) : at::empty({s.T, s.R}, aopt);
   at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  if (s.T == 0) return {y, gates, idx, dist, assign, h};
+  if (s.T == 0) {
+    at::Tensor stats = at::zeros({with_stats ? s.C : 0, W}, aopt);
+    return {y, gates, idx, dist, assign, h, stats};
+  }
 
   // the small weights in the acc dtype (direct for fp32/fp64)
   const SmallWeights<acc_t, scalar_t> small(router, lora_A, lora_B);
@@ -276,17 +320,30 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
   const acc_t sc = static_cast<acc_t>(scaling);
   const acc_t lam = static_cast<acc_t>(yield_strength);
 
-  // Blocks are handed out dynamically (an atomic counter), not split in halves up front: on
-  // a shared machine a descheduled thread then delays the pass by one block, not by half
-  // of it. Block boundaries do not depend on the schedule, so results are deterministic.
-  const int64_t nblocks = (s.T + kTokenBlock - 1) / kTokenBlock;
-  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
-  std::atomic<int64_t> next_block{0};
+  // Work is handed out dynamically (an atomic counter), not split in halves up front: on a
+  // shared machine a descheduled thread then delays the pass by one unit, not by half of it.
+  // A unit is one block, or with statistics one chunk of blocks (kStatsChunks). Block
+  // boundaries do not depend on the schedule, so every output is deterministic.
+  const int64_t nblocks = cdiv(s.T, kTokenBlock);
+  const int64_t per_chunk = with_stats ? cdiv(nblocks, std::min(nblocks, kStatsChunks)) : 1;
+  const int64_t nchunks = cdiv(nblocks, per_chunk);
+  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks));
+  // statistics: chunk 0 sums into the output, chunk c > 0 into partial c - 1
+  at::Tensor stats = at::empty({with_stats ? s.C : 0, W}, aopt);
+  at::Tensor partials;
+  if (with_stats && nchunks > 1) partials = at::empty({nchunks - 1, s.C, W}, aopt);
+  acc_t* stats_p = stats.data_ptr<acc_t>();
+  acc_t* part_p = partials.defined() ? partials.data_ptr<acc_t>() : nullptr;
+  const int64_t CW = s.C * W;
+  // whether x's rows are finite matters to the statistics, and to sparse mode without x_lora
+  const bool check_x = with_stats || (!dense && xlp == nullptr);
+  std::atomic<int64_t> next_chunk{0};
   at::parallel_for(0, nworkers, 1, [&](int64_t, int64_t) {
     SerialBlasGuard serial;
     std::vector<acc_t> xbuf, xlbuf, z, zt, xg, hbuf, hgbuf, ybuf, yacc;
     std::vector<std::vector<int64_t>> sel(static_cast<size_t>(s.EL));
-    for (int64_t blk = next_block.fetch_add(1); blk < nblocks; blk = next_block.fetch_add(1)) {
+    // one block of tokens; st: its chunk's statistics (C, W), or nullptr
+    auto run_block = [&](int64_t blk, acc_t* st) {
       const int64_t t0 = blk * kTokenBlock;
       const int64_t tb = std::min(kTokenBlock, s.T - t0);
       const acc_t* xb = rows_as_acc<scalar_t, acc_t>(xp, t0, tb, s.K, xbuf);
@@ -302,10 +359,26 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
       for (auto& v : sel) v.clear();
       for (int64_t i = 0; i < tb; ++i) {
         const int64_t t = t0 + i;
+        const acc_t* xi = xb + i * s.K;
         acc_t* zi = z.data() + i * s.E;
+        const bool x_finite = !check_x || all_finite(xi, s.K);
         if (has_clusters) {
-          cluster_distance_row<acc_t>(xb + i * s.K, zt.data() + s.E * tb + i, tb, csq.data(), cp,
-                                      sp, shp, s.C, s.K, reduce, dp + t, ap + t);
+          const int64_t j = nearest_cluster<acc_t>(zt.data() + s.E * tb + i, tb, csq.data(),
+                                                   s.C);
+          const float* cj = cp + j * s.K;
+          const float* sj = sp + j * s.K;
+          acc_t r;
+          if (with_stats && x_finite && keep(t)) {  // a kept token: into the statistics
+            acc_t* row = st + j * W;
+            r = reduced_distance<acc_t, true>(xi, cj, sj, s.K, reduce, row + 1, row + 1 + s.K);
+            row[0] += acc_t(1);
+            row[2 * s.K + 1] += r;
+            row[2 * s.K + 2] += r * r;
+          } else {
+            r = reduced_distance<acc_t, false>(xi, cj, sj, s.K, reduce, nullptr, nullptr);
+          }
+          dp[t] = r - (shp != nullptr ? static_cast<acc_t>(shp[j]) : acc_t(1));
+          ap[t] = j;
           if (do_yield)
             for (int64_t e = s.EL; e < s.E; ++e) zi[e] += lam * dp[t];
         } else {
@@ -315,7 +388,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
         slim_topk::topk_softmax_row<acc_t>(zi, s.E, s.k, gp + t * s.E, ip + t * s.k);
         // every expert for a token whose LoRA input is not finite (a NaN gate is != 0
         // already): its row must come out non-finite, as computing all experts gives
-        const bool every = dense || !all_finite(xab + i * s.K, s.K);
+        const bool every =
+            dense || !(xab == xb ? x_finite : all_finite(xab + i * s.K, s.K));
         for (int64_t e = 0; e < s.EL; ++e)
           if (every || gp[t * s.E + e] != acc_t(0)) sel[e].push_back(i);
       }
@@ -376,9 +450,28 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
             yb[i] = static_cast<scalar_t>(static_cast<acc_t>(yb[i]) + yacc[i]);
         }
       }
+    };
+    for (int64_t c = next_chunk.fetch_add(1); c < nchunks; c = next_chunk.fetch_add(1)) {
+      acc_t* st = nullptr;
+      if (with_stats) {
+        st = c == 0 ? stats_p : part_p + (c - 1) * CW;
+        std::fill(st, st + CW, acc_t(0));
+      }
+      for (int64_t blk = c * per_chunk; blk < std::min(nblocks, (c + 1) * per_chunk); ++blk)
+        run_block(blk, st);
     }
   });
-  return {y, gates, idx, dist, assign, h};
+  // the chunks' statistics, added in chunk order (each value's sum has a fixed order)
+  if (part_p != nullptr) {
+    at::parallel_for(0, CW, 4096, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = 0; c < nchunks - 1; ++c) {
+        const acc_t* src = part_p + c * CW;
+#pragma omp simd
+        for (int64_t i = lo; i < hi; ++i) stats_p[i] += src[i];
+      }
+    });
+  }
+  return {y, gates, idx, dist, assign, h, stats};
 }
 
 template <typename scalar_t>
@@ -588,6 +681,23 @@ c10::optional<at::Tensor> contig(const c10::optional<at::Tensor>& t) {
   return t->contiguous();
 }
 
+// f(scalar_t{}) for the dtype of x
+template <typename F>
+auto dispatch_dtype(at::ScalarType dt, F&& f) {
+  switch (dt) {
+    case at::kFloat:
+      return f(float{});
+    case at::kDouble:
+      return f(double{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    case at::kHalf:
+      return f(c10::Half{});
+    default:
+      TORCH_CHECK(false, "slim_kernels_C: unsupported dtype ", dt);
+  }
+}
+
 std::vector<at::Tensor> slim_forward(const at::Tensor& x, const c10::optional<at::Tensor>& x_lora,
                                      const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                      const at::Tensor& lora_A, const at::Tensor& lora_B,
@@ -595,8 +705,10 @@ std::vector<at::Tensor> slim_forward(const at::Tensor& x, const c10::optional<at
                                      const c10::optional<at::Tensor>& centers,
                                      const c10::optional<at::Tensor>& inv_std,
                                      const c10::optional<at::Tensor>& distance_shift,
+                                     const c10::optional<at::Tensor>& stats_keep,
                                      int64_t num_lora_experts, int64_t top_k, double scaling,
-                                     double yield_strength, int64_t reduce, int64_t mode) {
+                                     double yield_strength, int64_t reduce, bool cluster_stats,
+                                     int64_t mode) {
   auto xc = contig(x);
   auto wc = contig(weight);
   auto Ac = contig(lora_A);
@@ -624,22 +736,19 @@ std::vector<at::Tensor> slim_forward(const at::Tensor& x, const c10::optional<at
     TORCH_CHECK(!distance_shift.has_value(),
                 "slim_kernels_C: distance_shift given without centers");
   }
-  switch (xc.scalar_type()) {
-    case at::kFloat:
-      return forward_impl<float>(xc, xl, wc, bc, Ac, Bc, Rc, cc, sc, shc, num_lora_experts, top_k,
-                                 scaling, yield_strength, reduce, mode);
-    case at::kDouble:
-      return forward_impl<double>(xc, xl, wc, bc, Ac, Bc, Rc, cc, sc, shc, num_lora_experts, top_k,
-                                  scaling, yield_strength, reduce, mode);
-    case at::kBFloat16:
-      return forward_impl<c10::BFloat16>(xc, xl, wc, bc, Ac, Bc, Rc, cc, sc, shc, num_lora_experts,
-                                         top_k, scaling, yield_strength, reduce, mode);
-    case at::kHalf:
-      return forward_impl<c10::Half>(xc, xl, wc, bc, Ac, Bc, Rc, cc, sc, shc, num_lora_experts, top_k,
-                                     scaling, yield_strength, reduce, mode);
-    default:
-      TORCH_CHECK(false, "slim_kernels_C: unsupported dtype ", xc.scalar_type());
+  KeepMask keep;  // read through its stride (a strided view is not copied)
+  if (cluster_stats && stats_keep.has_value()) {
+    TORCH_CHECK(stats_keep->device().is_cpu() && stats_keep->scalar_type() == at::kBool &&
+                    stats_keep->dim() == 1 && stats_keep->size(0) == xc.size(0),
+                "slim_kernels_C: stats_keep must be a (T,) bool CPU tensor");
+    keep.p = stats_keep->data_ptr<bool>();
+    keep.stride = stats_keep->stride(0);
   }
+  return dispatch_dtype(xc.scalar_type(), [&](auto tag) {
+    return forward_impl<decltype(tag)>(xc, xl, wc, bc, Ac, Bc, Rc, cc, sc, shc, keep,
+                                       num_lora_experts, top_k, scaling, yield_strength, reduce,
+                                       cluster_stats, mode);
+  });
 }
 
 std::vector<at::Tensor> slim_backward(const at::Tensor& dy, const c10::optional<at::Tensor>& dgates,
@@ -661,22 +770,10 @@ std::vector<at::Tensor> slim_backward(const at::Tensor& dy, const c10::optional<
   auto hc = h.to(acc).contiguous();
   c10::optional<at::Tensor> dgc;
   if (dgates.has_value() && dgates->numel() > 0) dgc = dgates->to(acc).contiguous();
-  switch (xc.scalar_type()) {
-    case at::kFloat:
-      return backward_impl<float>(dyc, dgc, xc, xl, wc, Ac, Bc, Rc, gc, hc, num_lora_experts,
-                                  scaling, mode);
-    case at::kDouble:
-      return backward_impl<double>(dyc, dgc, xc, xl, wc, Ac, Bc, Rc, gc, hc, num_lora_experts,
-                                   scaling, mode);
-    case at::kBFloat16:
-      return backward_impl<c10::BFloat16>(dyc, dgc, xc, xl, wc, Ac, Bc, Rc, gc, hc,
-                                          num_lora_experts, scaling, mode);
-    case at::kHalf:
-      return backward_impl<c10::Half>(dyc, dgc, xc, xl, wc, Ac, Bc, Rc, gc, hc, num_lora_experts,
-                                      scaling, mode);
-    default:
-      TORCH_CHECK(false, "slim_kernels_C: unsupported dtype ", xc.scalar_type());
-  }
+  return dispatch_dtype(xc.scalar_type(), [&](auto tag) {
+    return backward_impl<decltype(tag)>(dyc, dgc, xc, xl, wc, Ac, Bc, Rc, gc, hc,
+                                        num_lora_experts, scaling, mode);
+  });
 }
 
 }  // namespace
@@ -686,8 +783,8 @@ TORCH_LIBRARY_FRAGMENT(slim_kernels_C, m) {
   m.def(
       "forward(Tensor x, Tensor? x_lora, Tensor weight, Tensor? bias, Tensor lora_A, "
       "Tensor lora_B, Tensor router, Tensor? centers, Tensor? inv_std, Tensor? distance_shift, "
-      "int num_lora_experts, int top_k, float scaling, float yield_strength, int reduce, "
-      "int mode) -> Tensor[]");
+      "Tensor? stats_keep, int num_lora_experts, int top_k, float scaling, "
+      "float yield_strength, int reduce, bool cluster_stats, int mode) -> Tensor[]");
   m.def(
       "backward(Tensor dy, Tensor? dgates, Tensor x, Tensor? x_lora, Tensor weight, "
       "Tensor lora_A, Tensor lora_B, Tensor router, Tensor gates, Tensor h, "

@@ -1,9 +1,9 @@
 """Backend ``cpp``: the CPU kernels of csrc/cpu (extension ``slim_kernels._C``).
 
 Same interface, shapes and dtypes as :mod:`slim_kernels.ops.backends.torch`; it runs the route
-step fused per block of tokens (LoRA-A and router products, cluster distances, yielding,
-top-k, softmax, gating) and writes y once: the base GEMM, then the gated expand accumulated
-into the same rows.
+step fused per block of tokens (LoRA-A and router products, cluster distances and, when asked
+for, the cluster statistics, yielding, top-k, softmax, gating) and writes y once: the base
+GEMM, then the gated expand accumulated into the same rows.
 
 Only the experts each token selected are computed (:data:`MODE` ``"sparse"``, the default):
 with top-2 of 10 experts that is at most a quarter of the LoRA FLOPs, and gathering the tokens
@@ -73,20 +73,11 @@ def forward(
     distance_reduce: str, distance_shift: Optional[Tensor] = None,
     cluster_stats: bool = False, stats_keep: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    y, gates, idx, d, assign, h = torch.ops.slim_kernels_C.forward(
-        x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
-        distance_shift, int(num_lora_experts), int(top_k), float(scaling),
-        float(yield_strength), reduce_code(distance_reduce), _flags(),
-    )
-    # TEMPORARY (replaced by the kernels' own statistics): the torch routing helper
-    from ...routing import cluster_route
-    from ..op import stats_shape
-    if cluster_stats and centers is not None:
-        _, _, stats = cluster_route(x, centers, inv_std, distance_reduce, distance_shift, True,
-                                    stats_keep)
-    else:
-        stats = x.new_zeros(stats_shape(0, x.shape[1]), dtype=gates.dtype)
-    return y, gates, idx, d, assign, h, stats
+    return tuple(torch.ops.slim_kernels_C.forward(
+        x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std, distance_shift,
+        stats_keep, int(num_lora_experts), int(top_k), float(scaling), float(yield_strength),
+        reduce_code(distance_reduce), bool(cluster_stats), _flags(),
+    ))
 
 
 def backward(
