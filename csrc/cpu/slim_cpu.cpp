@@ -31,6 +31,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -39,6 +40,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -130,6 +132,26 @@ struct SmallWeights {
   SmallWeights& operator=(const SmallWeights&) = delete;
 };
 
+// One thread's scratch for the block pass, kept in thread-local storage from call to call:
+// at a few tokens, allocating it on every call cost more than the block's arithmetic
+// (measured: 0.8 us of a 11.5 us forward). release_large() frees any buffer a call grew past
+// kKeepBytes, so a thread keeps at most kBuffers x 64 KB per pass and dtype; a call that
+// large spends far longer computing than allocating.
+template <typename acc_t, size_t kBuffers>
+struct BlockScratch {
+  static constexpr size_t kKeepBytes = size_t(1) << 16;
+  std::array<std::vector<acc_t>, kBuffers> buf;
+  std::vector<std::vector<int64_t>> sel;  // per LoRA expert, the block's tokens that run it
+  std::vector<std::vector<int64_t>>& selected(int64_t experts) {
+    sel.resize(static_cast<size_t>(experts));
+    return sel;
+  }
+  void release_large() {
+    for (auto& v : buf)
+      if (v.capacity() * sizeof(acc_t) > kKeepBytes) std::vector<acc_t>().swap(v);
+  }
+};
+
 // gather rows idx[0..n) (block-local) of a (TB, L) matrix into out (n, L)
 template <typename acc_t>
 void gather_rows(const acc_t* src, int64_t L, const std::vector<int64_t>& idx, acc_t* out) {
@@ -205,12 +227,21 @@ acc_t reduced_distance(const acc_t* x, const float* c, const float* s, int64_t K
   return r;
 }
 
-// p[0..n) all finite (the sum of v * 0 is 0 for finite v, NaN otherwise)
+// p[0..n) all finite: the sum of v * 0 is 0 for finite v, NaN otherwise. kLanes independent
+// sums (a single one would wait on each add's latency: measured 3.4x slower on the LoRA
+// factors).
 template <typename acc_t>
 bool all_finite(const acc_t* p, int64_t n) {
+  constexpr int64_t kLanes = 64 / sizeof(acc_t);
+  acc_t lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) lane[j] += p[i + j] * acc_t(0);
+  }
   acc_t probe = 0;
-#pragma omp simd reduction(+ : probe)
-  for (int64_t i = 0; i < n; ++i) probe += p[i] * acc_t(0);
+  for (; i < n; ++i) probe += p[i] * acc_t(0);
+  for (int64_t j = 0; j < kLanes; ++j) probe += lane[j];
   return probe == acc_t(0);
 }
 
@@ -238,6 +269,28 @@ Shapes op_shapes(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   s.R = lora_A.size(0);
   s.r = s.R / EL;
   return s;
+}
+
+// y = x Wᵀ + b over all tokens. fp32/fp64 call the BLAS directly (the call at::addmm makes,
+// without its dispatch, which costs more than the GEMM at a few tokens); the half types go
+// through at::addmm.
+template <typename scalar_t>
+at::Tensor base_output(const at::Tensor& x, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias) {
+  if constexpr (is_acc_v<scalar_t>) {
+    const int64_t T = x.size(0), K = x.size(1), N = weight.size(0);
+    at::Tensor y = at::empty({T, N}, x.options());
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    if (bias.has_value()) {
+      const scalar_t* bp = bias->data_ptr<scalar_t>();
+      for (int64_t t = 0; t < T; ++t) std::copy(bp, bp + N, yp + t * N);
+    }
+    gemm(false, true, T, N, K, scalar_t(1), x.data_ptr<scalar_t>(), K,
+         weight.data_ptr<scalar_t>(), K, scalar_t(bias.has_value() ? 1 : 0), yp, N);
+    return y;
+  } else {
+    return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  }
 }
 
 // a stats_keep entry: token t counts in the statistics (nullptr: every token)
@@ -275,8 +328,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
   at::Tensor idx = at::empty({s.T, s.k}, x.options().dtype(at::kLong));
   at::Tensor dist = at::empty({s.T}, aopt);
   at::Tensor assign = at::empty({s.T}, x.options().dtype(at::kLong));
-  at::Tensor h = sparse ? at::zeros({s.T, s.R}, aopt) : at::empty({s.T, s.R}, aopt);
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  at::Tensor h = at::empty({s.T, s.R}, aopt);
+  at::Tensor y = base_output<scalar_t>(x, weight, bias);
   if (s.T == 0) {
     at::Tensor stats = at::zeros({with_stats ? s.C : 0, W}, aopt);
     return {y, gates, idx, dist, assign, h, stats};
@@ -340,10 +393,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
   std::atomic<int64_t> next_chunk{0};
   at::parallel_for(0, nworkers, 1, [&](int64_t, int64_t) {
     SerialBlasGuard serial;
-    std::vector<acc_t> xbuf, xlbuf, z, zt, xg, hbuf, hgbuf, ybuf, yacc;
-    std::vector<std::vector<int64_t>> sel(static_cast<size_t>(s.EL));
+    static thread_local BlockScratch<acc_t, 9> scratch;
     // one block of tokens; st: its chunk's statistics (C, W), or nullptr
     auto run_block = [&](int64_t blk, acc_t* st) {
+      auto& [xbuf, xlbuf, z, zt, xg, hbuf, hgbuf, ybuf, yacc] = scratch.buf;
+      auto& sel = scratch.selected(s.EL);
       const int64_t t0 = blk * kTokenBlock;
       const int64_t tb = std::min(kTokenBlock, s.T - t0);
       const acc_t* xb = rows_as_acc<scalar_t, acc_t>(xp, t0, tb, s.K, xbuf);
@@ -394,6 +448,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
           if (every || gp[t * s.E + e] != acc_t(0)) sel[e].push_back(i);
       }
       // ---- experts: h, gated expand accumulated into y's rows
+      // h of the experts a token skips is 0 (sparse mode): zero the block's rows in cache
+      if (!dense) std::fill(hp + t0 * s.R, hp + (t0 + tb) * s.R, acc_t(0));
       acc_t* yb_acc = nullptr;  // where the expand accumulates for this block
       if constexpr (is_acc_v<scalar_t>) {
         yb_acc = reinterpret_cast<acc_t*>(yp) + t0 * s.N;
@@ -460,6 +516,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
       for (int64_t blk = c * per_chunk; blk < std::min(nblocks, (c + 1) * per_chunk); ++blk)
         run_block(blk, st);
     }
+    scratch.release_large();
   });
   // the chunks' statistics, added in chunk order (each value's sum has a fixed order)
   if (part_p != nullptr) {
@@ -472,6 +529,28 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const c10::optional<at
     });
   }
   return {y, gates, idx, dist, assign, h, stats};
+}
+
+// t as a contiguous tensor of dtype dt: t itself when it is one (no dispatcher call)
+at::Tensor as_contig(const at::Tensor& t, at::ScalarType dt) {
+  if (t.scalar_type() == dt && t.is_contiguous()) return t;
+  return t.to(dt).contiguous();
+}
+
+// (rows, cols) acc values at src, transposed and converted into a new (cols, rows) scalar_t
+// tensor, in tiles that stay in cache: dB from its transposed partial (at::Tensor::t() then
+// .contiguous() cost more than the rest of a small backward)
+template <typename scalar_t, typename acc_t>
+at::Tensor transposed(const acc_t* src, int64_t rows, int64_t cols, const at::TensorOptions& opt) {
+  at::Tensor out = at::empty({cols, rows}, opt);
+  scalar_t* o = out.data_ptr<scalar_t>();
+  constexpr int64_t kTile = 32;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile)
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile)
+      for (int64_t c = c0; c < std::min(cols, c0 + kTile); ++c)
+        for (int64_t r = r0; r < std::min(rows, r0 + kTile); ++r)
+          o[c * rows + r] = static_cast<scalar_t>(src[r * cols + c]);
+  return out;
 }
 
 template <typename scalar_t>
@@ -488,8 +567,18 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const c10::optional<
   const int64_t kTokenBlock = token_block(mode);
 
   // dx = dy W: one GEMM over all tokens; the block pass adds dz R and dh A_all into it.
-  at::Tensor dx = at::mm(dy, weight);
-  at::Tensor dx_lora = has_xl ? at::zeros_like(*x_lora) : at::empty({0}, x.options());
+  // fp32/fp64 call the BLAS directly, as base_output does.
+  at::Tensor dx;
+  if constexpr (is_acc_v<scalar_t>) {
+    dx = at::empty({s.T, s.K}, x.options());
+    gemm(false, false, s.T, s.K, s.N, scalar_t(1), dy.data_ptr<scalar_t>(), s.N,
+         weight.data_ptr<scalar_t>(), s.K, scalar_t(0), dx.data_ptr<scalar_t>(), s.K);
+  } else {
+    dx = at::mm(dy, weight);
+  }
+  // dx_lora: in fp32/fp64 the pass accumulates into it (zeroing each block's rows first),
+  // in bf16/fp16 it writes each block's rows once
+  at::Tensor dx_lora = has_xl ? at::empty_like(*x_lora) : at::empty({0}, x.options());
   if (s.T == 0) {
     return {dx, dx_lora, at::zeros_like(lora_A), at::zeros_like(lora_B),
             at::zeros_like(router)};
@@ -516,16 +605,20 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const c10::optional<
   // handed out dynamically: on a shared machine a descheduled thread delays one chunk, not
   // half the pass.
   constexpr int64_t kMaxChunks = 8;
-  const int64_t nblocks = (s.T + kTokenBlock - 1) / kTokenBlock;
+  const int64_t nblocks = cdiv(s.T, kTokenBlock);
   const int64_t nchunks = std::max<int64_t>(
       1, std::min<int64_t>(std::max<int64_t>(kMaxChunks, at::get_num_threads()), nblocks));
-  const int64_t per_chunk = ((nblocks + nchunks - 1) / nchunks) * kTokenBlock;
+  const int64_t per_chunk = cdiv(nblocks, nchunks) * kTokenBlock;
   const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunks));
   auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   at::TensorOptions aopt = x.options().dtype(acc_dtype);
-  at::Tensor dA_p = at::zeros({nchunks, s.R, s.K}, aopt);
-  at::Tensor dB_p = at::zeros({nchunks, s.R, s.N}, aopt);  // transposed partials
-  at::Tensor dR_p = at::zeros({nchunks, s.E, s.K}, aopt);
+  // The partials, each zeroed by the thread that sums into it. With one chunk there is
+  // nothing to add: dA's and dR's partial is the gradient itself (in fp32/fp64).
+  const bool one = nchunks == 1;
+  at::Tensor dA_p = one ? at::empty({s.R, s.K}, aopt) : at::empty({nchunks, s.R, s.K}, aopt);
+  at::Tensor dB_p = one ? at::empty({s.R, s.N}, aopt)  // transposed partials
+                        : at::empty({nchunks, s.R, s.N}, aopt);
+  at::Tensor dR_p = one ? at::empty({s.E, s.K}, aopt) : at::empty({nchunks, s.E, s.K}, aopt);
   acc_t* dAp_all = dA_p.data_ptr<acc_t>();
   acc_t* dBp_all = dB_p.data_ptr<acc_t>();
   acc_t* dRp_all = dR_p.data_ptr<acc_t>();
@@ -533,12 +626,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const c10::optional<
 
   at::parallel_for(0, nworkers, 1, [&](int64_t, int64_t) {
     SerialBlasGuard serial;
-    std::vector<acc_t> dybuf, xbuf, xlbuf, G, X, dhg, hg, dh, tmp, dz, dg, dxacc, dxlacc;
-    std::vector<std::vector<int64_t>> sel(static_cast<size_t>(s.EL));
+    static thread_local BlockScratch<acc_t, 13> scratch;
+    auto& [dybuf, xbuf, xlbuf, G, X, dhg, hg, dh, tmp, dz, dg, dxacc, dxlacc] = scratch.buf;
+    auto& sel = scratch.selected(s.EL);
     for (int64_t c = next_chunk.fetch_add(1); c < nchunks; c = next_chunk.fetch_add(1)) {
       acc_t* dAp = dAp_all + c * s.R * s.K;
       acc_t* dBp = dBp_all + c * s.N * s.R;
       acc_t* dRp = dRp_all + c * s.E * s.K;
+      std::fill(dAp, dAp + s.R * s.K, acc_t(0));
+      std::fill(dBp, dBp + s.N * s.R, acc_t(0));
+      std::fill(dRp, dRp + s.E * s.K, acc_t(0));
       const int64_t cstart = c * per_chunk;
       const int64_t cstop = std::min(s.T, cstart + per_chunk);
       for (int64_t t0 = cstart; t0 < cstop; t0 += kTokenBlock) {
@@ -551,7 +648,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const c10::optional<
         acc_t* dhA = nullptr;
         if constexpr (is_acc_v<scalar_t>) {
           dxb = reinterpret_cast<acc_t*>(dxp) + t0 * s.K;
-          dhA = has_xl ? reinterpret_cast<acc_t*>(dxlp) + t0 * s.K : dxb;
+          dhA = dxb;
+          if (has_xl) {
+            dhA = reinterpret_cast<acc_t*>(dxlp) + t0 * s.K;
+            std::fill(dhA, dhA + tb * s.K, acc_t(0));
+          }
         } else {
           dxacc.assign(static_cast<size_t>(tb * s.K), acc_t(0));
           dxb = dxacc.data();
@@ -655,11 +756,15 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const c10::optional<
         }
       }
     }
+    scratch.release_large();
   });
-  auto dt = x.scalar_type();
-  auto dA = dA_p.sum(0).to(dt);
-  auto dB = dB_p.sum(0).t().to(dt).contiguous();
-  auto dR = dR_p.sum(0).to(dt);
+  // dA = Σ_c dA_c (the same for dR; dB from its transposed partials): sum(0) over the chunks,
+  // nothing to add with one chunk
+  const auto dt = x.scalar_type();
+  at::Tensor dA = as_contig(one ? dA_p : dA_p.sum(0), dt);
+  at::Tensor dR = as_contig(one ? dR_p : dR_p.sum(0), dt);
+  at::Tensor dBt = one ? dB_p : dB_p.sum(0);
+  at::Tensor dB = transposed<scalar_t, acc_t>(dBt.data_ptr<acc_t>(), s.R, s.N, x.options());
   return {dx, dx_lora, dA, dB, dR};
 }
 
@@ -722,13 +827,13 @@ std::vector<at::Tensor> slim_forward(const at::Tensor& x, const c10::optional<at
   c10::optional<at::Tensor> cc, sc, shc;
   if (centers.has_value()) {
     TORCH_CHECK(inv_std.has_value(), "slim_kernels_C: centers given without inv_std");
-    cc = centers->to(at::kFloat).contiguous();
-    sc = inv_std->to(at::kFloat).contiguous();
+    cc = as_contig(*centers, at::kFloat);
+    sc = as_contig(*inv_std, at::kFloat);
     TORCH_CHECK(cc->dim() == 2 && sc->sizes() == cc->sizes() && cc->size(1) == xc.size(1),
                 "slim_kernels_C: centers and inv_std must be (C, K)");
     if (distance_shift.has_value()) {
       // a strided view (stride 0: one value expanded) is made contiguous here
-      shc = distance_shift->to(at::kFloat).contiguous();
+      shc = as_contig(*distance_shift, at::kFloat);
       TORCH_CHECK(shc->dim() == 1 && shc->size(0) == cc->size(0),
                   "slim_kernels_C: distance_shift must be (C,)");
     }
@@ -765,11 +870,11 @@ std::vector<at::Tensor> slim_backward(const at::Tensor& dy, const c10::optional<
   auto xl = contig(x_lora);
   check_inputs(xc, wc, Ac, Bc, Rc, num_lora_experts);
   auto acc = xc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto dyc = dy.to(xc.scalar_type()).contiguous();
-  auto gc = gates.to(acc).contiguous();
-  auto hc = h.to(acc).contiguous();
+  auto dyc = as_contig(dy, xc.scalar_type());
+  auto gc = as_contig(gates, acc);
+  auto hc = as_contig(h, acc);
   c10::optional<at::Tensor> dgc;
-  if (dgates.has_value() && dgates->numel() > 0) dgc = dgates->to(acc).contiguous();
+  if (dgates.has_value() && dgates->numel() > 0) dgc = as_contig(*dgates, acc);
   return dispatch_dtype(xc.scalar_type(), [&](auto tag) {
     return backward_impl<decltype(tag)>(dyc, dgc, xc, xl, wc, Ac, Bc, Rc, gc, hc,
                                         num_lora_experts, scaling, mode);
