@@ -12,7 +12,8 @@ distance). Scenario ``paper``: router N(0, 0.02) as initialised, so yielding ste
 tokens to the identity experts; ``lora2``: identity experts pushed out (yield_strength=-10),
 every token selects two LoRA experts (the sparse path's worst case). Base: forward =
 F.linear(x, W, b); forward+backward = that plus the dx GEMM (W frozen). cpp modes: sparse
-(only the selected experts), dense (every LoRA expert), MODE:BLOCK (tokens per block).
+(only the selected experts), dense (every LoRA expert), MODE:BLOCK (tokens per block), set on
+the backend module (``cpp.MODE``, ``cpp.BLOCK``) before each call.
 The CSV records the provenance of the run (commit, versions, machine) in every row.
 """
 from __future__ import annotations
@@ -37,6 +38,16 @@ logger = logging.getLogger("slim_kernels")
 COLUMNS = ["provider", "mode", "scenario", "metric", "threads", "clock", "ms", "ratio",
            "provenance"]
 YIELDS = {"paper": 1.0, "lora2": -10.0}
+
+
+def set_cpp_mode(mode: str) -> None:
+    """MODE or MODE:BLOCK onto the cpp backend's attributes (no BLOCK: the default)."""
+    name, _, blk = mode.partition(":")
+    cpp_backend.MODE = name
+    try:
+        cpp_backend.BLOCK = int(blk) if blk else 0
+    except ValueError:
+        raise ValueError(f"BLOCK={blk!r} is not an integer") from None
 
 
 def main(argv=None):
@@ -70,6 +81,13 @@ def main(argv=None):
     why = cpp_backend.unavailable_reason()
     if why:
         sys.exit(f"cpp backend unavailable: {why}")
+    mode_list = [m for m in a.modes.split(",") if m]
+    for m in mode_list:  # a bad mode fails here, not as a left-out variant
+        try:
+            set_cpp_mode(m)
+            cpp_backend._flags()
+        except ValueError as e:
+            p.error(f"argument --modes: {m!r}: {e}")
     logging.basicConfig(format="%(levelname)s: %(message)s")
 
     if a.threads:
@@ -108,16 +126,14 @@ def main(argv=None):
         return y
 
     def cpp(mode, scen, grad):
-        name, _, blk = mode.partition(":")
-        os.environ["SLIM_KERNELS_CPP_MODE"] = name
-        os.environ["SLIM_KERNELS_CPP_BLOCK"] = blk
+        set_cpp_mode(mode)
         return slim("cpp", scen, grad)
 
     # (provider, mode, scenario, metric) -> one call
     variants = {("base", "-", "-", "fwd"): lambda: base(False),
                 ("base", "-", "-", "fwd+bwd"): lambda: base(True)}
     for scen in scen_list:
-        for m in (m for m in a.modes.split(",") if m):
+        for m in mode_list:
             variants[("cpp", m, scen, "fwd")] = lambda m=m, s=scen: cpp(m, s, False)
             variants[("cpp", m, scen, "fwd+bwd")] = lambda m=m, s=scen: cpp(m, s, True)
         if not a.no_torch_backend:

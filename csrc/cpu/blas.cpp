@@ -1,7 +1,7 @@
 #include "blas.h"
 
 #include <ATen/ops/addmm.h>
-#include <cstdlib>
+#include <atomic>
 #ifndef _WIN32
 #include <dlfcn.h>
 #endif
@@ -28,9 +28,6 @@ struct Blas {
   mkl_local_t mkl_local = nullptr;
   Blas() {
 #ifndef _WIN32  // elsewhere: the at::addmm_ fallback
-    // SLIM_KERNELS_CPP_NO_RAW_BLAS=1 forces the fallback (tests it on machines with MKL)
-    const char* off = std::getenv("SLIM_KERNELS_CPP_NO_RAW_BLAS");
-    if (off != nullptr && off[0] != '\0' && off[0] != '0') return;
     mkl_local = reinterpret_cast<mkl_local_t>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
     sgemm = reinterpret_cast<sgemm_t>(dlsym(RTLD_DEFAULT, "sgemm_"));
     dgemm = reinterpret_cast<dgemm_t>(dlsym(RTLD_DEFAULT, "dgemm_"));
@@ -42,6 +39,11 @@ const Blas& blas() {
   static Blas b;
   return b;
 }
+
+// use_raw_blas(false) sends every GEMM through the fallback (tests it where the symbols exist)
+std::atomic<bool> g_raw_enabled{true};
+
+bool raw_found() { return blas().sgemm != nullptr && blas().dgemm != nullptr; }
 
 constexpr int64_t kIntMax = 2147483647;
 
@@ -88,13 +90,15 @@ void gemm_impl(F fn, bool transa, bool transb, int64_t m, int64_t n, int64_t k, 
 void gemm(bool transa, bool transb, int64_t m, int64_t n, int64_t k, float alpha,
           const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
           int64_t ldc) {
-  gemm_impl<float>(blas().sgemm, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_impl<float>(g_raw_enabled.load(std::memory_order_relaxed) ? blas().sgemm : nullptr,
+                   transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 void gemm(bool transa, bool transb, int64_t m, int64_t n, int64_t k, double alpha,
           const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c,
           int64_t ldc) {
-  gemm_impl<double>(blas().dgemm, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_impl<double>(g_raw_enabled.load(std::memory_order_relaxed) ? blas().dgemm : nullptr,
+                    transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 SerialBlasGuard::SerialBlasGuard() {
@@ -104,6 +108,12 @@ SerialBlasGuard::~SerialBlasGuard() {
   if (blas().mkl_local) blas().mkl_local(prev_);
 }
 
-bool have_raw_blas() { return blas().sgemm != nullptr && blas().dgemm != nullptr; }
+bool raw_blas_in_use() { return raw_found() && g_raw_enabled.load(); }
+
+bool use_raw_blas(bool enable) {
+  const bool prev = raw_blas_in_use();
+  g_raw_enabled.store(enable);
+  return prev;
+}
 
 }  // namespace slim_cpu

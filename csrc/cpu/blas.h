@@ -34,7 +34,10 @@ struct SerialBlasGuard {
   int prev_ = 0;
 };
 
-// true when the raw BLAS symbols were found (exposed for the tests / benchmark notes)
-bool have_raw_blas();
+// true when the GEMMs call the raw BLAS symbols: they were found, and not turned off
+bool raw_blas_in_use();
+// turn the raw BLAS path off (every GEMM through at::addmm_; for tests) or back on (where the
+// symbols exist); returns raw_blas_in_use() from before the call
+bool use_raw_blas(bool enable);
 
 }  // namespace slim_cpu

@@ -53,7 +53,8 @@ def test_harness_catches_a_backend_that_ignores_strides(monkeypatch, layout, dir
     view cannot be misread so: its storage holds one row.)"""
     arg, kind = layout
     real_fwd, real_bwd = torch_backend.forward, torch_backend.backward
-    fwd_pos = {"weight": 2, "bias": 3, "centers": 7, "inv_std": 8, "distance_shift": 14}
+    fwd_pos = {"weight": 2, "bias": 3, "centers": 7, "inv_std": 8, "distance_shift": 14,
+               "stats_keep": 16}
     bwd_pos = {"dgates": 1, "weight": 4}
 
     def planted(real, pos):

@@ -1,16 +1,16 @@
 """Backend ``cpp``: the CPU kernels of csrc/cpu (extension ``slim_kernels._C``).
 
 Same interface, shapes and dtypes as :mod:`slim_kernels.ops.backends.torch`; it runs the route
-step fused per block of tokens (LoRA-A and router products, cluster distances, yielding,
-top-k, softmax, gating) and writes y once: the base GEMM, then the gated expand accumulated
-into the same rows.
+step fused per block of tokens (LoRA-A and router products, cluster distances and, when asked
+for, the cluster statistics, yielding, top-k, softmax, gating) and writes y once: the base
+GEMM, then the gated expand accumulated into the same rows.
 
-Only the experts each token selected are computed (``SLIM_KERNELS_CPP_MODE=sparse``, the
-default): with top-2 of 10 experts that is at most a quarter of the LoRA FLOPs, and gathering
-the tokens of an expert inside a cache-resident block costs little on a CPU. ``dense``
-computes every LoRA expert for every token (the GPU cut); kept for comparison. ``h`` of the
-unselected experts is returned as 0 in sparse mode; the backward never reads it (their gate,
-hence every term they enter, is 0).
+Only the experts each token selected are computed (:data:`MODE` ``"sparse"``, the default):
+with top-2 of 10 experts that is at most a quarter of the LoRA FLOPs, and gathering the tokens
+of an expert inside a cache-resident block costs little on a CPU. ``"dense"`` computes every
+LoRA expert for every token (the GPU cut); kept for comparison
+(``benchmarks/cpu_backend_ratio.py``). ``h`` of the unselected experts is returned as 0 in
+sparse mode; the backward never reads it (their gate, hence every term they enter, is 0).
 """
 from __future__ import annotations
 
@@ -26,25 +26,26 @@ from ...routing import reduce_code
 NAME = "cpp"
 
 _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_MODES = {"dense": 0, "sparse": 1, "dense-fused": 2, "sparse-fused": 3}
+_MODES = {"dense": 0, "sparse": 1}  # bit 0 of the kernels' mode flags: only the selected experts
+
+#: ``"sparse"`` or ``"dense"``, read once from ``SLIM_KERNELS_CPP_MODE`` at import; set this
+#: attribute to switch (the tests and the benchmark do).
+MODE = os.environ.get("SLIM_KERNELS_CPP_MODE", "sparse").strip().lower() or "sparse"
+#: Tokens per block of the kernels' pass, 1..4096; 0 is the kernels' default (128).
+BLOCK = 0
 
 
-def _mode() -> int:
-    """Mode flags for the kernels: SLIM_KERNELS_CPP_MODE, and SLIM_KERNELS_CPP_BLOCK (tokens
-    per block, 0 = the kernels' default) in bits 8 and up."""
-    name = os.environ.get("SLIM_KERNELS_CPP_MODE", "sparse").strip().lower() or "sparse"
-    if name not in _MODES:
-        raise ValueError(
-            f"SLIM_KERNELS_CPP_MODE={name!r} is invalid: expected one of {', '.join(_MODES)}"
-        )
-    block = os.environ.get("SLIM_KERNELS_CPP_BLOCK", "").strip()
+def _flags() -> int:
+    """The kernels' mode flags: :data:`MODE` in bit 0, :data:`BLOCK` in bits 8 and up."""
     try:
-        blk = int(block) if block else 0
-    except ValueError:
-        blk = -1
-    if not 0 <= blk <= 4096:
-        raise ValueError(f"SLIM_KERNELS_CPP_BLOCK={block!r} is invalid: expected 1..4096 tokens")
-    return _MODES[name] | (blk << 8)
+        mode = _MODES[MODE]
+    except (KeyError, TypeError):
+        raise ValueError(f"cpp backend MODE={MODE!r} (SLIM_KERNELS_CPP_MODE) is invalid: "
+                         f"expected one of {', '.join(_MODES)}") from None
+    if type(BLOCK) is not int or not 0 <= BLOCK <= 4096:
+        raise ValueError(f"cpp backend BLOCK={BLOCK!r} is invalid: expected 1..4096 tokens per "
+                         "block, or 0 for the default")
+    return mode | (BLOCK << 8)
 
 
 def unavailable_reason() -> Optional[str]:
@@ -72,20 +73,11 @@ def forward(
     distance_reduce: str, distance_shift: Optional[Tensor] = None,
     cluster_stats: bool = False, stats_keep: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    y, gates, idx, d, assign, h = torch.ops.slim_kernels_C.forward(
-        x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
-        distance_shift, int(num_lora_experts), int(top_k), float(scaling),
-        float(yield_strength), reduce_code(distance_reduce), _mode(),
-    )
-    # TEMPORARY (replaced by the kernels' own statistics): the torch routing helper
-    from ...routing import cluster_route
-    from ..op import stats_shape
-    if cluster_stats and centers is not None:
-        _, _, stats = cluster_route(x, centers, inv_std, distance_reduce, distance_shift, True,
-                                    stats_keep)
-    else:
-        stats = x.new_zeros(stats_shape(0, x.shape[1]), dtype=gates.dtype)
-    return y, gates, idx, d, assign, h, stats
+    return tuple(torch.ops.slim_kernels_C.forward(
+        x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std, distance_shift,
+        stats_keep, int(num_lora_experts), int(top_k), float(scaling), float(yield_strength),
+        reduce_code(distance_reduce), bool(cluster_stats), _flags(),
+    ))
 
 
 def backward(
@@ -97,6 +89,6 @@ def backward(
     selected experts in sparse mode (unselected ones have g = 0, so dh, hg and dz vanish)."""
     dx, dx_lora, dA, dB, dR = torch.ops.slim_kernels_C.backward(
         dy, dgates, x, x_lora, weight, lora_A, lora_B, router, gates, h,
-        int(num_lora_experts), float(scaling), _mode() & ~2,
+        int(num_lora_experts), float(scaling), _flags(),
     )
     return dx, (dx_lora if x_lora is not None else None), dA, dB, dR
