@@ -56,6 +56,26 @@ _OWNERS: Dict[int, "weakref.ReferenceType[SlidingClusters]"] = {}
 _WARNED_NO_STEP = [False]
 
 
+class _Host:
+    """What the host knows of a SlidingClusters between steps (a plain object: written at
+    every training forward, where an nn.Module attribute costs a few microseconds)."""
+
+    __slots__ = ("ready", "has_pending", "since_step", "init")
+
+    def __init__(self) -> None:
+        self.ready = False  # the host's copy of cluster_initialized
+        self.has_pending = False  # statistics or an initialisation wait for the step
+        self.since_step = 0  # training forwards since the last step
+        self.init: Optional[Tuple[Tensor, ...]] = None  # the pending initialisation
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
 class SlidingClusters(nn.Module):
     """C centres and per-channel variances of the inputs a layer was trained on (fp32
     buffers ``cluster_centers``, ``cluster_vars`` (C, K), ``cluster_initialized``), and with
@@ -87,10 +107,7 @@ class SlidingClusters(nn.Module):
         # parallel engines broadcast buffers from rank 0; these are each rank's own)
         self.pending = torch.zeros(C, 2 * K + 3, **f32)
         self.eps, self.momentum, self.reduce = float(eps), float(momentum), reduce
-        self.ready = False  # the host's copy of cluster_initialized
-        self.has_pending = False  # statistics or an initialisation wait for the step
-        self._init: Optional[Tuple[Tensor, ...]] = None  # the pending initialisation
-        self._since_step = 0
+        self.host = _Host()
         self._warned = False
         self._seen = self._versions()  # what the routing tensors were derived from
         self._own()
@@ -106,9 +123,14 @@ class SlidingClusters(nn.Module):
         super().__setstate__(state)
         self._own()
 
+    @property
+    def ready(self) -> bool:
+        """Whether the clusters exist (the host's copy of ``cluster_initialized``)."""
+        return self.host.ready
+
     @staticmethod
     def _after_load(module: "SlidingClusters", incompatible) -> None:
-        module.ready = bool(module.cluster_initialized)
+        module.host.ready = bool(module.cluster_initialized)
         module.refresh()
 
     def _apply(self, fn, recurse=True):
@@ -134,8 +156,7 @@ class SlidingClusters(nn.Module):
             if self.spread:
                 self.distance_mean.fill_(1.0)
                 self.distance_var.fill_(1.0)
-        self.ready = self.has_pending = False
-        self._init = None
+        self.host = _Host()
         self.refresh()
 
     def configure(self, eps: float, momentum: float, reduce: str) -> None:
@@ -157,7 +178,10 @@ class SlidingClusters(nn.Module):
 
     def _versions(self) -> Tuple[int, ...]:
         """The version counters of the buffers the routing tensors derive from."""
-        return tuple(t._version for t in self.tensors().values())
+        b = self._buffers
+        v = (b["cluster_centers"]._version, b["cluster_vars"]._version,
+             b["cluster_initialized"]._version)
+        return v + (b["distance_mean"]._version, b["distance_var"]._version) if self.spread else v
 
     @property
     def num_clusters(self) -> int:
@@ -175,41 +199,42 @@ class SlidingClusters(nn.Module):
         ``shift = 1`` (the paper's d = r - 1); with ``spread`` divided by and ``mu`` over
         ``sigma = sqrt(distance_var + eps)`` (every reduce is positively homogeneous, so the
         op's d = (r - mu)/sigma); zeros before the clusters exist (d = 0)."""
+        b = self._buffers
         if not torch.compiler.is_compiling() and self._versions() != self._seen:
             self.refresh()  # a buffer was written from outside (e.g. by hand)
-        return self.cluster_centers, self.inv_std, self.shift
+        return b["cluster_centers"], b["inv_std"], b["shift"]
 
     # -- collecting, and the step ----------------------------------------------------------
-    def collect(self, x: Tensor, keep: Optional[Tensor], stats: Tensor) -> None:
+    def collect(self, x: Tensor, keep: Optional[Tensor], stats: Tensor,
+                compiling: bool = False) -> None:
         """After a training forward: add ``stats``, the op's (C, 2K + 3) statistics of the
         kept tokens, to the pending sum; before the clusters exist, compute the
         initialisation from ``x`` (T, K) instead (the kept tokens: ``keep`` (T,) bool or None,
-        and finite), applied at the next :meth:`step`."""
-        b = self._buffers
-        args = (x.detach(), keep, stats, b["cluster_initialized"], self.pending, self.eps,
-                self.reduce, self._key)
-        if torch.compiler.is_compiling():
-            _cluster_collect(*args)
+        and finite), applied at the next :meth:`step`. ``compiling``: under torch.compile."""
+        initialized = self._buffers["cluster_initialized"]
+        if compiling:
+            _cluster_collect(x.detach(), keep, stats, initialized, self.pending, self._key)
         else:
-            _collect(*args)
+            _collect(self, x, keep, stats, initialized, self.pending)
 
     @torch.no_grad()
     def step(self) -> None:
         """Apply what the training forwards since the last step left pending: the
         initialisation, or one EMA step from the summed statistics (all-reduced under data
         parallelism). A no-op when nothing is pending."""
-        self._since_step = 0
-        if not self.has_pending:
+        h = self.host
+        h.since_step = 0
+        if not h.has_pending:
             return
-        self.has_pending = False
+        h.has_pending = False
         b = self._buffers
-        if self._init is not None:
-            values, self._init = self._init, None
+        if h.init is not None:
+            values, h.init = h.init, None
             for name, v in zip(("cluster_centers", "cluster_vars", "distance_mean",
                                 "distance_var"), values):
                 b[name].copy_(v)
             b["cluster_initialized"].fill_(True)
-            self.ready = True
+            h.ready = True
             self.refresh()
             return
         _dist.all_reduce_sum_(self.pending)
@@ -247,7 +272,7 @@ def _live() -> List[SlidingClusters]:
         m = ref()
         if m is None or m._key != key:
             _OWNERS.pop(key, None)
-        elif m.has_pending or m._since_step:
+        elif m.host.has_pending or m.host.since_step:
             out.append(m)
     return out
 
@@ -282,44 +307,45 @@ def _owner(key: int) -> Optional[SlidingClusters]:
 
 
 @torch.no_grad()
-def _collect(x: Tensor, keep: Optional[Tensor], stats: Tensor, initialized: Tensor,
-             pending: Tensor, eps: float, reduce: str, owner: int) -> None:
-    """:meth:`SlidingClusters.collect` (``owner``: the module's key)."""
-    mod = _owner(owner)
-    if mod is None:
-        return
-    mod._since_step += 1
-    if mod._since_step == _WARN_AFTER and not _WARNED_NO_STEP[0]:
+def _collect(mod: SlidingClusters, x: Tensor, keep: Optional[Tensor], stats: Tensor,
+             initialized: Tensor, pending: Tensor) -> None:
+    """:meth:`SlidingClusters.collect` into ``pending`` (the module's, or under torch.compile
+    the custom op's argument)."""
+    h = mod.host
+    h.since_step += 1
+    if h.since_step == _WARN_AFTER and not _WARNED_NO_STEP[0]:
         _WARNED_NO_STEP[0] = True
         warnings.warn(
             f"slim_kernels: {_WARN_AFTER} training forwards of a SLIM layer ran without an "
             f"optimizer step: its clusters move at each torch.optim.Optimizer step; after "
             f"an update made otherwise, call slim_kernels.step_clusters(model)",
-            RuntimeWarning, stacklevel=2)
-    if not mod.ready:
+            RuntimeWarning, stacklevel=3)
+    if not h.ready:
         # before the first initialisation only (a host read): the flag may have been set from
         # outside, e.g. rank 0 loaded a checkpoint and DDP broadcast its buffers
-        mod.ready = bool(initialized)
-        if mod.ready:
+        h.ready = bool(initialized)
+        if h.ready:
             mod.refresh()
-    if mod.ready:
+    if h.ready:
         pending.add_(stats)
-        mod.has_pending = True
-    elif mod._init is None:
-        init = _init(x, keep, mod.num_clusters, mod.spread, eps, reduce)
+        h.has_pending = True
+    elif h.init is None:
+        init = _init(x, keep, mod.num_clusters, mod.spread, mod.eps, mod.reduce)
         if init is not None:
-            mod._init = init
-            mod.has_pending = True
+            h.init = init
+            h.has_pending = True
 
 
 @torch.library.custom_op("slim_kernels::cluster_collect", mutates_args=("pending",))
 def _cluster_collect(x: Tensor, keep: Optional[Tensor], stats: Tensor, initialized: Tensor,
-                     pending: Tensor, eps: float, reduce: str, owner: int) -> None:
-    _collect(x, keep, stats, initialized, pending, eps, reduce, owner)
+                     pending: Tensor, owner: int) -> None:
+    mod = _owner(owner)
+    if mod is not None:
+        _collect(mod, x, keep, stats, initialized, pending)
 
 
 @_cluster_collect.register_fake
-def _(x, keep, stats, initialized, pending, eps, reduce, owner):
+def _(x, keep, stats, initialized, pending, owner):
     return None
 
 

@@ -227,13 +227,15 @@ class SlimLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.disabled:
             return self.get_base_layer()(x)
+        p = self._parameters
+        A, B, R = p["lora_A"], p["lora_B"], p["router"]
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1 \
-                or x.shape[-1] != self.in_features or x.device != self.lora_A.device:
+                or x.shape[-1] != self.in_features or x.device != A.device:
             self._bad_input(x)
         c, base, dev = self._config, self.get_base_layer(), x.device.type
         W, b = base.weight, base.bias
         if self._handler.quantized:  # dequantized for the op (docs/method.md §6)
-            W, b = self._handler.weight(base).to(self.lora_A.dtype), None if b is None else b.detach()
+            W, b = self._handler.weight(base).to(A.dtype), None if b is None else b.detach()
         if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
             dt = torch.get_autocast_dtype(dev)
         elif x.dtype != W.dtype:
@@ -241,34 +243,38 @@ class SlimLinear(nn.Module):
                             f"{W.dtype}; cast one to the other, or run under torch.autocast")
         else:
             dt = W.dtype
-        A, B, R = *self.factors(), self.router
+        if c.merge_drop > 0.0:
+            A, B = self.factors()
         if dt != A.dtype or dt != W.dtype or dt != x.dtype:  # (autocast)
             x, W, b, A, B, R = (None if t is None else t.to(dt) for t in (x, W, b, A, B, R))
         E_L, r, K, N = c.num_lora_experts, c.rank, self.in_features, self.out_features
         x2 = x.reshape(-1, K)
         compiling = torch.compiler.is_compiling()
         recompute = not compiling and torch._C._current_graph_task_id() != -1
+        training, tracker, C = self.training, self.tracker, c.num_clusters
         # (a meta tensor has a shape, no values: nothing to learn the clusters from)
-        updating = self.training and c.num_clusters > 0 and not recompute and dev != "meta"
+        updating = training and C > 0 and not recompute and dev != "meta"
         centers = inv_std = shift = None
-        routed = c.num_clusters > 0 and self.clusters.ready  # (for the statistics)
-        if c.num_clusters > 0:
-            centers, inv_std, shift = self.clusters.routing()
-        keep = self._keep(x2.shape[0]) if updating or self.tracker.tracking else None
-        x_lora = F.dropout(x2, c.lora_dropout, True) if self.training and c.lora_dropout > 0 else None
+        if C > 0:
+            clusters = self._modules["clusters"]
+            routed = clusters.ready  # (for the statistics)
+            centers, inv_std, shift = clusters.routing()
+        keep = self._keep(x2.shape[0], compiling) if updating or tracker.tracking else None
+        x_lora = F.dropout(x2, c.lora_dropout, True) if training and c.lora_dropout > 0 else None
         y, gates, idx, dist, _, _, cstats = slim_linear_op_unchecked(
-            x2, W, b, A.reshape(E_L * r, K), B.transpose(0, 1).reshape(N, E_L * r), R, E_L, c.top_k,
-            c.scaling, c.yield_strength if c.num_identity_experts else 0.0, c.distance_reduce,
-            centers, inv_std, x_lora, c.backend, shift, updating, keep if updating else None)
+            x2, W, b, A.reshape(E_L * r, K), B.transpose(0, 1).reshape(N, E_L * r), R, E_L,
+            c.top_k, c.scaling, c.yield_strength if c.num_identity_experts else 0.0,
+            c.distance_reduce, centers, inv_std, x_lora, c.backend, shift, updating,
+            keep if updating else None)
         # built in a checkpointed re-run too: non-reentrant checkpointing needs the re-run to
         # save the same tensors as the first forward
-        balance = self._balance_loss(gates, idx)
+        balance = self._balance_loss(gates, idx) if c.balance_coef > 0 else None
         if not recompute:
             if updating:
-                self.clusters.collect(x2, keep, cstats)
-            self.tracker.after_forward(balance)
-            if self.tracker.tracking:
-                self.tracker.record(gates, dist, keep, routed)
+                clusters.collect(x2, keep, cstats, compiling)
+            tracker.after_forward(balance)
+            if tracker.tracking:
+                tracker.record(gates, dist, keep, C > 0 and routed)
         return y.reshape(*x.shape[:-1], N)
 
     def _bad_input(self, x) -> None:
@@ -283,9 +289,9 @@ class SlimLinear(nn.Module):
             raise ValueError(f"SlimLinear input x is on {x.device} but the layer's weight is on "
                              f"{self.lora_A.device}")
 
-    def _keep(self, T: int) -> Optional[Tensor]:
+    def _keep(self, T: int, compiling: bool) -> Optional[Tensor]:
         m = self.token_keep
-        if m is None and not torch.compiler.is_compiling():
+        if m is None and not compiling:
             m = _TOKEN_MASK.get()
         if m is None or m.numel() != T:
             return None
@@ -294,7 +300,7 @@ class SlimLinear(nn.Module):
     # -- aux losses and statistics ------------------------------------------------------
     def _balance_loss(self, gates: Tensor, idx: Tensor) -> Optional[Tensor]:
         c = self._config
-        if c.balance_coef <= 0 or gates.shape[0] == 0:
+        if gates.shape[0] == 0:
             return None
         f = torch.zeros_like(gates).scatter_(1, idx, 1.0).mean(0)  # share whose top-k holds e
         return c.balance_coef * c.num_experts * (f.detach() * gates.mean(0)).sum()

@@ -31,6 +31,7 @@ _HOW_TO_FIX = {
 }
 _cache: Dict[str, object] = {}
 _warned: set = set()
+_resolved: Dict[tuple, str] = {}  # (requested, device, dtype, lora_cols, num_experts) -> name
 
 
 def _load(name: str):
@@ -60,7 +61,7 @@ def available_backends() -> List[str]:
 def resolve_backend(requested: str, x: Tensor, lora_cols: int = 0, num_experts: int = 0) -> str:
     """The backend that will run a call on ``x`` (with E_L·r = ``lora_cols`` LoRA columns and
     ``num_experts`` router rows) when ``requested`` was asked for."""
-    return _resolve(requested, str(x.device), x.dtype, int(lora_cols), int(num_experts))
+    return _resolve(requested, x.device, x.dtype, int(lora_cols), int(num_experts))
 
 
 def _assume_constant_result(fn):
@@ -78,7 +79,17 @@ def _assume_constant_result(fn):
 # torch.compile traces the layer's Python; importing a backend (importlib) cannot be traced, so
 # dynamo runs this function eagerly at trace time and bakes its (string) answer into the graph.
 @_assume_constant_result
-def _resolve(requested: str, device: str, dtype: torch.dtype, lora_cols: int, num_experts: int) -> str:
+def _resolve(requested: str, device: torch.device, dtype: torch.dtype, lora_cols: int,
+             num_experts: int) -> str:
+    key = (requested, device, dtype, lora_cols, num_experts)
+    name = _resolved.get(key)
+    if name is None:  # (answers are the same until reset_cache: one lookup per call after)
+        name = _resolved[key] = _choose(requested, device, dtype, lora_cols, num_experts)
+    return name
+
+
+def _choose(requested: str, device: torch.device, dtype: torch.dtype, lora_cols: int,
+            num_experts: int) -> str:
     if requested not in ("auto",) + tuple(_MODULES):
         raise ValueError(
             f"backend={requested!r} is invalid: expected one of auto, triton, cuda, cpp, torch"
@@ -116,12 +127,13 @@ def _resolve(requested: str, device: str, dtype: torch.dtype, lora_cols: int, nu
             + "; ".join(reasons)
             + "); using the 'torch' backend (same results, slower).",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
     return "torch"
 
 
 def reset_cache() -> None:
-    """Forget loaded backends and warnings (for tests)."""
+    """Forget loaded backends, choices and warnings (for tests)."""
     _cache.clear()
     _warned.clear()
+    _resolved.clear()
