@@ -34,7 +34,8 @@ def _layer(balance_coef):
                                                       l1_coef=0.01)).train()
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.3)
-    layer(torch.randn(32, 16))  # clusters initialised
+    layer(torch.randn(32, 16))
+    sk.step_clusters(layer)  # clusters initialised
     return layer
 
 

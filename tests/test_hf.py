@@ -244,13 +244,14 @@ def test_routing_stats_whole_model():
     model.train()
     with sk.track_routing(model):
         model(input_ids=ids, attention_mask=am)
+        sk.step_clusters(model)
         model(input_ids=ids, attention_mask=am)
     st = sk.routing_stats(model, reset=True)
     assert set(st) == set(model.slim_summary.layers)
     for v in st.values():
         assert v["tokens"] == 2 * int(am.sum())
         assert 0.0 <= v["identity_mass"] <= 1.0 and 0.0 <= v["identity_top1_share"] <= 1.0
-        assert math.isfinite(v["mean_distance"])
+        assert math.isfinite(v["mean_distance"]) and v["distance_tokens"] == int(am.sum())
     assert all(v["tokens"] == 0 for v in sk.routing_stats(model).values())
 
 

@@ -71,6 +71,7 @@ def probe_train_backward(backend):
             x[3] = NAN
         else:
             lay(torch.randn(40, 32, generator=g))  # a healthy first batch
+            sk.step_clusters(lay)
             if bad == "elem":
                 x[3, 7] = NAN
             else:
@@ -90,7 +91,8 @@ def probe_bad_weights(backend):
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
     for what in ("router", "expert", "centers", "vars"):
         lay = layer(backend, num_clusters=3).train()
-        lay(x)  # initialises the clusters
+        lay(x)
+        sk.step_clusters(lay)  # initialises the clusters
         lay.eval()
         with torch.no_grad():
             if what == "router":
@@ -119,6 +121,7 @@ def probe_hf_llama_nan_embedding(backend):
     ids = torch.randint(3, 61, (2, 9), generator=torch.Generator().manual_seed(4))
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()  # one healthy step (clusters set)
+    sk.step_clusters(model)
     model.eval()
     emb = model.get_input_embeddings()(ids).detach()
     with torch.no_grad():
