@@ -289,6 +289,7 @@ def non_finite_case(rank: int, world: int, distance_scale: str = "none"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             layer(x[rank * n:(rank + 1) * n])
+            sk.step_clusters(layer)  # (the all-reduce)
         states.append(layer_state(layer))
     return states
 

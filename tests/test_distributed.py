@@ -20,6 +20,8 @@ import sys
 import pytest
 import torch
 
+import slim_kernels as sk
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "tests")
 sys.path.insert(0, HERE)
@@ -122,6 +124,7 @@ def test_non_finite_tokens_on_one_rank_never_reach_the_clusters(ranks):
     layer = w.non_finite_layer()
     for step, x in enumerate(kept):
         layer(x)
+        sk.step_clusters(layer)
         assert int(layer.clusters.rejected_batches) == (step >= 2), step  # step 2 overflows
         for r, st in ((0, a[step]), (1, b[step])):
             for got, want in zip(st, (layer.clusters.cluster_centers, layer.clusters.cluster_vars,
@@ -151,6 +154,7 @@ def test_spread_statistics_identical_across_ranks_and_as_one_process(ranks):
     layer = w.non_finite_layer("spread")
     for step, x in enumerate(kept):
         layer(x)
+        sk.step_clusters(layer)
         assert int(layer.clusters.rejected_batches) == (step >= 2), step  # step 2 overflows
         want = w.layer_state(layer)
         for r, st in ((0, a[step]), (1, b[step])):
