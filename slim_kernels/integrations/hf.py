@@ -541,6 +541,13 @@ class SlimAuxLossMixin:
         if n and "loss" in logs:
             logs["slim_aux_loss"] = self._slim_aux_sum / n
             self._slim_aux_sum, self._slim_aux_n = 0.0, 0
+        if "loss" in logs and getattr(self, "model", None) is not None:
+            # steps the clusters left out (docs/method.md §2): read here, where the trainer
+            # reads its loss back anyway, not in the forward (no host sync there); warns once
+            rejected = sum(m.clusters.check_rejected()
+                           for _, m in slim_modules(unwrap_model(self.model)))
+            if rejected:
+                logs["slim_rejected_cluster_steps"] = rejected
         return super().log(logs, *args, **kwargs)
 
 
