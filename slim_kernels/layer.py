@@ -119,8 +119,8 @@ class SlimLinear(nn.Module):
         self.disabled = 0  # > 0 inside disable_slim: the base layer only
         self.token_keep: Optional[Tensor] = None  # set per forward by the integrations
         self._eval_masks: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
-        self._register_state_dict_hook(SlimLinear._flat_keys)
-        self._register_load_state_dict_pre_hook(self._nested_keys)
+        self._register_state_dict_hook(_flat_keys)
+        self._register_load_state_dict_pre_hook(_nested_keys, with_module=True)
         self.reset_slim_parameters()
 
     # -- config, base layer, state --------------------------------------------------------
@@ -161,24 +161,6 @@ class SlimLinear(nn.Module):
         """The layer's own saved tensors by state-dict name (:func:`slim_keys`)."""
         return {"lora_A": self.lora_A, "lora_B": self.lora_B, "router": self.router,
                 **self.clusters.tensors()}
-
-    @staticmethod
-    def _flat_keys(module, state_dict, prefix, local_metadata) -> None:
-        # the base layer's tensors keep the plain model's names (a checkpoint of a SLIM model
-        # loads into the base model class) and the clusters' are the layer's own
-        for part in ("base_layer.", "clusters."):
-            for k in [k for k in state_dict if k.startswith(prefix + part)]:
-                state_dict[prefix + k[len(prefix + part):]] = state_dict.pop(k)
-
-    def _nested_keys(self, state_dict, prefix, *args) -> None:
-        cluster_keys = set(self.clusters.tensors())
-        for k in [k for k in state_dict if k.startswith(prefix)]:
-            head = k[len(prefix):].split(".", 1)[0]
-            if head in cluster_keys:
-                state_dict[prefix + "clusters." + k[len(prefix):]] = state_dict.pop(k)
-            elif "base_layer" in self._modules and head not in SLIM_KEYS + (
-                    "base_layer", "clusters"):
-                state_dict[prefix + "base_layer." + k[len(prefix):]] = state_dict.pop(k)
 
     def reset_slim_parameters(self) -> None:
         """A like PEFT's LoRA (kaiming-uniform, a=sqrt(5)), B = 0, router ~ N(0, 0.02);
@@ -231,7 +213,7 @@ class SlimLinear(nn.Module):
         A, B, R = p["lora_A"], p["lora_B"], p["router"]
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1 \
                 or x.shape[-1] != self.in_features or x.device != A.device:
-            self._bad_input(x)
+            _check_input(self, x)
         c, base, dev = self._config, self.get_base_layer(), x.device.type
         W, b = base.weight, base.bias
         if self._handler.quantized:  # dequantized for the op (docs/method.md §6)
@@ -247,7 +229,7 @@ class SlimLinear(nn.Module):
             A, B = self.factors()
         if dt != A.dtype or dt != W.dtype or dt != x.dtype:  # (autocast)
             x, W, b, A, B, R = (None if t is None else t.to(dt) for t in (x, W, b, A, B, R))
-        E_L, r, K, N = c.num_lora_experts, c.rank, self.in_features, self.out_features
+        E_L, K, N = c.num_lora_experts, self.in_features, self.out_features
         x2 = x.reshape(-1, K)
         compiling = torch.compiler.is_compiling()
         recompute = not compiling and torch._C._current_graph_task_id() != -1
@@ -262,13 +244,12 @@ class SlimLinear(nn.Module):
         keep = self._keep(x2.shape[0], compiling) if updating or tracker.tracking else None
         x_lora = F.dropout(x2, c.lora_dropout, True) if training and c.lora_dropout > 0 else None
         y, gates, idx, dist, _, _, cstats = slim_linear_op_unchecked(
-            x2, W, b, A.reshape(E_L * r, K), B.transpose(0, 1).reshape(N, E_L * r), R, E_L,
-            c.top_k, c.scaling, c.yield_strength if c.num_identity_experts else 0.0,
-            c.distance_reduce, centers, inv_std, x_lora, c.backend, shift, updating,
-            keep if updating else None)
+            x2, W, b, A, B, R, E_L, c.top_k, c.scaling,
+            c.yield_strength if c.num_identity_experts else 0.0, c.distance_reduce, centers,
+            inv_std, x_lora, c.backend, shift, updating, keep if updating else None, True)
         # built in a checkpointed re-run too: non-reentrant checkpointing needs the re-run to
         # save the same tensors as the first forward
-        balance = self._balance_loss(gates, idx) if c.balance_coef > 0 else None
+        balance = tracker.balance_loss(gates, idx, c.balance_coef) if c.balance_coef > 0 else None
         if not recompute:
             if updating:
                 clusters.collect(x2, keep, cstats, compiling)
@@ -276,18 +257,6 @@ class SlimLinear(nn.Module):
             if tracker.tracking:
                 tracker.record(gates, dist, keep, C > 0 and routed)
         return y.reshape(*x.shape[:-1], N)
-
-    def _bad_input(self, x) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"SlimLinear input x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"SlimLinear input x must be floating point, got dtype {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"SlimLinear input x has shape {tuple(x.shape)}: its last dim must "
-                             f"be in_features={self.in_features}")
-        if self.lora_A.device.type != "meta":
-            raise ValueError(f"SlimLinear input x is on {x.device} but the layer's weight is on "
-                             f"{self.lora_A.device}")
 
     def _keep(self, T: int, compiling: bool) -> Optional[Tensor]:
         m = self.token_keep
@@ -298,30 +267,15 @@ class SlimLinear(nn.Module):
         return m.reshape(T).to(device=self.lora_A.device, dtype=torch.bool)
 
     # -- aux losses and statistics ------------------------------------------------------
-    def _balance_loss(self, gates: Tensor, idx: Tensor) -> Optional[Tensor]:
-        c = self._config
-        if gates.shape[0] == 0:
-            return None
-        f = torch.zeros_like(gates).scatter_(1, idx, 1.0).mean(0)  # share whose top-k holds e
-        return c.balance_coef * c.num_experts * (f.detach() * gates.mean(0)).sum()
-
     def slim_aux_loss(self) -> Optional[Tensor]:
         """The L1 term (from the parameters, so it has a gradient even when the forward ran
         under no_grad, as in reentrant checkpointing) plus the last forward's load-balance
         term; None when no forward ran since :meth:`reset_aux_loss` or no term is on."""
-        c, t = self._config, self.tracker
-        if not t.pending:
-            return None
-        l1 = None
-        if c.l1_coef > 0:
-            l1 = c.l1_coef * (self.lora_B.abs().sum() / (c.rank * self.out_features)
-                              + self.lora_A.abs().sum() / (c.rank * self.in_features))
-        if l1 is None or t.balance is None:
-            return l1 if t.balance is None else t.balance
-        return l1 + t.balance.to(l1.device)
+        c = self._config
+        return self.tracker.aux_loss(c.l1_coef, self.lora_A, self.lora_B)
 
     def has_aux_loss(self) -> bool:
-        return self.tracker.pending and (self._config.l1_coef > 0 or self.tracker.balance is not None)
+        return self.tracker.has_aux_loss(self._config.l1_coef)
 
     def reset_aux_loss(self) -> None:
         self.tracker.reset_aux()
@@ -331,6 +285,40 @@ class SlimLinear(nn.Module):
         identity_top1_share, mean_distance (None until a token was routed with clusters),
         distance_tokens, and rejected_batches (batches the clusters left out, ever)."""
         return {**self.tracker.summary(reset), "rejected_batches": self.clusters.check_rejected()}
+
+
+def _check_input(layer: SlimLinear, x) -> None:
+    """Raise the error that says what is wrong with the input ``x`` of ``layer``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"SlimLinear input x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"SlimLinear input x must be floating point, got dtype {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != layer.in_features:
+        raise ValueError(f"SlimLinear input x has shape {tuple(x.shape)}: its last dim must "
+                         f"be in_features={layer.in_features}")
+    if layer.lora_A.device.type != "meta":
+        raise ValueError(f"SlimLinear input x is on {x.device} but the layer's weight is on "
+                         f"{layer.lora_A.device}")
+
+
+# State-dict names: the base layer's tensors keep the plain model's names (a checkpoint of a
+# SLIM model loads into the base model class), and the clusters' are the layer's own
+# (``q_proj.cluster_centers``), as adapters store them.
+def _flat_keys(module, state_dict, prefix, local_metadata) -> None:
+    for part in ("base_layer.", "clusters."):
+        for k in [k for k in state_dict if k.startswith(prefix + part)]:
+            state_dict[prefix + k[len(prefix + part):]] = state_dict.pop(k)
+
+
+def _nested_keys(module: SlimLinear, state_dict, prefix, *args) -> None:
+    cluster_keys = set(module.clusters.tensors())
+    for k in [k for k in state_dict if k.startswith(prefix)]:
+        head = k[len(prefix):].split(".", 1)[0]
+        if head in cluster_keys:
+            state_dict[prefix + "clusters." + k[len(prefix):]] = state_dict.pop(k)
+        elif "base_layer" in module._modules and head not in SLIM_KEYS + (
+                "base_layer", "clusters"):
+            state_dict[prefix + "base_layer." + k[len(prefix):]] = state_dict.pop(k)
 
 
 def _cluster_buffer(name: str) -> property:

@@ -58,6 +58,34 @@ class RoutingTracker:
         self.balance: Optional[Tensor] = None
         self.forwards = 0
 
+    @staticmethod
+    def balance_loss(gates: Tensor, idx: Tensor, coef: float) -> Optional[Tensor]:
+        """``coef · E · Σ_e f_e P_e`` (docs/method.md §4), f_e the share of tokens whose top-k
+        holds e (a constant), P_e the mean gate of e; None without tokens."""
+        if gates.shape[0] == 0:
+            return None
+        f = torch.zeros_like(gates).scatter_(1, idx, 1.0).mean(0)
+        return coef * gates.shape[1] * (f.detach() * gates.mean(0)).sum()
+
+    def aux_loss(self, l1_coef: float, lora_A: Tensor, lora_B: Tensor) -> Optional[Tensor]:
+        """The L1 term of the factors (``coef · (|B|_1 / (r N) + |A|_1 / (r K))``, computed now)
+        plus the recorded load-balance term; None when no forward ran since the last reset or
+        no term is on."""
+        if not self.pending:
+            return None
+        l1 = None
+        if l1_coef > 0:
+            E_L, r, K = lora_A.shape
+            N = lora_B.shape[1]
+            l1 = l1_coef * (lora_B.abs().sum() / (r * N) + lora_A.abs().sum() / (r * K))
+        if l1 is None or self.balance is None:
+            return l1 if self.balance is None else self.balance
+        return l1 + self.balance.to(l1.device)
+
+    def has_aux_loss(self, l1_coef: float) -> bool:
+        """:meth:`aux_loss` would return a tensor (cheap)."""
+        return self.pending and (l1_coef > 0 or self.balance is not None)
+
     def after_forward(self, balance: Optional[Tensor]) -> None:
         """Record one (non-recomputed) forward's load-balance term (None when off)."""
         n, prev = self.forwards, self.balance

@@ -114,14 +114,23 @@ class _SlimFunction(torch.autograd.Function):
     dispatcher round trip of a Python custom op costs more than a small layer's kernels).
     Under torch.compile: the custom ops above, so dynamo sees one opaque node per direction,
     with its fake implementation. (A ``forward(ctx, ...)`` function: one with a separate
-    ``setup_context`` binds its arguments with ``inspect`` at every call, ~60 µs.)"""
+    ``setup_context`` binds its arguments with ``inspect`` at every call, ~60 µs.)
+
+    ``layer_layout``: lora_A and lora_B come as a SlimLinear holds them, (E_L, r, K) and
+    (E_L, N, r); the stacked copy of §6 is made here and the gradients go back in that layout,
+    so that autograd records one node for the call, not four (each costs microseconds)."""
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
                 distance_shift, stats_keep, meta):
         # meta: the non-tensor arguments in one tuple (each argument of apply costs ~0.1 µs)
         num_lora_experts, top_k, scaling, yield_strength, distance_reduce, cluster_stats, \
-            backend = meta
+            backend, layer_layout = meta
+        ctx.layout = lora_B.shape if layer_layout else None
+        if layer_layout:
+            E_L, N, r = lora_B.shape
+            lora_A = lora_A.reshape(E_L * r, -1)
+            lora_B = lora_B.transpose(0, 1).reshape(N, E_L * r)
         args = (x, x_lora, weight, bias, lora_A, lora_B, router, centers, inv_std,
                 distance_shift, stats_keep, num_lora_experts, top_k, scaling, yield_strength,
                 distance_reduce, cluster_stats)
@@ -147,6 +156,9 @@ class _SlimFunction(torch.autograd.Function):
             dx, dx_lora, dA, dB, dR = _slim_bwd(*args, ctx.backend)
         else:
             dx, dx_lora, dA, dB, dR = backend_module(ctx.backend).backward(*args)
+        if ctx.layout is not None:
+            E_L, N, r = ctx.layout
+            dA, dB = dA.view(E_L, r, -1), dB.view(N, E_L, r).transpose(0, 1)
         return (dx, dx_lora if x_lora is not None else None, None, None, dA, dB, dR,
                 None, None, None, None, None)
 
@@ -163,19 +175,24 @@ def slim_linear_op_unchecked(
     yield_strength: float, distance_reduce: str, centers: Optional[Tensor],
     inv_std: Optional[Tensor], x_lora: Optional[Tensor], backend: str,
     distance_shift: Optional[Tensor], cluster_stats: bool, stats_keep: Optional[Tensor],
+    layer_layout: bool = False,
 ) -> Tuple[Tensor, ...]:
     """:func:`slim_linear_op` without the argument checks, for callers that built and checked
     their arguments themselves (:class:`~slim_kernels.SlimLinear`): 2-D contiguous x, the
-    shapes and dtypes the op documents, ``backend`` a name or "auto". Returns all seven
-    outputs ``(y, gates, topk_idx, distance, assign, h, stats)``."""
+    shapes and dtypes the op documents, ``backend`` a name or "auto". With ``layer_layout``,
+    lora_A is (E_L, r, K) and lora_B (E_L, N, r), a SlimLinear's parameters, and their
+    gradients come back so. Returns all seven outputs ``(y, gates, topk_idx, distance,
+    assign, h, stats)``."""
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         raise RuntimeError(_NO_FUNCTORCH)
-    name = resolve_backend(backend, x, lora_A.shape[0], router.shape[0])
+    ER = lora_A.shape[0] * lora_A.shape[1] if layer_layout else lora_A.shape[0]
+    name = resolve_backend(backend, x, ER, router.shape[0])
     return _SlimFunction.apply(
         x.contiguous(), None if x_lora is None else x_lora.contiguous(), weight, bias,
         lora_A.contiguous(), lora_B.contiguous(), router.contiguous(), centers, inv_std,
         distance_shift, stats_keep,
-        (num_lora_experts, top_k, scaling, yield_strength, distance_reduce, cluster_stats, name))
+        (num_lora_experts, top_k, scaling, yield_strength, distance_reduce, cluster_stats, name,
+         layer_layout))
 
 
 def _matrix(name: str, t, dim: int = 2) -> Tensor:
@@ -311,7 +328,7 @@ def slim_linear_op(
     out = slim_linear_op_unchecked(
         x, weight, bias, lora_A, lora_B, router, num_lora_experts, top_k, scaling,
         yield_strength, distance_reduce, centers, inv_std, x_lora, backend, distance_shift,
-        cluster_stats, stats_keep)
+        cluster_stats, stats_keep, False)
     y, gates, idx, d, assign, _h, stats = out
     if cluster_stats:
         if stats.shape[0] != C:  # C = 0: no clusters were passed on (centers became None)
