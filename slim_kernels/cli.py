@@ -49,12 +49,32 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    import torch
+    import importlib.util
 
     import slim_kernels as sk
 
+    available = sk.available_backends()  # first: it says which torch to install when none is
+    import torch
+
+    from .ops.backends import NAMES, _ext
+    from .ops.dispatch import unavailable_reason
+
     print(f"slim_kernels {sk.__version__}, torch {torch.__version__}")
-    print(f"backends available here: {', '.join(sk.available_backends())}")
+    print(f"backends available here: {', '.join(available)}")
+    missing = [n for n in NAMES if n not in available]
+    if missing:
+        print("not available here:")
+    for name in missing:
+        # the root cause first: a CPU torch or a missing package makes the rest moot
+        if name == "cuda" and torch.version.cuda is None:
+            why = (f"torch {torch.__version__} is a CPU build; the cuda backend needs a CUDA "
+                   f"torch and slim_kernels._C built on it")
+        elif name == "triton" and importlib.util.find_spec("triton") is None:
+            why = "triton is not installed (pip install triton; it runs on CUDA GPUs)"
+        else:
+            why = unavailable_reason(name)
+        print(f"  {name}: {why}")
+    print(f"slim_kernels._C: {_ext.origin() or 'not loaded (see cpp above)'}")
     print(f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     return 0
 
@@ -116,7 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ModuleNotFoundError as e:  # torch is not a dependency: say which to install
+        if e.name != "torch":
+            raise
+        from ._build import TORCH_MISSING
+
+        print(f"slim-kernels: error: {TORCH_MISSING}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
