@@ -40,7 +40,8 @@ CXX_FLAGS = ["/O2"] if sys.platform == "win32" else ["-O3", "-g0", "-fopenmp-sim
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 TORCH_MIN = (2, 4)
 TORCH_MISSING = (
-    "slim_kernels needs PyTorch (torch >= 2.4), which is not installed here. It is not a "
+    f"slim_kernels needs PyTorch (torch >= {'.'.join(map(str, TORCH_MIN))}), which is not "
+    "installed here. It is not a "
     "dependency of the package, so that pip never picks a multi-GB build for you: install the "
     "torch you want first, then slim_kernels. CPU: `pip install torch "
     "--index-url https://download.pytorch.org/whl/cpu`; a GPU: the command for your CUDA "
@@ -54,8 +55,8 @@ class Unavailable(Exception):
     """Why the extension cannot be had here; str() is the message for the user."""
 
 
-def jit_enabled(environ: Mapping[str, str] = os.environ) -> bool:
-    return environ.get("SLIM_KERNELS_JIT", "").strip().lower() not in ("0", "false", "no", "off")
+def jit_enabled() -> bool:
+    return os.environ.get("SLIM_KERNELS_JIT", "").strip().lower() not in ("0", "false", "no", "off")
 
 
 def source_dir() -> Optional[Path]:
@@ -76,14 +77,13 @@ def cpu_sources(root: Path) -> List[Path]:
     return sorted((root / "cpu").glob("*.cpp"))
 
 
-def find_compiler(environ: Mapping[str, str] = os.environ,
-                  which=shutil.which, run=subprocess.run) -> Tuple[List[str], str]:
+def find_compiler(environ: Mapping[str, str] = os.environ) -> Tuple[List[str], str]:
     """The C++ compiler torch's build would use (``CXX``, else ``c++``) as an argv, and the
     first line of its ``--version``. Raises :class:`Unavailable` saying what is missing."""
     cxx = environ.get("CXX", "").strip() or ("cl" if sys.platform == "win32" else "c++")
     argv = shlex.split(cxx)
     where = "CXX=" + cxx if environ.get("CXX", "").strip() else f"`{cxx}`"
-    path = which(argv[0], path=environ.get("PATH"))
+    path = shutil.which(argv[0], path=environ.get("PATH"))
     if not path:
         raise Unavailable(
             f"no C++ compiler: {where} is not on PATH. Install one (Debian/Ubuntu: "
@@ -93,7 +93,7 @@ def find_compiler(environ: Mapping[str, str] = os.environ,
     if sys.platform == "win32":
         return argv, path
     try:
-        r = run(argv + ["--version"], capture_output=True, text=True, timeout=60)
+        r = subprocess.run(argv + ["--version"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
         raise Unavailable(f"the C++ compiler {where} does not run ({e})") from e
     if r.returncode != 0:
@@ -113,10 +113,10 @@ def first_error_line(log: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def cache_root(environ: Mapping[str, str] = os.environ) -> Path:
-    if environ.get("SLIM_KERNELS_CACHE"):
-        return Path(environ["SLIM_KERNELS_CACHE"]).expanduser()
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+def cache_root() -> Path:
+    if os.environ.get("SLIM_KERNELS_CACHE"):
+        return Path(os.environ["SLIM_KERNELS_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "slim_kernels"
 
 

@@ -96,7 +96,8 @@ def _compiled(paths):
 
 def _build_wheel(tmp_path, env):
     """``pip wheel --no-build-isolation`` from a clean copy of the source (no stale build/ or
-    developer .so gets in); the wheel's path and its file names."""
+    developer .so gets in); the wheel's path and its file names, checked to hold the C++
+    sources."""
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=SKIP)
     wheelhouse = tmp_path / "wheelhouse"
@@ -105,7 +106,12 @@ def _build_wheel(tmp_path, env):
     wheels = glob.glob(str(wheelhouse / "slim_kernels-*.whl"))
     assert len(wheels) == 1, wheels
     with zipfile.ZipFile(wheels[0]) as z:
-        return wheels[0], z.namelist()
+        names = z.namelist()
+    # every wheel carries the C++ sources: it compiles them on first use when it has no
+    # extension, or one built for another torch
+    for rel in ("slim_kernels/_csrc/cpu/slim_cpu.cpp", "slim_kernels/_csrc/common/topk.h"):
+        assert rel in names, f"{rel} is missing from the wheel: nothing to compile on first use"
+    return wheels[0], names
 
 
 def _install_in_fresh_venv(tmp_path, whl, env):
@@ -203,8 +209,6 @@ def test_wheel_without_extension_compiles_on_first_use(tmp_path):
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     whl, names = _build_wheel(tmp_path, env)
     assert whl.endswith("-py3-none-any.whl") and not _compiled(names), names
-    for rel in ("slim_kernels/_csrc/cpu/slim_cpu.cpp", "slim_kernels/_csrc/common/topk.h"):
-        assert rel in names, f"{rel} is missing from the wheel: nothing to compile on first use"
     py = _install_in_fresh_venv(tmp_path, whl, env)
     slim = str(Path(py).parent / "slim-kernels")
     work = tmp_path / "elsewhere"
