@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -238,3 +239,9 @@ def test_wheel_without_extension_compiles_on_first_use(tmp_path):
         line = next((ln for ln in info.splitlines() if ln.startswith("  cpp: ")), None)
         assert line is not None and why in line, info
         assert "slim_kernels._C was not built at install time" in line, line
+
+    # an installed _C that does not load (one built for another torch): the compiled one
+    site = Path(_venv_site_packages(py, env))
+    (site / "slim_kernels" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"no ELF")
+    stale = _run([py, "first_use.py"], env=env, cwd=work)
+    assert stale.stdout.split("ORIGIN ", 1)[1].strip() == origin, stale.stdout
