@@ -69,8 +69,9 @@ class BuildPyWithSources(build_py):
                     f"slim_kernels: cannot install: {e}.\n"
                     "slim_kernels compiles its C++ extension (the fast CPU backend 'cpp') with "
                     "it, at install time or on first use. To install without it (CPU ops then "
-                    "run on the slower 'torch' backend; GPUs still get triton): "
-                    "SLIM_KERNELS_BUILD_EXT=0 pip install ...") from None
+                    "run on the slower 'torch' backend; GPUs still get triton), run the same "
+                    "pip command with SLIM_KERNELS_BUILD_EXT=0 set, e.g. "
+                    "SLIM_KERNELS_BUILD_EXT=0 pip install .") from None
         super().run()
         if getattr(self, "editable_mode", False):
             return
