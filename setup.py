@@ -1,33 +1,85 @@
-"""Build script: the slim_kernels package plus the optional C++/CUDA extension ``slim_kernels._C``.
+"""Build script: the slim_kernels package plus the C++/CUDA extension ``slim_kernels._C``.
 
-The extension is built against the torch that is already installed, so build without build
-isolation:
+The extension is built against the torch that is already installed. Two ways to install:
 
-    pip install --no-build-isolation -e .          # or: python setup.py build_ext --inplace
+    pip install --no-build-isolation .     # torch importable: _C is built now (or -e .)
+    pip install .                          # build isolation: torch is not importable here,
+                                           # so _C is compiled on first use, into a cache
+
+Either way the csrc sources travel inside the package (``slim_kernels/_csrc``), so an install
+without a working ``_C`` compiles it on first use (``slim_kernels/_build.py``). A C++ compiler
+is therefore required: without one the install stops and says how to get one, or how to
+install without the C++ backend (``SLIM_KERNELS_BUILD_EXT=0``).
 
 * CPU kernels (csrc/cpu/*.cpp) are always built when torch is importable.
 * CUDA kernels (csrc/cuda/*.cu + the host binding csrc/cuda/*.cpp) are built when torch is a
-  CUDA build. ``SLIM_KERNELS_BUILD_CUDA=0`` turns them off; ``SLIM_KERNELS_BUILD_CUDA=1``
-  demands them and fails with a clear error when that is impossible. No GPU is needed (a
-  cluster's build node): ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures, default
-  ``8.0;8.6;8.9;9.0+PTX`` (A100, A10/A40, L4/L40/4090, H100/H200 + PTX for newer GPUs);
-  the toolkit is ``CUDA_HOME`` / ``CUDA_PATH`` when set, else the one the ``nvcc`` on PATH
-  belongs to (asked from nvcc itself, since ``/usr/local/bin/nvcc`` may be a wrapper); the
-  toolkit's own headers come before the pip ``nvidia/*/include`` folders.
-* ``SLIM_KERNELS_BUILD_EXT=0`` skips the extension altogether (pure-Python install; the
-  package then runs on its ``torch`` backend).
-
-Without torch at build time the package is installed pure-Python, with a message saying so.
+  CUDA build (at install time only). ``SLIM_KERNELS_BUILD_CUDA=0`` turns them off;
+  ``SLIM_KERNELS_BUILD_CUDA=1`` demands them and fails with a clear error when that is
+  impossible. No GPU is needed (a cluster's build node): ``TORCH_CUDA_ARCH_LIST`` picks the
+  GPU architectures, default ``8.0;8.6;8.9;9.0+PTX`` (A100, A10/A40, L4/L40/4090, H100/H200 +
+  PTX for newer GPUs); the toolkit is ``CUDA_HOME`` / ``CUDA_PATH`` when set, else the one the
+  ``nvcc`` on PATH belongs to (asked from nvcc itself, since ``/usr/local/bin/nvcc`` may be a
+  wrapper); the toolkit's own headers come before the pip ``nvidia/*/include`` folders.
+* ``SLIM_KERNELS_BUILD_EXT=0`` builds no extension at install time and needs no compiler (the
+  package then compiles the CPU kernels on first use if it finds a compiler, else runs on its
+  ``torch`` backend; ``SLIM_KERNELS_JIT=0`` turns that off).
 """
 import glob
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_build_module():
+    """slim_kernels/_build.py by its path (the flags and compiler checks the compile on first
+    use shares): importing the package would import torch."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "slim_kernels_build", os.path.join(HERE, "slim_kernels", "_build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_build = _load_build_module()
+
+
+class BuildPyWithSources(build_py):
+    """build_py (it runs for every wheel and install, not for an sdist) that first checks for
+    a C++ compiler, then also copies csrc/ into the package as ``slim_kernels/_csrc``: the
+    sources an install compiles ``_C`` from on first use. (An editable install uses the
+    checkout's csrc/ directly.)"""
+
+    def run(self):
+        if _flag("SLIM_KERNELS_BUILD_EXT") is not False:
+            try:
+                _build.find_compiler()
+            except _build.Unavailable as e:
+                # without one the package would be pure Python (the slow 'torch' backend on
+                # CPU) while pip reports success
+                raise SystemExit(
+                    f"slim_kernels: cannot install: {e}.\n"
+                    "slim_kernels compiles its C++ extension (the fast CPU backend 'cpp') with "
+                    "it, at install time or on first use. To install without it (CPU ops then "
+                    "run on the slower 'torch' backend; GPUs still get triton), run the same "
+                    "pip command with SLIM_KERNELS_BUILD_EXT=0 set, e.g. "
+                    "SLIM_KERNELS_BUILD_EXT=0 pip install .") from None
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        src = os.path.join(HERE, "csrc")
+        for f in _build.source_files(pathlib.Path(src)):
+            dst = os.path.join(self.build_lib, "slim_kernels", "_csrc", os.path.relpath(f, src))
+            self.mkpath(os.path.dirname(dst))
+            self.copy_file(str(f), dst)
 
 
 def _flag(name):
@@ -102,26 +154,10 @@ def cuda_include_dirs(cuda_home, nvidia_dirs):
     return own + [d for d in nvidia_dirs if os.path.normpath(d) not in map(os.path.normpath, own)]
 
 
-def _ninja_on_path():
-    """Put the ninja that pip installed beside this interpreter (``pip install ninja``) first on
-    PATH. torch's BuildExtension runs ``ninja`` from PATH, and a venv's pip run without
-    activating the venv (``VENV/bin/pip install --no-build-isolation .``) has the venv's bin off
-    PATH: the build would fall back to the slow one-file-at-a-time distutils backend, or use
-    some other ninja."""
-    import shutil
-    import sysconfig
-
-    scripts = sysconfig.get_path("scripts")
-    if not scripts or not shutil.which("ninja", path=scripts):
-        return
-    path = os.environ.get("PATH", "")
-    if os.path.normcase(scripts) not in (os.path.normcase(p) for p in path.split(os.pathsep)):
-        os.environ["PATH"] = scripts + (os.pathsep + path if path else "")
-
-
 def _extensions():
     if _flag("SLIM_KERNELS_BUILD_EXT") is False:
-        print("slim_kernels: SLIM_KERNELS_BUILD_EXT=0, building the pure-Python package only")
+        print("slim_kernels: SLIM_KERNELS_BUILD_EXT=0: no extension is built now (the package "
+              "compiles it on first use if it finds a compiler; SLIM_KERNELS_JIT=0 turns that off)")
         return [], {}
     want_cuda = _flag("SLIM_KERNELS_BUILD_CUDA")
     cuda_home = find_cuda_home()
@@ -138,9 +174,10 @@ def _extensions():
                 f"({e}); install a CUDA torch first and build with --no-build-isolation"
             ) from e
         print(
-            "slim_kernels: torch is not importable at build time, so the C++ extension "
-            "slim_kernels._C is NOT built (the package runs on its 'torch' backend). To build "
-            "it: install torch, then `pip install --no-build-isolation .`",
+            "slim_kernels: torch is not importable at build time (build isolation, or no torch "
+            "yet), so slim_kernels._C is compiled on first use, against the torch installed "
+            "then. To build it now instead: install torch, setuptools, wheel and ninja, then "
+            "`pip install --no-build-isolation .`",
             file=sys.stderr,
         )
         return [], {}
@@ -158,10 +195,7 @@ def _extensions():
         raise RuntimeError(f"SLIM_KERNELS_BUILD_CUDA=1 but the CUDA extension cannot be built: {why}")
     build_cuda = torch_has_cuda and want_cuda is not False
 
-    # no -std flag: torch picks the standard its headers need (C++20 for torch >= 2.10)
-    cxx = ["-O3", "-g0", "-fopenmp-simd"]
-    if sys.platform == "win32":
-        cxx = ["/O2"]
+    cxx = list(_build.CXX_FLAGS)
     include_dirs = [os.path.join(HERE, "csrc")]
     if build_cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
@@ -185,7 +219,7 @@ def _extensions():
         )
         print("slim_kernels: building slim_kernels._C with CPU kernels only"
               + ("" if torch_has_cuda else " (torch has no CUDA)"))
-    _ninja_on_path()
+    _build.ninja_on_path()  # torch's BuildExtension runs `ninja` from PATH
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
@@ -196,7 +230,7 @@ def main():
         # the demo's embedded base model (config.json, model.safetensors, pretrain_metrics.json)
         package_data={"slim_kernels.demo": ["base_model/*.json", "base_model/*.safetensors"]},
         ext_modules=ext_modules,
-        cmdclass=cmdclass,
+        cmdclass={"build_py": BuildPyWithSources, **cmdclass},
     )
 
 

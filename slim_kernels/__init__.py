@@ -76,10 +76,28 @@ __all__ = [
 ]
 
 
+def _require_torch() -> None:
+    """torch is not a dependency of the package (see pyproject.toml): say which to install
+    when it is missing or too old, instead of failing deep inside an import."""
+    from ._build import TORCH_MIN, TORCH_MISSING
+
+    try:
+        import torch
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        raise ModuleNotFoundError(TORCH_MISSING, name="torch") from None
+    if torch.torch_version.TorchVersion(torch.__version__) < TORCH_MIN:
+        raise ImportError(f"slim_kernels needs torch >= {'.'.join(map(str, TORCH_MIN))}, found "
+                          f"torch {torch.__version__}: upgrade torch first")
+
+
 def __getattr__(name: str):
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if mod != ".config":  # SlimConfig needs no torch (``slim-kernels --help`` reads it)
+        _require_torch()
     value = getattr(importlib.import_module(mod, __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value

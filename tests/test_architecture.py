@@ -4,7 +4,7 @@ Every ``import`` statement in ``slim_kernels/`` is read from the source (the one
 functions too, so a lazy import cannot hide an upward arrow) and resolved to a module of the
 package. Layers, bottom to top (a module may import its own layer or lower ones):
 
-0. config, routing, cluster_sync, provenance, reference, _version   (and ``_C``)
+0. config, routing, cluster_sync, provenance, reference, _version, _build   (and ``_C``)
 1. ops (the op boundary, dispatch, the backends)
 2. layer, and its parts: base_layers, clusters, tracking
 3. integrations
@@ -19,7 +19,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "slim_kernels"
 
 LAYERS = [
-    {"config", "routing", "cluster_sync", "provenance", "reference", "_version", "_C"},
+    {"config", "routing", "cluster_sync", "provenance", "reference", "_version", "_build", "_C"},
     {"ops"},
     {"layer", "base_layers", "clusters", "tracking"},
     {"integrations"},

@@ -100,11 +100,81 @@ def test_bench_that_measures_nothing_fails(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_demo_argument_constants_agree_with_the_demo():
-    """demo/cli.py writes out the arms and tasks (so --help imports no torch)."""
+def test_argument_constants_agree_with_the_code():
+    """demo/cli.py writes out the tasks and bench/cases.py the backend names (so --help and
+    the argument checks import no torch)."""
+    from slim_kernels.bench import cases
     from slim_kernels.demo import cli as demo_cli
-    from slim_kernels.demo import methods, tasks
+    from slim_kernels.demo import tasks
+    from slim_kernels.ops.backends import NAMES
 
-    assert demo_cli.DEFAULT_METHODS == methods.DEFAULT_METHODS
     assert demo_cli.NEW_TASK == tasks.NEW_TASK
     assert demo_cli.NEW_TASKS == tasks.NEW_TASKS
+    assert cases.BACKEND_NAMES == NAMES
+
+
+def _parsers():
+    from slim_kernels.cli import build_parser
+
+    p = build_parser()
+    return {"slim-kernels": p, **_subparsers()}
+
+
+def test_help_is_plain_text():
+    """No reStructuredText markup (``code``, :func:`x`) from the docstrings in any help."""
+    for name, parser in _parsers().items():
+        text = parser.format_help()
+        assert "`" not in text, f"{name} --help shows markup:\n{text}"
+        assert parser.description, f"{name} --help has no description"
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--frobnicate"], "slim-kernels: error: unknown option: --frobnicate (commands: info, "
+                       "example, bench, demo;"),
+    (["--frobnicate", "--x"], "slim-kernels: error: unknown options: --frobnicate --x"),
+    (["bench", "--frob"], "slim-kernels bench: error: unknown option: --frob (see "
+                          "slim-kernels bench --help)"),
+    (["info", "extra"], "slim-kernels info: error: unknown argument: extra"),
+    ([], "slim-kernels: error: expected a command: info, example, bench, demo"),
+])
+def test_unknown_option_or_no_command_is_said(args, error):
+    r = cli(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert error in r.stderr, r.stderr
+    assert "required" not in r.stderr
+
+
+# torch and transformers made unimportable: a check that needed them would fail otherwise
+WITHOUT_TORCH = """
+import sys
+for m in ("torch", "transformers"):
+    sys.modules[m] = None
+from slim_kernels.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("args, option", [
+    (["bench", "--top-k", "99"], "--top-k"),
+    (["bench", "--sweep", "experts", "--experts", "1,8", "--identity-experts", "0"], "--top-k"),
+    (["bench", "--providers", "eager_loop,nope"], "--providers"),
+    (["demo", "--methods", "lora,bogus"], "--methods"),
+    (["demo", "--slim", '{"rank": 0}'], "--slim"),
+])
+def test_bad_values_are_rejected_before_torch_is_imported(args, option):
+    """Rejected at once (not after 12-15 s of imports): the checks run without torch."""
+    r = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert f"error: argument {option}: " in r.stderr, r.stderr
+    if option in ("--methods", "--providers"):  # the allowed values are listed
+        assert "choose from" in r.stderr and ("slim_cpp" in r.stderr or "slim-spread" in r.stderr)
+
+
+def test_bench_layer_defaults_are_slim_config_defaults():
+    from slim_kernels.cli import build_parser
+    from slim_kernels.config import SlimConfig
+
+    a, c = build_parser().parse_args(["bench"]), SlimConfig()
+    assert (a.lora_experts, a.identity_experts, a.rank, a.top_k, a.clusters) == (
+        c.num_lora_experts, c.num_identity_experts, c.rank, c.top_k, c.num_clusters)

@@ -16,12 +16,18 @@ checkout there stays out).
 Extension check: when setup.py builds a compiled extension (the build directory holds one, a
 developer build left one in the source tree, or SLIM_KERNELS_EXPECT_EXT=1), the wheel must
 carry it, be platform-tagged, and the installed copy must offer the 'cpp' backend.
+
+A wheel without the extension (what a plain ``pip install .`` builds: torch is not importable
+under build isolation) must carry the C++ sources, compile them on first use into a fresh
+cache with a message, load them from that cache in the next process, and say why ``cpp`` is
+missing when it cannot compile.
 """
 import glob
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -90,20 +96,54 @@ def _compiled(paths):
     return [p for p in paths if p.endswith(EXT_SUFFIXES)]
 
 
-@pytest.mark.slow
-def test_wheel_installs_offline_and_runs(tmp_path):
-    # build from a clean copy of the source: no stale build/ or developer .so gets in
+def _build_wheel(tmp_path, env):
+    """``pip wheel --no-build-isolation`` from a clean copy of the source (no stale build/ or
+    developer .so gets in); the wheel's path and its file names, checked to hold the C++
+    sources."""
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=SKIP)
     wheelhouse = tmp_path / "wheelhouse"
-    env = _clean_env()
     _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
           "-w", str(wheelhouse), str(src)], env=env, cwd=tmp_path)
     wheels = glob.glob(str(wheelhouse / "slim_kernels-*.whl"))
     assert len(wheels) == 1, wheels
-    whl = wheels[0]
-    with zipfile.ZipFile(whl) as z:
+    with zipfile.ZipFile(wheels[0]) as z:
         names = z.namelist()
+    # every wheel carries the C++ sources: it compiles them on first use when it has no
+    # extension, or one built for another torch
+    for rel in ("slim_kernels/_csrc/cpu/slim_cpu.cpp", "slim_kernels/_csrc/common/topk.h"):
+        assert rel in names, f"{rel} is missing from the wheel: nothing to compile on first use"
+    return wheels[0], names
+
+
+def _install_in_fresh_venv(tmp_path, whl, env):
+    """A fresh venv that sees the running interpreter's torch (see the module docstring), with
+    the wheel installed offline; its python."""
+    venv = tmp_path / "venv"
+    mk = subprocess.run([sys.executable, "-m", "venv", str(venv)],
+                        env=env, capture_output=True, text=True)
+    py = str(venv / "bin" / "python")
+    if mk.returncode != 0:  # no ensurepip (e.g. Debian without python3-venv)
+        shutil.rmtree(venv, ignore_errors=True)
+        _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], env=env)
+    site_dir = _venv_site_packages(py, env)
+    outer = _site_dirs()
+    assert outer, f"no site-packages on sys.path: {sys.path}"
+    (Path(site_dir) / "_outer_site_packages.pth").write_text("\n".join(outer) + "\n")
+    install = ["install", "--no-index", "--no-deps", "--force-reinstall", whl]
+    if mk.returncode == 0:
+        _run([py, "-m", "pip", *install], env=env, cwd=tmp_path)
+    else:  # drive the venv with our pip
+        _run([sys.executable, "-m", "pip", "--python", py, *install], env=env, cwd=tmp_path)
+    return py
+
+
+@pytest.mark.slow
+def test_wheel_installs_offline_and_runs(tmp_path):
+    env = _clean_env()
+    env["SLIM_KERNELS_JIT"] = "0"  # what the wheel itself carries, nothing compiled later
+    whl, names = _build_wheel(tmp_path, env)
+    src = tmp_path / "src"
     assert "slim_kernels/__init__.py" in names and "slim_kernels/layer.py" in names
     assert not any(n.startswith(("tests/", "python/")) for n in names)
     # package data: the demo's embedded base model must travel with the wheel (offline nodes)
@@ -122,23 +162,8 @@ def test_wheel_installs_offline_and_runs(tmp_path):
     else:
         assert whl.endswith("-py3-none-any.whl"), whl
 
-    venv = tmp_path / "venv"
-    mk = subprocess.run([sys.executable, "-m", "venv", str(venv)],
-                        env=env, capture_output=True, text=True)
-    py = str(venv / "bin" / "python")
-    if mk.returncode != 0:  # no ensurepip (e.g. Debian without python3-venv)
-        shutil.rmtree(venv, ignore_errors=True)
-        _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], env=env)
-    # torch from the running interpreter's site-packages (see the module docstring)
-    site_dir = _venv_site_packages(py, env)
-    outer = _site_dirs()
-    assert outer, f"no site-packages on sys.path: {sys.path}"
-    (Path(site_dir) / "_outer_site_packages.pth").write_text("\n".join(outer) + "\n")
-    install = ["install", "--no-index", "--no-deps", "--force-reinstall", whl]
-    if mk.returncode == 0:
-        _run([py, "-m", "pip", *install], env=env, cwd=tmp_path)
-    else:  # drive the venv with our pip
-        _run([sys.executable, "-m", "pip", "--python", py, *install], env=env, cwd=tmp_path)
+    py = _install_in_fresh_venv(tmp_path, whl, env)
+    venv = Path(py).parents[1]
     work = tmp_path / "elsewhere"  # not the repository: import the installed copy
     work.mkdir()
     (work / "smoke.py").write_text(SMOKE)
@@ -153,3 +178,71 @@ def test_wheel_installs_offline_and_runs(tmp_path):
     assert info.startswith("slim_kernels ") and "backends available here" in info, info
     if ext_in_wheel:
         assert "cpp" in backends, f"the wheel carries {ext_in_wheel} but the cpp backend is unavailable"
+
+
+FIRST_USE = r"""
+import torch, slim_kernels as sk
+from slim_kernels.ops.backends import _ext
+x, W = torch.randn(5, 16), torch.randn(12, 16)
+A, B, R = torch.randn(6, 16), torch.randn(12, 6), torch.randn(5, 16)
+y = sk.slim_linear_op(x, W, None, A, B, R, num_lora_experts=3, top_k=2, scaling=1.0,
+                      backend="cpp")[0]
+ref = sk.slim_linear_op(x, W, None, A, B, R, num_lora_experts=3, top_k=2, scaling=1.0,
+                        backend="torch")[0]
+torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+print("ORIGIN", _ext.origin())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++").split()[0]) is None,
+                    reason="no C++ compiler (CXX, else c++) to compile on first use")
+def test_wheel_without_extension_compiles_on_first_use(tmp_path):
+    """What a plain ``pip install .`` (build isolation: no torch, so no extension at install)
+    gives: the C++ sources in the wheel, compiled on first use into a fresh cache with a
+    message, loaded from there by the next process; ``info`` says where ``_C`` came from, and
+    why ``cpp`` is missing when it cannot be compiled. Takes one compile (~15-40 s)."""
+    env = _clean_env()
+    env.pop("SLIM_KERNELS_JIT", None)  # CI turns it off for the suite: this test is about it
+    env["SLIM_KERNELS_BUILD_EXT"] = "0"  # the wheel an isolated build makes (no torch there)
+    cache = tmp_path / "cache"
+    env["SLIM_KERNELS_CACHE"] = str(cache)
+    # ninja, like torch, comes from the running interpreter's environment
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    whl, names = _build_wheel(tmp_path, env)
+    assert whl.endswith("-py3-none-any.whl") and not _compiled(names), names
+    py = _install_in_fresh_venv(tmp_path, whl, env)
+    slim = str(Path(py).parent / "slim-kernels")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    (work / "first_use.py").write_text(FIRST_USE)
+
+    first = _run([py, "first_use.py"], env=env, cwd=work)
+    assert "slim_kernels._C was not built at install time; compiling it now" in first.stderr
+    assert "compiled slim_kernels._C in" in first.stderr, first.stderr
+    origin = first.stdout.split("ORIGIN ", 1)[1].strip()
+    assert origin.startswith(f"compiled on first use: {cache}"), origin
+
+    again = _run([py, "first_use.py"], env=env, cwd=work)  # from the cache, silently
+    assert "compiling" not in again.stderr, again.stderr
+    assert again.stdout.split("ORIGIN ", 1)[1].strip() == origin
+    info = _run([slim, "info"], env=env, cwd=work).stdout
+    available = info.split("backends available here: ", 1)[1].splitlines()[0].split(", ")
+    assert "cpp" in available, info
+    assert f"slim_kernels._C: {origin}" in info, info
+
+    # an install without the extension, where it cannot be compiled: info says why, per case
+    cases = {"SLIM_KERNELS_JIT": ("0", "compiling it on first use is off (SLIM_KERNELS_JIT=0)"),
+             "CXX": ("/bin/false", "the C++ compiler CXX=/bin/false does not run")}
+    for var, (value, why) in cases.items():
+        info = _run([slim, "info"], env={**env, var: value, "SLIM_KERNELS_CACHE":
+                                         str(tmp_path / f"cache-{var}")}, cwd=work).stdout
+        line = next((ln for ln in info.splitlines() if ln.startswith("  cpp: ")), None)
+        assert line is not None and why in line, info
+        assert "slim_kernels._C was not built at install time" in line, line
+
+    # an installed _C that does not load (one built for another torch): the compiled one
+    site = Path(_venv_site_packages(py, env))
+    (site / "slim_kernels" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"no ELF")
+    stale = _run([py, "first_use.py"], env=env, cwd=work)
+    assert stale.stdout.split("ORIGIN ", 1)[1].strip() == origin, stale.stdout

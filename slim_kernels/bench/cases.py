@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 __all__ = [
-    "MODES", "SWEEPS", "BASELINE_PROVIDERS", "LLAMA_SHAPES", "CPU_SHAPES", "Case", "Inputs",
-    "build_cases", "case_from_kernel", "make_inputs", "parse_kernel", "sweep_label", "x_key",
+    "MODES", "SWEEPS", "BACKEND_NAMES", "BASELINE_PROVIDERS", "LLAMA_SHAPES", "CPU_SHAPES",
+    "Case", "Inputs", "build_cases", "case_from_kernel", "make_inputs", "parse_kernel",
+    "provider_names", "sweep_label", "x_key",
 ]
 
 # forward: a training forward (grad enabled, activations saved); backward: the backward of a
@@ -25,6 +26,9 @@ MODES = ("forward", "backward", "forward+backward")
 SWEEPS = ("T", "shape", "experts", "rank")
 # the unfused baselines; the fused providers are ``slim_<backend>`` (providers.providers_for)
 BASELINE_PROVIDERS = ("base", "eager_loop", "eager_dense", "compiled_dense", "peft_lora")
+# slim_kernels.ops.backends.NAMES, written out: that module imports torch, and --providers is
+# checked before torch is imported (tests/test_cli.py checks that the two agree)
+BACKEND_NAMES = ("triton", "cuda", "cpp", "torch")
 # Llama-3-8B projections as (K in, N out): q/o (4096x4096), gate/up (4096x14336), down.
 LLAMA_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 # The same aspect ratios scaled down by 4 for a 2-core CPU.
@@ -104,6 +108,11 @@ def x_key(x: str):
         return (0, float(x), x)
     except ValueError:
         return (1, 0.0, x)
+
+
+def provider_names() -> Tuple[str, ...]:
+    """Every name ``--providers`` accepts, whether or not it can run here."""
+    return BASELINE_PROVIDERS[:1] + tuple(f"slim_{b}" for b in BACKEND_NAMES) + BASELINE_PROVIDERS[1:]
 
 
 def build_cases(sweep: str, *, shapes: Sequence[Tuple[int, int]], T_values: Sequence[int],

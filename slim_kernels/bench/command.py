@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from .cases import CPU_SHAPES, LLAMA_SHAPES, MODES, SWEEPS, Case, build_cases
+from ..config import SlimConfig
+from .cases import CPU_SHAPES, LLAMA_SHAPES, MODES, SWEEPS, Case, build_cases, provider_names
 
 __all__ = ["DTYPES", "BenchPlan", "add_arguments", "check_arguments", "int_at_least",
            "main_from_args", "run"]
@@ -134,12 +135,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="E_L values for --sweep experts (default: 2,4,8,16)")
     p.add_argument("--ranks", type=_positive_ints, default=[8, 16, 32, 64],
                    help="r values for --sweep rank (default: 8,16,32,64)")
-    p.add_argument("--lora-experts", type=pos1, default=8, help="E_L, LoRA experts")
-    p.add_argument("--identity-experts", type=pos0, default=2, help="E_I, identity experts")
-    p.add_argument("--rank", type=pos1, default=16, help="r, rank of each LoRA expert")
-    p.add_argument("--top-k", type=pos1, default=2,
+    # the layer's defaults (SlimConfig(); config.py imports no torch)
+    layer = SlimConfig()
+    p.add_argument("--lora-experts", type=pos1, default=layer.num_lora_experts,
+                   help="E_L, LoRA experts")
+    p.add_argument("--identity-experts", type=pos0, default=layer.num_identity_experts,
+                   help="E_I, identity experts")
+    p.add_argument("--rank", type=pos1, default=layer.rank, help="r, rank of each LoRA expert")
+    p.add_argument("--top-k", type=pos1, default=layer.top_k,
                    help="experts per token, at most E_L + E_I")
-    p.add_argument("--clusters", type=pos0, default=4,
+    p.add_argument("--clusters", type=pos0, default=layer.num_clusters,
                    help="C, sliding clusters of weight yielding (0: no yielding)")
     p.add_argument("--reps", type=pos1, default=None,
                    help="timed repetitions (default: 7; --quick 5)")
@@ -181,10 +186,25 @@ class BenchPlan:
 
 def check_arguments(ap: argparse.ArgumentParser, a: argparse.Namespace) -> BenchPlan:
     """The run the arguments ask for; every bad value is ``ap.error`` (exit 2), naming the
-    option, before any work starts."""
-    import torch
+    option, before any work starts. The checks that need no torch come first, so that such
+    a value is rejected at once rather than after seconds of imports."""
+    if a.providers:
+        unknown = [n for n in a.providers if n not in provider_names()]
+        if unknown:
+            ap.error(f"argument --providers: unknown {unknown}; choose from "
+                     f"{', '.join(provider_names())}")
+    experts, ranks = (a.experts[:3], a.ranks[:3]) if a.quick else (a.experts, a.ranks)
+    base = Case(K=1, N=1, T=1, num_lora_experts=a.lora_experts,
+                num_identity_experts=a.identity_experts, rank=a.rank, top_k=a.top_k,
+                num_clusters=a.clusters)
+    # the expert counts do not depend on the shapes and tokens, which depend on the device
+    fewest = min(c.E for c in build_cases(a.sweep, shapes=[(1, 1)], T_values=[1], T=1,
+                                          experts=experts, ranks=ranks, base=base))
+    if a.top_k > fewest:
+        ap.error(f"argument --top-k: {a.top_k} is more than the {fewest} experts (E_L + E_I) "
+                 f"of the smallest case; expected 1 <= top-k <= {fewest}")
 
-    from .providers import provider_names
+    import torch
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev_type = torch.device(device).type
@@ -196,11 +216,6 @@ def check_arguments(ap: argparse.ArgumentParser, a: argparse.Namespace) -> Bench
         ap.error(f"argument --device: {device}: only {torch.cuda.device_count()} CUDA "
                  f"device(s) visible")
     dtype = getattr(torch, DTYPES[a.dtype or ("bfloat16" if dev_type == "cuda" else "float32")])
-    if a.providers:
-        unknown = [n for n in a.providers if n not in provider_names()]
-        if unknown:
-            ap.error(f"argument --providers: unknown {unknown}; choose from "
-                     f"{', '.join(provider_names())}")
     cpu_scale = a.cpu_scale if a.cpu_scale is not None else dev_type == "cpu"
     if a.shapes:
         shapes = a.shapes
@@ -214,17 +229,9 @@ def check_arguments(ap: argparse.ArgumentParser, a: argparse.Namespace) -> Bench
         T_values = [64, 256] if a.quick else [64, 256, 1024]
     else:
         T_values = [1024, 4096] if a.quick else [512, 2048, 8192, 16384]
-    experts, ranks = (a.experts[:3], a.ranks[:3]) if a.quick else (a.experts, a.ranks)
-    base = Case(K=1, N=1, T=1, num_lora_experts=a.lora_experts,
-                num_identity_experts=a.identity_experts, rank=a.rank, top_k=a.top_k,
-                num_clusters=a.clusters)
     cases = build_cases(a.sweep, shapes=shapes, T_values=T_values,
                         T=a.tokens or (256 if cpu_scale else 4096), experts=experts,
                         ranks=ranks, base=base)
-    fewest = min(c.E for c in cases)
-    if a.top_k > fewest:
-        ap.error(f"argument --top-k: {a.top_k} is more than the {fewest} experts (E_L + E_I) "
-                 f"of the smallest case; expected 1 <= top-k <= {fewest}")
     return BenchPlan(
         cases=cases, sweep=a.sweep, device=device, dtype=dtype, modes=a.modes,
         providers=a.providers, reps=a.reps or (5 if a.quick else 7),

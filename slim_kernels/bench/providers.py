@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cases import BASELINE_PROVIDERS, Case, Inputs
+from .cases import BASELINE_PROVIDERS, Case, Inputs, provider_names
 
 __all__ = ["Runner", "Skip", "eager_route", "eager_loop_forward", "eager_dense_forward",
            "provider_names", "providers_for", "reference_output"]
@@ -233,13 +233,6 @@ _BASELINES: Dict[str, Callable[[Inputs], Runner]] = {
     "compiled_dense": _p_compiled_dense,
     "peft_lora": _p_peft_lora,
 }
-
-
-def provider_names() -> Tuple[str, ...]:
-    """Every name ``--providers`` accepts, whether or not it can run here."""
-    from ..ops.backends import NAMES
-
-    return BASELINE_PROVIDERS[:1] + tuple(f"slim_{b}" for b in NAMES) + BASELINE_PROVIDERS[1:]
 
 
 def providers_for(device: str, requested: Optional[Sequence[str]] = None

@@ -237,12 +237,14 @@ def write_plot(report: Dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plotting import label_points
+
     new = report["settings"]["new_task"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    points, colors = [], []
     for r in report["methods"]:
-        ax1.scatter(r["after"][new], r["retention"], s=50)
-        ax1.annotate(r["method"], (r["after"][new], r["retention"]), fontsize=8,
-                     xytext=(4, 4), textcoords="offset points")
+        points.append((r["after"][new], r["retention"]))
+        colors.append(ax1.scatter(*points[-1], s=50).get_facecolor()[0])
         steps = [c["step"] for c in r["curve"]]
         ax2.plot(steps, [c["retention"] for c in r["curve"]], marker=".", label=r["method"])
     ax1.axhline(0.9, color="grey", ls=":", lw=1)
@@ -259,5 +261,6 @@ def write_plot(report: Dict, path) -> None:
     s = report["settings"]
     fig.suptitle(f"{s['base']} base, new task {new}, {s['steps']} steps, lr {s['lr']}, seed {s['seed']}", fontsize=9)
     fig.tight_layout()
+    label_points(ax1, points, [r["method"] for r in report["methods"]], colors)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from ..provenance import provenance
+from .methods import DEFAULT_METHODS  # imports no torch
 
 logger = logging.getLogger("slim_kernels")
 
-# methods.DEFAULT_METHODS, tasks.NEW_TASK and tasks.NEW_TASKS, written out so that building
-# the parser imports no torch (those modules do); tests/test_cli.py checks they agree.
-DEFAULT_METHODS = ("lora", "slim", "slim-spread", "slim-no-identity", "slim-no-yield",
-                   "slim+merge", "full")
+# tasks.NEW_TASK and tasks.NEW_TASKS, written out so that building the parser imports no
+# torch (tasks.py does); tests/test_cli.py checks they agree.
 NEW_TASK = "caesar"
 NEW_TASKS = ("caesar", "symbols")
 
@@ -143,12 +142,13 @@ def add_arguments(ap) -> None:
 
 
 def check_arguments(ap: argparse.ArgumentParser, a) -> list:
-    """The arms to run; every bad value is an argparse error before any work starts."""
+    """The arms to run; every bad value is an argparse error before any work starts (and
+    before torch is imported: a bad value is rejected at once)."""
     from .methods import method_specs
 
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     try:
-        specs = method_specs(a.slim)
+        specs = method_specs(a.slim, backend="torch")  # the names and the checked overrides
     except (ValueError, TypeError) as e:
         ap.error(f"argument --slim: {e}")
     unknown = [m for m in methods if m not in specs]

@@ -17,19 +17,24 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Dict, Optional
 
-import torch
-
 __all__ = ["DEFAULT_METHODS", "method_specs"]
 
 DEFAULT_METHODS = ("lora", "slim", "slim-spread", "slim-no-identity", "slim-no-yield", "slim+merge",
                    "full")
 
 
-def method_specs(slim_overrides: Optional[Dict] = None) -> Dict[str, object]:
-    """name -> "full" or a SlimConfig. ``slim_overrides`` changes the SLIM arms (not LoRA's)."""
+def method_specs(slim_overrides: Optional[Dict] = None,
+                 backend: Optional[str] = None) -> Dict[str, object]:
+    """name -> "full" or a SlimConfig. ``slim_overrides`` changes the SLIM arms (not LoRA's).
+    ``backend``: every arm's; by default ``torch`` without a CUDA device, else ``auto``
+    (given, nothing here imports torch: the command line checks its arguments this way)."""
     from ..config import SlimConfig
 
-    base = SlimConfig(backend="torch" if not torch.cuda.is_available() else "auto")
+    if backend is None:
+        import torch
+
+        backend = "torch" if not torch.cuda.is_available() else "auto"
+    base = SlimConfig(backend=backend)
     slim = replace(base, **(slim_overrides or {}))
     rank = base.num_lora_experts * base.rank
     lora = replace(base, num_lora_experts=1, num_identity_experts=0, top_k=1, num_clusters=0,

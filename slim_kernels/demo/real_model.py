@@ -282,14 +282,15 @@ def write_plot(report: Dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plotting import label_points
+
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for r in report["methods"]:
-        x, y = r["new_task_acc"], r["retention"]["worst"]
-        ax.scatter(x, y)
-        ax.annotate(r["method"], (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    points = [(r["new_task_acc"], r["retention"]["worst"]) for r in report["methods"]]
+    colors = [ax.scatter(x, y).get_facecolor()[0] for x, y in points]
     ax.set_xlabel("vellish accuracy (new task)")
     ax.set_ylabel("worst share of the base kept (ppl, mc, arith)")
     ax.set_title(str(report["settings"]["model"]), fontsize=9)
     fig.tight_layout()
+    label_points(ax, points, [r["method"] for r in report["methods"]], colors)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -26,7 +26,8 @@ _HOW_TO_FIX = {
     "triton": "install triton (pip install triton) and run on a CUDA device",
     "cuda": "build the CUDA extension on a CUDA torch: SLIM_KERNELS_BUILD_CUDA=1 "
             "pip install --no-build-isolation -e .",
-    "cpp": "build the C++ extension: pip install --no-build-isolation -e .",
+    "cpp": "build the C++ extension: install a C++ compiler (then it compiles on first use), "
+           "or build it at install: pip install --no-build-isolation .",
     "torch": "",
 }
 _cache: Dict[str, object] = {}
@@ -44,6 +45,12 @@ def _load(name: str):
         except Exception as e:  # ImportError, missing extension, broken install
             _cache[name] = f"{type(e).__name__}: {e}"
     return _cache[name]
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """None when backend ``name`` can run in this process, else why not."""
+    mod = _load(name)
+    return mod if isinstance(mod, str) else None
 
 
 def backend_module(name: str) -> ModuleType:

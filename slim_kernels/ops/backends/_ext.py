@@ -1,8 +1,11 @@
 """Lazy loader of the compiled extension ``slim_kernels._C`` (csrc/).
 
 It is a plain shared library (no Python module init): loading it with
-``torch.ops.load_library`` registers the ``torch.ops.slim_kernels_C`` operators. The package imports
-without it; :func:`load` returns the reason it is missing instead of raising.
+``torch.ops.load_library`` registers the ``torch.ops.slim_kernels_C`` operators. The one built
+at install time is used when it loads; otherwise (a plain ``pip install .`` builds none, or it
+was built for another torch) the CPU kernels are compiled on first use into a cache
+(:func:`slim_kernels._build.compile_on_first_use`). The package imports without it; :func:`load`
+returns the reason it is missing instead of raising.
 """
 from __future__ import annotations
 
@@ -10,29 +13,41 @@ import importlib
 import importlib.util
 from typing import Optional
 
+from ... import _build
+
 _state: dict = {}
 
 
 def load() -> Optional[str]:
-    """None when ``slim_kernels._C`` is loaded, else why it is not."""
+    """None when ``slim_kernels._C`` is loaded, else why it is not (and how to get it)."""
     if "reason" not in _state:
-        try:
-            import torch
-
-            spec = importlib.util.find_spec("slim_kernels._C")
-            if spec is None or not spec.origin:
-                raise ImportError("no compiled slim_kernels/_C*.so (or .pyd) next to the package")
-            torch.ops.load_library(spec.origin)
-            _state["reason"] = None
-        except Exception as e:  # ImportError, undefined symbol from a torch mismatch, ...
-            _state["reason"] = (
-                f"the C++ extension slim_kernels._C is not built or cannot load "
-                f"({type(e).__name__}: {e}); build it with "
-                f"`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
-            )
+        _state["reason"], _state["origin"] = _load()
     return _state["reason"]
 
 
+def origin() -> Optional[str]:
+    """Where the loaded library came from (for ``slim-kernels info``), None when not loaded."""
+    load()
+    return _state["origin"]
+
+
+def _load():
+    import torch
+
+    spec = importlib.util.find_spec("slim_kernels._C")
+    if spec is None or not spec.origin:
+        why = "slim_kernels._C was not built at install time"
+    else:
+        try:
+            torch.ops.load_library(spec.origin)
+            return None, f"built at install time: {spec.origin}"
+        except Exception as e:  # OSError: undefined symbol, from a build for another torch
+            why = (f"the installed slim_kernels._C does not load with torch {torch.__version__} "
+                   f"({type(e).__name__}: {e})")
+    try:
+        return None, f"compiled on first use: {_build.compile_on_first_use(why)}"
+    except _build.Unavailable as e:
+        return str(e), None
 
 
 def has_op(name: str) -> bool:
