@@ -30,6 +30,7 @@ same clusters.
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 import weakref
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -50,9 +51,14 @@ DISTANCE_KEYS = ("distance_mean", "distance_var")
 # clusters are not moving
 _WARN_AFTER = 1000
 
-# every SlidingClusters, in construction order (the step applies them in this order on every
-# rank): the collect op and the step hook find their module here
+# every SlidingClusters by a key of its own (an id would be reused): the collect op finds its
+# module here
 _OWNERS: Dict[int, "weakref.ReferenceType[SlidingClusters]"] = {}
+_KEYS = itertools.count()
+# the modules with work for the next step, in the order their first training forward of the
+# step ran: the same on every rank of an SPMD program, so the steps' all-reduces pair up.
+# Strong references: a module stays alive (and keeps its place) until its step.
+_PENDING: List["SlidingClusters"] = []
 _WARNED_NO_STEP = [False]
 
 
@@ -115,12 +121,18 @@ class SlidingClusters(nn.Module):
 
     # -- identity, copies, loading -------------------------------------------------------
     def _own(self) -> None:
-        self._key = id(self)
+        self._key = next(_KEYS)
         _OWNERS[self._key] = weakref.ref(self)
+        weakref.finalize(self, _OWNERS.pop, self._key, None)
         _install_step_hook()
 
     def __setstate__(self, state) -> None:
+        # a copy (deepcopy, pickle) is a new layer with nothing pending: it takes part in no
+        # step until it collects itself (a copy made on one rank must not join a collective)
         super().__setstate__(state)
+        ready, self.host = self.host.ready, _Host()
+        self.host.ready = ready
+        self.pending = torch.zeros_like(self.pending)
         self._own()
 
     @property
@@ -147,6 +159,8 @@ class SlidingClusters(nn.Module):
 
     def reset(self) -> None:
         """Uninitialised: centres 0, variances 1 (and mu = sigma² = 1); nothing pending."""
+        if self in _PENDING:
+            _PENDING.remove(self)
         with torch.no_grad():
             self.cluster_centers.zero_()
             self.cluster_vars.fill_(1.0)
@@ -224,6 +238,8 @@ class SlidingClusters(nn.Module):
         parallelism). A no-op when nothing is pending."""
         h = self.host
         h.since_step = 0
+        if self in _PENDING:
+            _PENDING.remove(self)
         if not h.has_pending:
             return
         h.has_pending = False
@@ -259,28 +275,17 @@ def step_clusters(model: Optional[nn.Module] = None) -> None:
     this by itself; call it after the update of a loop that uses no torch optimizer."""
     mods: Iterable[SlidingClusters]
     if model is None:
-        mods = _live()
+        mods = list(_PENDING)
     else:
-        mods = [m for m in model.modules() if isinstance(m, SlidingClusters)]
+        mine = {id(m) for m in model.modules() if isinstance(m, SlidingClusters)}
+        mods = [m for m in _PENDING if id(m) in mine]  # (in the order they collected)
     for m in mods:
         m.step()
 
 
-def _live() -> List[SlidingClusters]:
-    out = []
-    for key, ref in list(_OWNERS.items()):
-        m = ref()
-        if m is None or m._key != key:
-            _OWNERS.pop(key, None)
-        elif m.host.has_pending or m.host.since_step:
-            out.append(m)
-    return out
-
-
 @torch.compiler.disable
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
-    for m in _live():
-        m.step()
+    step_clusters()
 
 
 _HOOK: List[object] = []
@@ -312,14 +317,6 @@ def _collect(mod: SlidingClusters, x: Tensor, keep: Optional[Tensor], stats: Ten
     """:meth:`SlidingClusters.collect` into ``pending`` (the module's, or under torch.compile
     the custom op's argument)."""
     h = mod.host
-    h.since_step += 1
-    if h.since_step == _WARN_AFTER and not _WARNED_NO_STEP[0]:
-        _WARNED_NO_STEP[0] = True
-        warnings.warn(
-            f"slim_kernels: {_WARN_AFTER} training forwards of a SLIM layer ran without an "
-            f"optimizer step: its clusters move at each torch.optim.Optimizer step; after "
-            f"an update made otherwise, call slim_kernels.step_clusters(model)",
-            RuntimeWarning, stacklevel=3)
     if not h.ready:
         # before the first initialisation only (a host read): the flag may have been set from
         # outside, e.g. rank 0 loaded a checkpoint and DDP broadcast its buffers
@@ -328,12 +325,23 @@ def _collect(mod: SlidingClusters, x: Tensor, keep: Optional[Tensor], stats: Ten
             mod.refresh()
     if h.ready:
         pending.add_(stats)
-        h.has_pending = True
+        h.since_step += 1
+        if h.since_step == _WARN_AFTER and not _WARNED_NO_STEP[0]:
+            _WARNED_NO_STEP[0] = True
+            warnings.warn(
+                f"slim_kernels: {_WARN_AFTER} training forwards of a SLIM layer ran without an "
+                f"optimizer step: its clusters move at each torch.optim.Optimizer step; after "
+                f"an update made otherwise, call slim_kernels.step_clusters(model)",
+                RuntimeWarning, stacklevel=3)
     elif h.init is None:
-        init = _init(x, keep, mod.num_clusters, mod.spread, mod.eps, mod.reduce)
-        if init is not None:
-            h.init = init
-            h.has_pending = True
+        h.init = _init(x, keep, mod.num_clusters, mod.spread, mod.eps, mod.reduce)
+        if h.init is None:
+            return
+    else:
+        return
+    if not h.has_pending:
+        h.has_pending = True
+        _PENDING.append(mod)
 
 
 @torch.library.custom_op("slim_kernels::cluster_collect", mutates_args=("pending",))

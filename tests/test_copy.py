@@ -43,6 +43,8 @@ def _check_layer_copies(layer, x):
     for twin in _copies(layer):
         _assert_same_state(layer, twin)
         assert twin.slim_aux_loss() is None  # nothing pending in the copy
+        # nor cluster statistics: a copy made on one rank joins no collective at a step
+        assert not twin.clusters.host.has_pending and not twin.clusters.pending.any()
         twin.train()
         loss = twin(x).square().mean() + sk.aux_loss(twin)
         loss.backward()

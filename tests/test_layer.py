@@ -224,9 +224,10 @@ def test_an_optimizer_step_moves_the_clusters_and_none_warns():
     assert layer.clusters.ready
     before = layer.clusters.cluster_centers.clone()
     layer(torch.randn(10, 6) + 3)
-    opt.step()
-    assert not torch.equal(before, layer.clusters.cluster_centers)
     import slim_kernels.clusters as cl
+    assert cl._PENDING == [layer.clusters]  # held (alive) until the step
+    opt.step()
+    assert not torch.equal(before, layer.clusters.cluster_centers) and not cl._PENDING
     with pytest.warns(RuntimeWarning, match="without an optimizer step"):
         for _ in range(cl._WARN_AFTER):
             layer(torch.randn(4, 6))
