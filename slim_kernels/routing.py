@@ -18,8 +18,8 @@ from torch import Tensor
 
 from .config import DISTANCE_REDUCES
 
-__all__ = ["acc_dtype", "cluster_distance", "cluster_route", "merge_masks", "reduce_code",
-           "topk_softmax"]
+__all__ = ["acc_dtype", "cluster_distance", "cluster_route", "cluster_sums", "merge_masks",
+           "reduce_code", "topk_softmax"]
 
 def acc_dtype(t: Tensor) -> torch.dtype:
     """Accumulation dtype of the routing maths: fp64 stays fp64, everything else fp32."""
@@ -63,8 +63,8 @@ def cluster_route(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str,
     With ``stats``, also the per-cluster statistics of the sliding update
     (:func:`slim_kernels.reference.reference_cluster_stats` defines them): counts, sums and
     sums of squares of ``x - c_{j*}`` and of r over the kept tokens (``keep`` and finite),
-    scattered into their clusters' rows (``index_add_``: deterministic on the CPU; on CUDA only
-    under ``torch.use_deterministic_algorithms``, as it uses atomics). Returns (d (T,) in the accumulation
+    summed into their clusters' rows by :func:`cluster_sums` (deterministic on every device).
+    Returns (d (T,) in the accumulation
     dtype, assign (T,) int64, stats (C, 2K + 3) or None). No gradient flows."""
     code = reduce_code(reduce)
     acc = acc_dtype(x)
@@ -88,13 +88,25 @@ def cluster_route(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str,
     ok = torch.isfinite(xf).all(1)
     if keep is not None:
         ok = ok & keep
-    C = centers.shape[0]
     feats = torch.cat([torch.ones_like(r)[:, None], diff, diff.square(), r[:, None],
                        r.square()[:, None]], dim=1)
-    # a scatter, not a one-hot GEMM (a cluster whose centre is not finite must not reach the
-    # other rows through 0 · NaN); the tokens left out go to a row C that is dropped
-    out = feats.new_zeros(C + 1, feats.shape[1]).index_add_(0, assign.masked_fill(~ok, C), feats)
-    return d, assign, out[:C]
+    rows = assign.masked_fill(~ok, centers.shape[0])  # the tokens left out: a spare row
+    return d, assign, cluster_sums(feats, rows, centers.shape[0], x.device.type == "cpu")
+
+
+def cluster_sums(feats: Tensor, rows: Tensor, C: int, scatter: bool) -> Tensor:
+    """(C, F): row j is the sum of the rows of ``feats`` (T, F) with ``rows == j``; rows equal
+    to C are left out. A non-finite entry reaches only its own cluster's row (never the
+    others through 0 · NaN). ``scatter``: an ``index_add_`` (deterministic on the CPU);
+    else a one-hot GEMM over the finite part, with the rows that received a non-finite entry
+    set to NaN afterwards (deterministic on every device, no atomics)."""
+    if scatter:
+        return feats.new_zeros(C + 1, feats.shape[1]).index_add_(0, rows, feats)[:C]
+    fin = torch.isfinite(feats)
+    onehot = torch.nn.functional.one_hot(rows, C + 1)[:, :C].to(feats.dtype).t()  # (C, T)
+    out = onehot @ torch.where(fin, feats, 0.0)
+    bad = (onehot @ (~fin.all(1, keepdim=True)).to(feats.dtype)) > 0  # (C, 1)
+    return out.masked_fill(bad, float("nan"))
 
 
 def cluster_distance(x: Tensor, centers: Tensor, inv_std: Tensor, reduce: str,

@@ -822,3 +822,21 @@ def test_spread_overflow_drops_the_whole_update():
         assert sk.routing_stats(layer)[""]["rejected_batches"] == 1
     step(layer, torch.randn(20, 6))
     assert not torch.equal(before[2], layer.clusters.distance_mean)
+
+
+def test_fp32_statistics_keep_a_far_channel_exact():
+    """The op's statistics are sums of x - c (the centre a token was routed to), in fp32: a
+    channel whose mean is far from 0 (3000, spread 1) still gets its variance to 1e-4, where
+    the plain fp32 E[x²] - E[x]² loses it entirely (the reason the sums are shifted; fp64 is
+    not needed)."""
+    torch.manual_seed(0)
+    _, layer = make_layer(K=4, N=3, num_clusters=1, cluster_momentum=1.0, dtype=torch.float32)
+    layer.train()
+    step(layer, torch.randn(64, 4) + 3000.0)  # initialises
+    x = torch.randn(256, 4) + 3000.0
+    step(layer, x)  # momentum 1: the variances become this batch's
+    want = x.double().var(0, unbiased=False)
+    got = layer.clusters.cluster_vars[0].double()
+    assert ((got - want).abs() / want).max() < 1e-4, (got, want)
+    naive = (x * x).mean(0) - x.mean(0) ** 2  # fp32, unshifted
+    assert ((naive.double() - want).abs() / want).max() > 0.05

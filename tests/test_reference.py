@@ -121,3 +121,27 @@ def test_cluster_distance_matches_numpy(reduce):
     ref = {"max": u.max(1), "mean": u.mean(1), "rms": np.sqrt((u * u).mean(1))}[reduce] - 1
     assert (a.numpy() == an).all()
     np.testing.assert_allclose(d.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_cluster_sums_gemm_equals_scatter_and_keeps_a_bad_row_to_itself():
+    """The torch backend sums the cluster statistics with a scatter on the CPU and a one-hot
+    GEMM elsewhere (no atomics): both give the same rows, a left-out token (row C) reaches no
+    row, and a non-finite entry makes only its own cluster's row non-finite."""
+    from slim_kernels.routing import cluster_sums
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(40, 7, generator=g, dtype=torch.float64)
+    rows = torch.randint(0, 5, (40,), generator=g)  # C = 4: row 4 is left out
+    rows[:3] = torch.tensor([0, 1, 2])
+    want = torch.stack([feats[rows == j].sum(0) for j in range(4)])
+    for scatter in (True, False):
+        torch.testing.assert_close(cluster_sums(feats, rows, 4, scatter), want,
+                                   rtol=1e-12, atol=1e-12)
+    bad = feats.clone()
+    bad[1, 3] = float("nan")  # a token of cluster 1
+    bad[rows == 4] = float("inf")  # left-out tokens: never counted
+    for scatter in (True, False):
+        got = cluster_sums(bad, rows, 4, scatter)
+        fin = torch.isfinite(got).all(1)
+        assert fin.tolist() == [True, False, True, True], scatter
+        torch.testing.assert_close(got[fin], want[fin], rtol=1e-12, atol=1e-12)
