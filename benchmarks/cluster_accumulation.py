@@ -4,11 +4,11 @@ optimizer step under gradient accumulation (docs/method.md §2, "Sliding update"
 One SlimLinear (K = 64, 16 clusters, momentum 0.1) sees the same stream of in-domain tokens
 (a drifting 8-component Gaussian mixture, 200 optimizer steps of 256 tokens) three ways:
 
-* ``step``: one forward of 256 tokens per step, i.e. what accumulation would give if the
-  clusters moved once per optimizer step (the pooled statistics of the micro-batches are
-  exactly those of the whole batch);
-* ``micro4`` / ``micro16``: the same 256 tokens as 4 / 16 micro-batches, the clusters moving
-  after each (what the layer does).
+* ``step``: one forward of 256 tokens per step, then the step;
+* ``micro4`` / ``micro16`` with ``move=step``: the same 256 tokens as 4 / 16 micro-batches
+  (gradient accumulation), the clusters moving once at the step (what the layer does);
+* the same with ``move=micro``: the clusters moving after every micro-batch (the
+  alternative: ``step_clusters`` after each forward).
 
 The first batch initialises the clusters whole in every arm, so the arms differ only in how
 the EMA steps come. After the stream, each arm routes the same held-out tokens (in-domain,
@@ -52,7 +52,7 @@ def held_out(seed: int = 1):
     return torch.cat([inside, outside])
 
 
-def run(micro: int, seed: int):
+def run(micro: int, seed: int, per_micro: bool):
     torch.manual_seed(seed)
     layer = sk.SlimLinear.from_linear(nn.Linear(K, K), sk.SlimConfig(num_clusters=C)).train()
     with torch.no_grad():
@@ -61,6 +61,9 @@ def run(micro: int, seed: int):
             # only in how the EMA steps come
             for part in (batch,) if s == 0 else batch.chunk(micro):
                 layer(part)
+                if per_micro:
+                    sk.step_clusters(layer)
+            sk.step_clusters(layer)
     layer.eval()
     x = held_out()
     with torch.no_grad(), sk.track_routing(layer):
@@ -75,10 +78,10 @@ def run(micro: int, seed: int):
 def main() -> None:
     rows = []
     for seed in (0, 1, 2):
-        ref_c, ref_d = run(1, seed)
-        for micro in (4, 16):
-            cen, d = run(micro, seed)
-            row = dict(seed=seed, micro_batches=micro,
+        ref_c, ref_d = run(1, seed, False)
+        for micro, per_micro in ((4, False), (16, False), (4, True), (16, True)):
+            cen, d = run(micro, seed, per_micro)
+            row = dict(seed=seed, micro_batches=micro, move="micro" if per_micro else "step",
                        centre_rel_diff=round(float((cen - ref_c).norm() / ref_c.norm()), 4))
             for half, sl in (("in", slice(0, 512)), ("out", slice(512, None))):
                 row[f"d_step_{half}"] = round(float(ref_d[sl].mean()), 4)
