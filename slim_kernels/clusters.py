@@ -142,7 +142,13 @@ class SlidingClusters(nn.Module):
 
     @staticmethod
     def _after_load(module: "SlidingClusters", incompatible) -> None:
+        # what was pending belongs to the clusters the load replaced (the sums are relative
+        # to their centres): dropped
+        if module in _PENDING:
+            _PENDING.remove(module)
+        module.host = _Host()
         module.host.ready = bool(module.cluster_initialized)
+        module.pending.zero_()
         module.refresh()
 
     def _apply(self, fn, recurse=True):
@@ -154,7 +160,10 @@ class SlidingClusters(nn.Module):
             new = self._buffers[n]
             if new.dtype != torch.float32:
                 self._buffers[n] = old.to(device=new.device, dtype=torch.float32)
-        self.pending = self.pending.to(self.cluster_centers.device)
+        dev = self.cluster_centers.device
+        if self.pending.device != dev:  # (a meta tensor has no values to move)
+            self.pending = (torch.zeros(self.pending.shape, dtype=torch.float32, device=dev)
+                            if self.pending.is_meta else self.pending.to(dev))
         return self
 
     def reset(self) -> None:

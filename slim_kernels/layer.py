@@ -42,8 +42,9 @@ def slim_keys(config: SlimConfig) -> Tuple[str, ...]:
 
 @contextlib.contextmanager
 def token_mask(mask: Optional[Tensor]) -> Iterator[None]:
-    """Within this context (eager mode), SLIM layers update their clusters only from tokens where
-    ``mask`` is true; ``mask`` has the leading shape of the inputs (e.g. the attention mask).
+    """Within this context (eager mode), SLIM layers collect the statistics their clusters move
+    by only from tokens where ``mask`` is true; ``mask`` has the leading shape of the inputs
+    (e.g. the attention mask).
     The Hugging Face integrations set each layer's ``token_keep`` instead (which works under
     torch.compile too)."""
     tok = _TOKEN_MASK.set(None if mask is None else mask.detach())
