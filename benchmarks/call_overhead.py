@@ -16,7 +16,6 @@ Writes benchmarks/results/call_overhead.csv (provenance in every row).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import time
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 import slim_kernels as sk
+from slim_kernels.bench.reporting import write_csv
 from slim_kernels.provenance import provenance_string
 
 K = N = 64
@@ -115,10 +115,7 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"{r['threads']} thr  {r['mode']:8s} {r['provider']:15s} {r['us_per_call']:8.1f} us"
               f"  x{r['ratio_to_peft_lora']:.2f} PEFT LoRA  x{r['ratio_to_linear']:.2f} linear")
-    with open(a.csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, a.csv, columns=list(rows[0]))
     print("wrote", a.csv)
 
 

@@ -21,13 +21,13 @@ domain) differs from ``step``'s, separately for the in-domain and the shifted to
 """
 from __future__ import annotations
 
-import csv
 import os
 
 import torch
 from torch import nn
 
 import slim_kernels as sk
+from slim_kernels.bench.reporting import write_csv
 from slim_kernels.provenance import provenance_string
 
 K, C, STEPS, BATCH = 64, 16, 200, 256
@@ -94,10 +94,7 @@ def main() -> None:
             print({k: v for k, v in rows[-1].items() if k != "provenance"})
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                        "cluster_accumulation.csv")
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, out, columns=list(rows[0]))
     print("wrote", out)
 
 

@@ -16,7 +16,6 @@ Writes benchmarks/results/compile_time_<backend>.csv (provenance in every row).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -63,6 +62,7 @@ def main(argv=None) -> None:
     if a.arm:
         print("RESULT " + json.dumps(run_arm(a.arm, a.backend)))
         return
+    from slim_kernels.bench.reporting import write_csv
     from slim_kernels.provenance import provenance_string
 
     rows = []
@@ -80,10 +80,7 @@ def main(argv=None) -> None:
         r["first_step_ratio_to_lora"] = round(r["first_step_s"] / lora["first_step_s"], 2)
         r["provenance"] = provenance_string()
     path = os.path.join(HERE, "results", f"compile_time_{a.backend}.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, path, columns=list(rows[0]))
     print("wrote", path)
 
 

@@ -15,7 +15,6 @@ Writes benchmarks/results/cpu_bf16.csv (provenance in every row).
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ import time
 import torch
 
 import slim_kernels as sk
+from slim_kernels.bench.reporting import write_csv
 from slim_kernels.provenance import provenance_string
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,10 +80,7 @@ def main() -> None:
                              ratio_to_fp32=round(t / base, 2), provenance=provenance_string()))
             print(f"{arm:15s} {precision:14s} {t * 1e3:7.1f} ms  x{t / base:.2f} fp32", flush=True)
     path = os.path.join(HERE, "results", "cpu_bf16.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, path, columns=list(rows[0]))
     print("wrote", path)
 
 

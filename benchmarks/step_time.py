@@ -15,7 +15,6 @@ Writes benchmarks/results/step_time.csv (provenance in every row).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import time
@@ -24,6 +23,7 @@ import torch
 
 import slim_kernels as sk
 from slim_kernels.demo.real_model import load_real_model
+from slim_kernels.bench.reporting import write_csv
 from slim_kernels.provenance import provenance_string
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -89,10 +89,7 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"{r['threads']} thr {r['provider']:15s} {r['s_per_step']:.2f} s/step  "
               f"x{r['ratio_to_peft_lora']:.2f} PEFT LoRA")
-    with open(a.csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, a.csv, columns=list(rows[0]))
     print("wrote", a.csv)
 
 
