@@ -281,6 +281,14 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
             dict(C=Cs, CP=max(16, 1 << (Cs - 1).bit_length()), DOT_PREC="tf32x3", BLOCK_T=bt,
                  BLOCK_K=bk),
             w, st, meta=dict(groups=groups)))
+    for dist in (False, True):  # the clusters' step at the layer's 16 clusters
+        specs.append(Spec(
+            "cluster_ema_kernel", f"C=16,DIST={int(dist)}", K.cluster_ema_kernel,
+            dict(c_ptr="*fp32", v_ptr="*fp32", rej_ptr="*i64", st_ptr="*fp32", dm_ptr="*fp32",
+                 dv_ptr="*fp32", inv_ptr="*fp32", sh_ptr="*fp32", C=16, K=Kd, stride_c=Kd,
+                 stride_v=Kd, stride_st=2 * Kd + 3, stride_inv=Kd, stride_sh=1,
+                 momentum=0.1, eps=1e-5),
+            dict(HAS_DIST=dist, CP=16, BLOCK=1024), 8, 3))
     ER = E_L * r
     base = dict(a1_ptr=P, b1_ptr=P, a2_ptr=P, b2_ptr=P, a3_ptr=P, b3_ptr=P,
                 bias_ptr=P, out_ptr=P, s_bias=1)  # a contiguous bias (launch passes 1 without)

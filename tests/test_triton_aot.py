@@ -5,7 +5,8 @@ interpreted ones that cannot be compiled, so the compile runs in a subprocess wi
 ``python benchmarks/triton_aot.py`` compiles the route kernels (route forward with and
 without the per-token input of the cluster statistics, with its K loop whole and split, with
 the extended design's x copy, with the max reduce; its second launch; route backward with
-each way of summing dB), the cluster-statistics kernel (also at 16 clusters) and the fused
+each way of summing dB), the cluster-statistics kernel (also at 16 clusters), the clusters'
+one-launch EMA step and the fused
 linear as forward, as dx, as the split-K [dA; dR] weight gradient and as a decode forward,
 at the benchmark shape (bf16, T=8192, K=N=4096, E_L·r=128) for both targets. The full table
 (every config and variant, E_L·r = 1024, fp32) is written by
@@ -66,7 +67,7 @@ def test_aot_compile_sm80_sm90(aot_rows):
     rows = aot_rows
     kernels = {(row["kernel"], row["arch"]) for row in rows}
     for name in ("route_fwd_kernel", "route_epilogue_kernel", "route_bwd_kernel",
-                 "fused_linear_kernel", "cluster_stats_kernel"):
+                 "fused_linear_kernel", "cluster_stats_kernel", "cluster_ema_kernel"):
         for arch in ("sm_80", "sm_90"):
             assert (name, arch) in kernels, f"{name} not compiled for {arch}"
     variants = {row["variant"].split(",")[0] for row in rows}

@@ -641,3 +641,58 @@ def test_a_bad_centre_or_r_poisons_its_own_row_only(dtype, groups, value):
     assert torch.equal(got[others], clean[others])
     assert bool((~torch.isfinite(got[2, -2:])).all())
     assert torch.equal(got[2, :-2], clean[2, :-2])
+
+
+# ------------------------------------------------------------------------------------------
+# the clusters' sliding update in one launch (the optimizer step, not the op)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not tb._INTERPRET, reason="runs kernels under the Triton interpreter")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dist", [False, True], ids=["no_dist", "dist"])
+@pytest.mark.parametrize("stats_kind", ["clean", "empty_cluster", "nonfinite"])
+def test_cluster_ema_kernel_matches_torch(acc, dist, stats_kind):
+    """cluster_ema_kernel against the definition, cluster_ema_torch, on the same state: the
+    centres, variances, distance statistics, inv_std and shift within fp32 rounding, the
+    rejected counter exactly; a cluster without tokens keeps its centre and variance; a
+    non-finite statistic changes nothing but the counter. C = 5, K = 70 (not multiples of the
+    block), the statistics a strided view."""
+    from slim_kernels.ops.ema import cluster_ema_torch
+    g = torch.Generator().manual_seed(7)
+    C, K = 5, 70
+    centers = torch.randn(C, K, generator=g)
+    variances = torch.rand(C, K, generator=g) + 0.5
+    n = torch.tensor([3.0, 0.0 if stats_kind == "empty_cluster" else 2.0, 5.0, 1.0, 4.0])
+    mean = torch.randn(C, K, generator=g) * 0.3
+    S1 = (n[:, None] * mean).to(acc)
+    S2 = (n[:, None] * (mean.square() + torch.rand(C, K, generator=g))).to(acc)
+    r = torch.rand(C, generator=g).to(acc) + 0.5
+    stats = torch.cat([n.to(acc)[:, None], S1, S2, (n * r)[:, None], (n * r * r)[:, None]], 1)
+    if stats_kind == "nonfinite":
+        stats[2, 7] = float("nan")
+    stats = torch.cat([stats, torch.zeros(C, 3, dtype=acc)], 1)[:, :2 * K + 3]  # strided rows
+    assert not stats.is_contiguous()
+
+    def state():
+        s = dict(centers=centers.clone(), variances=variances.clone(),
+                 rejected=torch.tensor(2, dtype=torch.int64),
+                 inv_std=torch.zeros(C, K), shift=torch.zeros(C))
+        s["distance_mean"] = torch.tensor(0.9) if dist else None
+        s["distance_var"] = torch.tensor(0.2) if dist else None
+        return s
+
+    want, got = state(), state()
+    args = lambda s: (s["centers"], s["variances"], s["rejected"], stats, 0.1,  # noqa: E731
+                      s["distance_mean"], s["distance_var"], s["inv_std"], s["shift"], 1e-5)
+    cluster_ema_torch(*args(want))
+    tb.cluster_ema(*args(got))
+    assert int(got["rejected"]) == int(want["rejected"]) == (3 if stats_kind == "nonfinite" else 2)
+    for k in ("centers", "variances", "inv_std", "shift", "distance_mean", "distance_var"):
+        if want[k] is not None:
+            torch.testing.assert_close(got[k], want[k], rtol=2e-6, atol=1e-7, msg=k)
+    if stats_kind != "clean":  # cluster 1 (no tokens), or all (rejected): unchanged
+        rows = [1] if stats_kind == "empty_cluster" else list(range(C))
+        assert torch.equal(got["centers"][rows], centers[rows])
+        assert torch.equal(got["variances"][rows], variances[rows])
+    if stats_kind == "clean":  # the update moved something
+        assert not torch.equal(got["centers"], centers)

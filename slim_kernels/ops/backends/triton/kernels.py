@@ -1,6 +1,6 @@
 """The SLIM Triton kernels (``docs/method.md`` §6). Pure kernels: no torch, no launch logic.
 
-Five kernels:
+Six kernels:
 
 * ``route_fwd_kernel``: one pass over x. Per block of BLOCK_T tokens (and per RP-wide block
   of h columns: one block up to E_L·r = 128, more above, each recomputing the small routing
@@ -31,6 +31,8 @@ Five kernels:
 * ``route_bwd_kernel``: ``dhg = dy B_all`` (K loop over N) and the epilogue to
   ``dg``, ``dz`` (softmax backward), ``dh = s g ⊙ dhg`` and ``hg`` (recomputed from h);
   optionally ``dB_all = dyᵀ hg`` summed in the same pass over dy.
+* ``cluster_ema_kernel``: the clusters' sliding update at the optimizer step (not part of
+  the op): the statistics applied to the centres, variances and routing tensors in one launch.
 
 Offsets: every product of an index and a stride is int64 (an index that can reach T, N, K
 or E_L·r, times a stride); only offsets bounded by one row's length stay int32.
@@ -785,3 +787,90 @@ def route_bwd_kernel(
              _cast(tl.where(ecol[None, :] < E, dz, 0.0), out_ty, UPCAST),
              mask=tmask[:, None] & (ecol[None, :] < EW))
     tl.store(hg_ptr + rows64[:, None] * ER + hcol[None, :], _cast(hg, out_ty, UPCAST), mask=hmask)
+
+
+@triton.jit
+def _lerp(a, b, w):
+    """torch.lerp's formula: a + w (b − a) for w < 0.5, else b − (b − a)(1 − w)."""
+    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+@triton.jit
+def cluster_ema_kernel(
+    c_ptr, v_ptr, rej_ptr, st_ptr, dm_ptr, dv_ptr, inv_ptr, sh_ptr,
+    C, K,
+    stride_c, stride_v, stride_st, stride_inv, stride_sh,
+    momentum, eps,
+    HAS_DIST: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The sliding update of the clusters (``docs/method.md`` §2;
+    :func:`slim_kernels.ops.ema.cluster_ema_torch` is the definition) in one launch of one
+    program: every entry of the (C, 2K + 3) statistics checked finite (else nothing changes
+    and the rejected counter goes up by one); then, per cluster with n > 0, c += mom·S1/n and
+    v = lerp(v, max(S2/n − (S1/n)², 0), mom); the distance statistics (HAS_DIST); and the
+    routing tensors inv_std = rsqrt(v + eps) (/ sigma) and shift. One program because the
+    finiteness test and the distance statistics are global: a second program could not know
+    them without a grid-wide barrier, and would race on the scalars. It moves ~2 MB at
+    C = 16, K = 4096, in place of a dozen torch launches."""
+    ACC = st_ptr.dtype.element_ty
+    L = 2 * K + 3
+    offs = tl.arange(0, BLOCK)
+    crow = tl.arange(0, CP)
+    cmask = crow < C
+    crow64 = crow.to(tl.int64)
+    stride_st64 = tl.cast(stride_st, tl.int64)
+    bad = tl.zeros((BLOCK,), dtype=tl.int32)
+    for j in range(0, C):
+        row = st_ptr + j * stride_st64
+        for k0 in range(0, L, BLOCK):
+            s = tl.load(row + k0 + offs, mask=k0 + offs < L, other=0.0)
+            bad = tl.maximum(bad, (s - s != 0.0).to(tl.int32))
+    ok = tl.max(bad, axis=0) == 0
+    n = tl.load(st_ptr + crow64 * stride_st64, mask=cmask, other=0.0)
+    n = tl.where(ok, n, 0.0)
+    if HAS_DIST:
+        count = tl.sum(n, axis=0)
+        rcol = st_ptr + crow64 * stride_st64 + 2 * tl.cast(K, tl.int64)  # Σr at +1, Σr² at +2
+        r1 = tl.sum(tl.where(ok, tl.load(rcol + 1, mask=cmask, other=0.0), 0.0), axis=0)
+        r2 = tl.sum(tl.where(ok, tl.load(rcol + 2, mask=cmask, other=0.0), 0.0), axis=0)
+        r1 = r1 / tl.maximum(count, 1.0)
+        r2 = r2 / tl.maximum(count, 1.0)
+        var_r = tl.maximum(r2 - r1 * r1, 0.0)
+        dm = tl.load(dm_ptr)
+        dv = tl.load(dv_ptr)
+        sigma2 = dv + eps
+        wr = tl.where((count > 0) & ok, momentum, 0.0)
+        dm = _lerp(dm, (r1 * tl.sqrt(sigma2).to(ACC)).to(tl.float32), wr)
+        dv = _lerp(dv, (var_r * sigma2.to(ACC)).to(tl.float32), wr)
+        tl.store(dm_ptr, dm)
+        tl.store(dv_ptr, dv)
+        sigma = tl.sqrt(dv + eps)
+        tl.store(sh_ptr + crow64 * stride_sh, tl.zeros((CP,), dtype=tl.float32) + dm / sigma,
+                 mask=cmask)
+    else:
+        tl.store(sh_ptr + crow64 * stride_sh, tl.full((CP,), 1.0, dtype=tl.float32), mask=cmask)
+    for j in range(0, C):
+        j64 = tl.cast(j, tl.int64)
+        nj = tl.where(ok, tl.load(st_ptr + j64 * stride_st64), 0.0)
+        rn = 1.0 / tl.maximum(nj, 1.0)
+        w = tl.where((nj > 0) & ok, momentum, 0.0).to(tl.float32)
+        for k0 in range(0, K, BLOCK):
+            ks = k0 + offs
+            km = ks < K
+            s1 = tl.load(st_ptr + j64 * stride_st64 + 1 + ks, mask=km, other=0.0)
+            s2 = tl.load(st_ptr + j64 * stride_st64 + 1 + K + ks, mask=km, other=0.0)
+            delta = tl.where(ok, s1, 0.0) * rn
+            var = tl.maximum(tl.where(ok, s2, 0.0) * rn - delta * delta, 0.0)
+            cp = c_ptr + j64 * stride_c + ks
+            vp = v_ptr + j64 * stride_v + ks
+            c = tl.load(cp, mask=km, other=0.0)
+            v = tl.load(vp, mask=km, other=1.0)
+            c = c + delta.to(tl.float32) * w
+            v = _lerp(v, var.to(tl.float32), w)
+            inv = 1.0 / tl.sqrt_rn(v + eps)
+            if HAS_DIST:
+                inv = inv / sigma
+            tl.store(cp, c, mask=km)
+            tl.store(vp, v, mask=km)
+            tl.store(inv_ptr + j64 * stride_inv + ks, inv, mask=km)
+    tl.store(rej_ptr, tl.load(rej_ptr) + tl.where(ok, 0, 1).to(tl.int64))

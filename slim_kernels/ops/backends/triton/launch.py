@@ -573,6 +573,30 @@ def extended_weight(weight: Tensor, lora_B: Tensor) -> Tensor:
     return w_ext
 
 
+def cluster_ema(centers: Tensor, variances: Tensor, rejected: Tensor, stats: Tensor,
+                momentum: float, distance_mean: Optional[Tensor],
+                distance_var: Optional[Tensor], inv_std: Tensor, shift: Tensor,
+                eps: float) -> None:
+    """:func:`slim_kernels.ops.ema.cluster_ema_torch` in one launch (``cluster_ema_kernel``),
+    in place. Rows of the (C, K) tensors and of stats must have unit element stride."""
+    C, K = centers.shape
+    for t in (centers, variances, inv_std, stats):
+        assert t.stride(-1) == 1, "cluster_ema: rows must have unit element stride"
+    has = distance_mean is not None
+    dm, dv = (distance_mean, distance_var) if has else (centers, centers)  # dummies, unread
+    with _device_guard(centers):
+        _k.cluster_ema_kernel[(1,)](
+            # shape [C, K], [C, K], [], [C, 2K + 3], [], [], [C, K], [C]
+            centers, variances, rejected, stats, dm, dv, inv_std, shift,
+            C, K,
+            centers.stride(0), variances.stride(0), stats.stride(0), inv_std.stride(0),
+            shift.stride(0),
+            float(momentum), float(eps),
+            HAS_DIST=has, CP=_next_pow2(max(C, 1)), BLOCK=64 if _INTERPRET else 1024,
+            num_warps=8,
+        )
+
+
 def forward(
     x: Tensor, x_lora: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
     lora_A: Tensor, lora_B: Tensor, router: Tensor,
