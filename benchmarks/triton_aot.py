@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List
 
@@ -48,6 +49,8 @@ def _signature(spec: Spec):
     """signature, constexprs, attrs as the JIT would specialise the example arguments."""
     sig, cons, attrs = {}, dict(spec.constexprs), {}
     names = spec.fn.arg_names
+    plain = {names[i] if isinstance(i, int) else i
+             for i in (getattr(spec.fn, "do_not_specialize", None) or ())}
     for i, n in enumerate(names):
         if n in spec.constexprs:
             sig[n] = "constexpr"
@@ -58,6 +61,8 @@ def _signature(spec: Spec):
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             sig[n] = "fp32"
+        elif isinstance(v, int) and n in plain:  # not specialised: a plain i32
+            sig[n] = "i32"
         elif isinstance(v, int):
             if v == 1:
                 sig[n] = "constexpr"
@@ -226,7 +231,12 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
                     (True, True, C, True, False, 2), (True, True, 16, True, False, 2),
                     (True, True, 16, False, False, 2), (True, False, C, True, True, 2),
                     (True, True, 16, True, False, 0)]
+        seen = set()
         for shift, stats, C_, partial, write_x, reduce in variants:
+            partial = partial and split > 1  # (fp32's 32-token blocks need no split)
+            if (shift, stats, C_, partial, write_x, reduce) in seen:
+                continue
+            seen.add((shift, stats, C_, partial, write_x, reduce))
             CP = _pad16(max(C_, 1))
             pw = EP + 3 * CP + 1
             label = (f"ER={ER},C={C_},BT={bt},BK={bk},HB={hb}" + (",SHIFT" if shift else "")
@@ -365,8 +375,11 @@ def run(specs: List[Spec], archs=(80, 90)) -> List[Dict[str, object]]:
     rows = []
     for sp in specs:
         for arch in archs:
+            t0 = time.perf_counter()
             k = compile_spec(sp, arch)
+            compile_s = time.perf_counter() - t0  # cold only when the Triton cache was empty
             r = resources(k, arch)
+            r["compile_s"] = round(compile_s, 2)
             r.update(kernel=sp.name, variant=sp.variant, arch=f"sm_{arch}",
                      num_warps=sp.num_warps, num_stages=sp.num_stages,
                      smem_limit=SMEM_LIMIT[arch])

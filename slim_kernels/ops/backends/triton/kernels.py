@@ -34,6 +34,10 @@ Six kernels:
 * ``cluster_ema_kernel``: the clusters' sliding update at the optimizer step (not part of
   the op): the statistics applied to the centres, variances and routing tensors in one launch.
 
+The token count T is not specialised on (``do_not_specialize``): T = 1, a multiple of 16 and
+any other T share one compiled route, route-backward and statistics kernel (T only bounds
+masks there), so decode and odd batch sizes cost no extra compiles.
+
 Offsets: every product of an index and a stride is int64 (an index that can reach T, N, K
 or E_L·r, times a stride); only offsets bounded by one row's length stay int32.
 
@@ -322,7 +326,7 @@ def _route_finish(
              _cast(hg, hg_ptr.dtype.element_ty, UPCAST), mask=hmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def route_fwd_kernel(
     x_ptr, xl_ptr, a_ptr, r_ptr, c_ptr, s_ptr, sh_ptr, keep_ptr, xc_ptr,
     gates_ptr, idx_ptr, dist_ptr, assign_ptr, h_ptr, hg_ptr, sj_ptr, rr_ptr,
@@ -399,7 +403,7 @@ def route_fwd_kernel(
                       UPCAST, ACC, BLOCK_T, BLOCK_K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def route_epilogue_kernel(
     ph_ptr, pr_ptr, x_ptr, c_ptr, s_ptr, sh_ptr, keep_ptr,
     gates_ptr, idx_ptr, dist_ptr, assign_ptr, h_ptr, hg_ptr, sj_ptr, rr_ptr,
@@ -508,7 +512,7 @@ def _row_bad(bad, v):
     return tl.maximum(bad, tl.max((v - v != 0.0).to(tl.int32), axis=1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def cluster_stats_kernel(
     x_ptr, c_ptr, sj_ptr, rr_ptr, out_ptr,
     T, K, group_len,
@@ -696,7 +700,7 @@ def fused_linear_kernel(
              _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=mm[:, None] & nm[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def route_bwd_kernel(
     dy_ptr, b_ptr, h_ptr, gates_ptr, dgates_ptr,
     dhz_ptr, hg_ptr, db_ptr,

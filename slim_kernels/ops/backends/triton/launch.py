@@ -145,12 +145,13 @@ def route_config(rp: int, interpret: Optional[bool] = None, backward: bool = Fal
     routing columns); at rp = 1024 a single accumulator spilled ~15 KB. Backward needs every column of a
     token for dg, so it keeps rp whole and shrinks BLOCK_T instead. With 4 warps at rp = 128
     ptxas spilled (route_bwd everywhere): 8 warps. fp32 inputs use ieee (FMA) dots, whose
-    operands live in registers: half the tile (fp32 at 64 × 64 spilled 20 KB). ``interpret``
+    operands live in registers: a quarter of the tile (fp32 at 64 × 64 spilled 20 KB, at
+    32 × 32 with the cluster dots 12-40 bytes on sm_90 with triton 3.6; 32 × 16: none). ``interpret``
     None: whether the interpreter runs."""
     if _INTERPRET if interpret is None else interpret:
         return (32, 16, 4, 1, min(rp, 64)) if not backward else (32, 32, 4, 1, rp)
     if not backward:
-        return (32, 32, 8, 2, min(rp, 64)) if fp32 else (128, 32, 8, 3, min(rp, 128))
+        return (32, 16, 8, 2, min(rp, 64)) if fp32 else (128, 32, 8, 3, min(rp, 128))
     if fp32:
         return (32, 32, 8, 2, rp) if rp <= 128 else (16, 16, 8, 2, rp)
     if rp <= 128:
