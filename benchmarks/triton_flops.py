@@ -40,9 +40,11 @@ PROVIDERS = ("base", "slim_triton_fused", "slim_triton_accumulate", "slim_triton
              "peft_lora")
 
 
-def launches(provider, T, K, N, E_L, r, E_I, C, top_k=2, bx=2, sms=132):
+def launches(provider, T, K, N, E_L, r, E_I, C, top_k=2, bx=2, sms=132, db="gemm"):
     """[(direction, kernel, flops, bytes, l2_bytes, note)] of one training call (forward with
-    no cluster statistics, as the benchmark's providers call the op; backward of dy)."""
+    no cluster statistics, as the benchmark's providers call the op; backward of dy). ``db``:
+    how the fused design sums dB_all (``SLIM_KERNELS_DB``; the default at these shapes is
+    gemm)."""
     ER, E = E_L * r, E_L + E_I
     f4, i8 = 4, 8
     out = []
@@ -93,13 +95,23 @@ def launches(provider, T, K, N, E_L, r, E_I, C, top_k=2, bx=2, sms=132):
         add("fwd", "copy B into [W | B]", 0, 2 * N * ER * bx)
         gemm("fwd", "cuBLAS y = [x | hg][W | B]ᵀ + b", T, N, K + ER, N * bx)
     W = dhz_width(ER, E)
-    add("bwd", "route_bwd", 2 * T * N * ER,
-        T * N * bx + N * ER * bx + T * (ER + E) * f4 + T * (W + ER) * bx,
-        "dy B; writes [dh | dz | 0], hg")
+    rb = T * N * bx + N * ER * bx + T * (ER + E) * f4 + T * (W + ER) * bx
+    programs = -(-T // route_config(max(16, 1 << (ER - 1).bit_length()), interpret=False,
+                                    backward=True)[0])
+    if design != "fused" or db == "gemm":
+        add("bwd", "route_bwd", 2 * T * N * ER, rb, "dy B; writes [dh | dz | 0], hg")
+    elif db == "fused":  # one fp32 (N, E_L·r) partial per program, written and read by the sum
+        add("bwd", "route_bwd + dB partials", 4 * T * N * ER, rb + 2 * programs * N * ER * f4,
+            f"dy B and dyᵀ hg in one pass over dy; {programs} fp32 partials")
+    else:
+        add("bwd", "route_bwd + dB atomics", 4 * T * N * ER, rb + 2 * N * ER * f4,
+            f"dy B and dyᵀ hg in one pass over dy; {programs} programs' fp32 atomics (in L2)",
+            l2=programs * N * ER * f4)
     if design == "fused":
         s_b, s_ar = split_k(N, ER, T, sms), split_k(W, K, T, sms)
-        gemm("bwd", f"fused_linear dB (split {s_b})", N, ER, T,
-             2 * s_b * N * ER * f4 if s_b > 1 else 0, "dyᵀ hg")
+        if db == "gemm":
+            gemm("bwd", f"fused_linear dB (split {s_b})", N, ER, T,
+                 2 * s_b * N * ER * f4 if s_b > 1 else 0, "dyᵀ hg")
         gemm("bwd", "fused_linear dx", T, K, N + W, note="[dy | dh | dz 0][W; A; R]")
         gemm("bwd", f"fused_linear [dA; dR] (split {s_ar})", W, K, T,
              2 * s_ar * W * K * f4 if s_ar > 1 else 0, "[dh | dz | 0]ᵀ x")
@@ -152,10 +164,19 @@ def main():
         ap.add_argument(f"--{k}", type=int, default=v)
     ap.add_argument("--out", default=None)
     ap.add_argument("--markdown", action="store_true", help="the per-provider table of the docs")
+    ap.add_argument("--db-modes", action="store_true",
+                    help="the fused design's backward bytes per way of summing dB (4096 x 4096)")
     a = ap.parse_args()
     kw = dict(E_L=a.E_L, r=a.r, E_I=a.E_I, C=a.C, sms=a.sms)
     if a.markdown:
         print(markdown(a.T, **kw))
+        return
+    if a.db_modes:
+        for db in ("gemm", "fused", "atomic"):
+            rows = [x for x in launches("slim_triton_fused", a.T, 4096, 4096, db=db, **kw)
+                    if x[0] == "bwd"]
+            print(f"dB by {db:6s}: {sum(x[3] for x in rows) / 1e6:.0f} MB, "
+                  f"{sum(x[4] for x in rows) / 1e6:.0f} MB of fp32 atomics in L2")
         return
     prov = provenance_string()  # computed figures: the code they describe is what matters
     cols = ["provider", "shape", "direction", "kernel", "gflop", "mb", "roofline_us",

@@ -140,7 +140,8 @@ def route_config(rp: int, interpret: Optional[bool] = None, backward: bool = Fal
     that 64-token blocks cost; the K loop is split when that leaves SMs idle:
     :func:`tuning.route_split`), 32 channels a step: with 64 the tf32x3 cluster dots (each
     fp32 operand split in two tf32 halves) spilled ~1 KB at 64 and at 128 tokens (ptxas,
-    sm_90); at 32, 230-250 registers and none spilled. h is column-local after routing, so
+    sm_90); at 32, 230-250 registers and none spilled (2 pipeline stages: with 3, 24-32 bytes
+    on sm_80 with triton 3.6). h is column-local after routing, so
     wide h is split over a second grid axis in blocks of 128 (each block recomputes the E + C
     routing columns); at rp = 1024 a single accumulator spilled ~15 KB. Backward needs every column of a
     token for dg, so it keeps rp whole and shrinks BLOCK_T instead. With 4 warps at rp = 128
@@ -151,7 +152,7 @@ def route_config(rp: int, interpret: Optional[bool] = None, backward: bool = Fal
     if _INTERPRET if interpret is None else interpret:
         return (32, 16, 4, 1, min(rp, 64)) if not backward else (32, 32, 4, 1, rp)
     if not backward:
-        return (32, 16, 8, 2, min(rp, 64)) if fp32 else (128, 32, 8, 3, min(rp, 128))
+        return (32, 16, 8, 2, min(rp, 64)) if fp32 else (128, 32, 8, 2, min(rp, 128))
     if fp32:
         return (32, 32, 8, 2, rp) if rp <= 128 else (16, 16, 8, 2, rp)
     if rp <= 128:
