@@ -214,7 +214,6 @@ class Report:
     def verdict(self) -> str:
         rows = self.rows()
         bad = [r for r in rows if r["kind"] == "correctness" and r["status"] in ("FAIL", "ERROR")]
-        fails = [r for r in rows if r["status"] in ("FAIL", "ERROR")]
         correct = "FAIL" if bad or not any(r["kind"] == "correctness" for r in rows) else "PASS"
         sq = f"T={T_BIG},{SHAPES[0][0]}x{SHAPES[0][1]}"
         base = {m: self.speed.get((sq, m, "base")) for m in TARGETS}
@@ -228,7 +227,6 @@ class Report:
                     if (sq, m, best) in self.speed and base[m]:
                         fb[m] = self.speed[(sq, m, best)] / base[m]
         r = lambda m: f"{fb[m]:.3f}" if m in fb else "na"  # noqa: E731
-        del fails
         return (f"VERDICT correctness={correct} fwd={r('forward')}/{TARGETS['forward'][0]:.2f} "
                 f"fwd+bwd={r('forward+backward')}/{TARGETS['forward+backward'][0]:.2f} "
                 f"best={best}")
@@ -911,8 +909,6 @@ def big_section(rep: Report) -> None:
               note=f"T={T}, N={N}: (T-1)·N {'>=' if (T - 1) * N >= 2**31 else '<'} 2^31")
     del dy, hg, ref
     torch.manual_seed(3)
-    case = Case(K=K, N=64, T=T, **EXPERTS)
-    c = case
     x = torch.randn(T, K, device=DEV, dtype=dt)
     inp = make_inputs(Case(K=K, N=64, T=16, **EXPERTS), device=DEV, dtype=dt, seed=0)
     whole = route_forward_of(inp, x)
@@ -922,7 +918,6 @@ def big_section(rep: Report) -> None:
               note=f"T={T}, K={K}: (T-1)·K {'>=' if (T - 1) * K >= 2**31 else '<'} 2^31")
     rep.check("big", "route fwd T·K >= 2^31: last tokens' gates vs alone",
               rel(whole[0][-256:], tail[0]), 1e-5)
-    del c
 
 
 def route_forward_of(inp, x):

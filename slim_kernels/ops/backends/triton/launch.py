@@ -134,21 +134,20 @@ def _pad16(n: int) -> int:
 def route_config(rp: int, interpret: Optional[bool] = None, backward: bool = False,
                  fp32: bool = False):
     """(BLOCK_T, BLOCK_K, num_warps, num_stages, H_BLOCK) of the route kernels for padded
-    E_L·r = rp. H_BLOCK is the width of h columns one program accumulates.
+    E_L·r = rp. H_BLOCK is the width of h columns one program accumulates. ``interpret``
+    None: whether the interpreter runs.
 
-    Forward: 128-token blocks on a GPU (half the re-reads of A_all, R and the centres from L2
+    Forward, bf16/fp16: 128-token blocks (half the L2 re-reads of A_all, R and the centres
     that 64-token blocks cost; the K loop is split when that leaves SMs idle:
-    :func:`tuning.route_split`), 32 channels a step: with 64 the tf32x3 cluster dots (each
-    fp32 operand split in two tf32 halves) spilled ~1 KB at 64 and at 128 tokens (ptxas,
-    sm_90); at 32, 230-250 registers and none spilled (2 pipeline stages: with 3, 24-32 bytes
-    on sm_80 with triton 3.6). h is column-local after routing, so
-    wide h is split over a second grid axis in blocks of 128 (each block recomputes the E + C
-    routing columns); at rp = 1024 a single accumulator spilled ~15 KB. Backward needs every column of a
-    token for dg, so it keeps rp whole and shrinks BLOCK_T instead. With 4 warps at rp = 128
-    ptxas spilled (route_bwd everywhere): 8 warps. fp32 inputs use ieee (FMA) dots, whose
-    operands live in registers: a quarter of the tile (fp32 at 64 × 64 spilled 20 KB, at
-    32 × 32 with the cluster dots 12-40 bytes on sm_90 with triton 3.6; 32 × 16: none). ``interpret``
-    None: whether the interpreter runs."""
+    :func:`tuning.route_split`), 32 channels a step (with 64, the tf32x3 cluster dots, each
+    fp32 operand split in two tf32 halves, spilled ~1 KB on sm_90 at 64 and 128 tokens; at 32,
+    230-250 registers), 2 pipeline stages (with 3, 24-32 bytes spilled on sm_80 with triton
+    3.6). fp32 inputs use ieee (FMA) dots, whose operands live in registers: 32 tokens x 16
+    channels (64 x 64 spilled 20 KB; 32 x 32 with the cluster dots 12-40 bytes on sm_90).
+    h is column-local after routing, so wide h is split over a second grid axis in blocks of
+    128 (each block recomputes the E + C routing columns; at rp = 1024 a single accumulator
+    spilled ~15 KB). Backward needs every column of a token for dg, so it keeps rp whole and
+    shrinks BLOCK_T instead; with 4 warps at rp = 128 ptxas spilled: 8 warps."""
     if _INTERPRET if interpret is None else interpret:
         return (32, 16, 4, 1, min(rp, 64)) if not backward else (32, 32, 4, 1, rp)
     if not backward:
