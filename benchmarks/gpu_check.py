@@ -28,7 +28,8 @@ next section runs; a section that no longer fits the budget is SKIPped, saying s
    peak MB, and each SLIM provider's ratio to the base against the target. The fused
    linear is autotuned here; the faster design per shape bucket is written down.
 4. ``kernel``: per kernel at each shape: ms, TFLOP/s, GB/s (bytes each operand moves once),
-   % of cuBLAS on the same GEMM; determinism of the dB partials and the statistics.
+   % of cuBLAS on the same GEMM, peak MB (square shape); determinism of the dB partials and
+   the statistics.
 5. ``decode``: T = 1, 16, 64 at 4096 x 4096: gradients, and forward GPU / host / graph ms.
 6. ``big``: T·N >= 2^31 in the dB GEMM and T·K >= 2^31 in route forward (int64 offsets), in a
    child process so that an illegal address cannot end the check.
@@ -808,11 +809,13 @@ def kernel_section(rep: Report, case: Case) -> None:
     with autotune(True):
         ms = timeit({n: f for n, (f, _, _, _) in fns.items()})
     tag = shape_name(case)
-    for n, (_, gflop, nbytes, ref) in fns.items():
+    for n, (fn, gflop, nbytes, ref) in fns.items():
         v = ms[n]
         note = f"{gflop / v:.0f} TFLOP/s, {nbytes / v * 1e-6:.0f} GB/s" if v > 0 else ""
         if ref is not None and ms.get(ref):
             note += f", {100 * ms[ref] / v:.0f}% of cuBLAS"
+        if case.K == case.N and not PLAN:  # memory: on the square shape
+            note += f", peak {peak_bytes(DEV, lambda: None, fn) / 2**20:.0f} MB"
         rep.info("kernel", f"{tag} {n} ms", v, note)
     if PLAN:
         return
