@@ -228,7 +228,9 @@ def main():
     setup(
         packages=find_packages(include=["slim_kernels", "slim_kernels.*"]),
         # the demo's embedded base model (config.json, model.safetensors, pretrain_metrics.json)
-        package_data={"slim_kernels.demo": ["base_model/*.json", "base_model/*.safetensors"]},
+        # and the triton backend's configuration files (one per GPU or architecture)
+        package_data={"slim_kernels.demo": ["base_model/*.json", "base_model/*.safetensors"],
+                      "slim_kernels.ops.backends.triton": ["configs/*.json"]},
         ext_modules=ext_modules,
         cmdclass={"build_py": BuildPyWithSources, **cmdclass},
     )

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List
 
@@ -22,8 +23,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from slim_kernels.ops.backends.triton import kernels as K
-from slim_kernels.ops.backends.triton.launch import _pad16, route_config, stats_config
-from slim_kernels.ops.backends.triton.tuning import bucket, linear_configs, split_k, stats_groups
+from slim_kernels.ops.backends.triton.launch import (_pad16, dhz_width, route_config,
+                                                    route_epilogue_config, stats_config)
+from slim_kernels.ops.backends.triton.tuning import (bucket, linear_configs, route_split, split_k,
+                                                     stats_groups)
 
 # the benchmark shape: T=8192, K=N=4096, E_L=8, r=16, E_I=2, top_k=2, C=4
 BENCH = dict(T=8192, K=4096, N=4096, E_L=8, r=16, E_I=2, top_k=2, C=4)
@@ -46,6 +49,8 @@ def _signature(spec: Spec):
     """signature, constexprs, attrs as the JIT would specialise the example arguments."""
     sig, cons, attrs = {}, dict(spec.constexprs), {}
     names = spec.fn.arg_names
+    plain = {names[i] if isinstance(i, int) else i
+             for i in (getattr(spec.fn, "do_not_specialize", None) or ())}
     for i, n in enumerate(names):
         if n in spec.constexprs:
             sig[n] = "constexpr"
@@ -56,6 +61,8 @@ def _signature(spec: Spec):
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             sig[n] = "fp32"
+        elif isinstance(v, int) and n in plain:  # not specialised: a plain i32
+            sig[n] = "i32"
         elif isinstance(v, int):
             if v == 1:
                 sig[n] = "constexpr"
@@ -146,8 +153,36 @@ def i32_offset_products(ttir: str) -> List[str]:
     return out
 
 
+_LD_B16 = re.compile(r"\bld\.global(?:\.[\w:]+)*\.(?:b16|u16|s16)\b")
+_LABEL = re.compile(r"^\s*(\$[\w$]+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$[\w$]+)\s*;")
+
+
+def scalar_b16_loads(ptx: str, loops_only: bool = False) -> int:
+    """How many global loads in ``ptx`` move one 2-byte element (``ld.global[...].b16``):
+    what Triton emits for a bf16/fp16 operand whose rows are not known to be 16-byte aligned
+    (a row stride or an extent that is not a multiple of 16 elements), instead of 16-byte
+    async copies. ``loops_only``: only those inside a loop (between a label and a branch back
+    to it), the K loops that stream the operands; an epilogue's per-thread load of a bias
+    element is not one."""
+    lines = ptx.splitlines()
+    labels, in_loop = {}, [False] * len(lines)
+    for i, line in enumerate(lines):
+        m = _LABEL.match(line)
+        if m:
+            labels[m.group(1)] = i
+        b = _BRANCH.search(line)
+        if b and b.group(1) in labels:  # a branch back: lines labels[..]..i are a loop body
+            for j in range(labels[b.group(1)], i + 1):
+                in_loop[j] = True
+    return sum(1 for i, line in enumerate(lines)
+               if _LD_B16.search(line) and (in_loop[i] or not loops_only))
+
+
 def resources(compiled, arch: int) -> Dict[str, int]:
     out = _ptxas_report(compiled.asm["ptx"], arch)
+    out["ld_b16"] = scalar_b16_loads(compiled.asm["ptx"])
+    out["ld_b16_loop"] = scalar_b16_loads(compiled.asm["ptx"], loops_only=True)
     out["n_spills"] = out["spill_stores"] + out["spill_loads"]
     out["shared"] = int(compiled.metadata.shared)
     out["wgmma"] = int("wgmma" in compiled.asm["ptx"])
@@ -184,38 +219,62 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
         R = ER // E_L if er is None else er // E_L
         RP, EP = _pad16(ER), _pad16(E)
         bt, bk, w, st, hb = route_config(RP, interpret=False, fp32=not half)
+        split = route_split(T, Kd, bt, bk, 132)
+        k_chunk = _cdiv(_cdiv(Kd, split), bk) * bk
         # without a distance shift (distance_scale="none"), with one (the layer's "spread":
         # one value expanded, stride 0), and a training forward's: the shift and the
         # per-token input of the cluster statistics (a strided keep mask), also at the
-        # layer's default of 16 clusters
-        variants = [(False, False, C), (True, False, C), (True, True, C)]
-        variants += [(True, True, 16)] if C != 16 else []
-        for shift, stats, C_ in variants:
+        # layer's default of 16 clusters; the K loop split at T = 8192 on 132 SMs (PARTIAL)
+        # and whole (T >= 16896); the extended design's [x | hg] (WRITE_X); the max reduce
+        # (CUDA-core work per cluster) at 16 clusters
+        variants = [(False, False, C, True, False, 2), (True, False, C, True, False, 2),
+                    (True, True, C, True, False, 2), (True, True, 16, True, False, 2),
+                    (True, True, 16, False, False, 2), (True, False, C, True, True, 2),
+                    (True, True, 16, True, False, 0)]
+        seen = set()
+        for shift, stats, C_, partial, write_x, reduce in variants:
+            partial = partial and split > 1  # (fp32's 32-token blocks need no split)
+            if (shift, stats, C_, partial, write_x, reduce) in seen:
+                continue
+            seen.add((shift, stats, C_, partial, write_x, reduce))
+            CP = _pad16(max(C_, 1))
+            pw = EP + 3 * CP + 1
+            label = (f"ER={ER},C={C_},BT={bt},BK={bk},HB={hb}" + (",SHIFT" if shift else "")
+                     + (",STATS" if stats else "") + (f",SPLIT{split}" if partial else "")
+                     + (",WRITE_X" if write_x else "") + ("" if reduce == 2 else ",MAX"))
+            const = dict(ER=ER, R=R, E=E, E_L=E_L, TOPK=s["top_k"], C=C_, RP=hb, EP=EP, CP=CP,
+                         REDUCE=reduce, YIELD=bool(C_ and E_I), HAS_SHIFT=shift, STATS=stats,
+                         HAS_KEEP=stats, UPCAST=False, BLOCK_T=bt, BLOCK_K=bk)
+            routing = dict(sh_ptr="*fp32", keep_ptr="*u8", gates_ptr="*fp32", idx_ptr="*i64",
+                           dist_ptr="*fp32", assign_ptr="*i64", h_ptr="*fp32", hg_ptr=P,
+                           sj_ptr="*i32", rr_ptr="*fp32", ph_ptr="*fp32", pr_ptr="*fp32",
+                           x_ptr=P, c_ptr="*fp32", s_ptr="*fp32", T=T, K=Kd, stride_xt=Kd,
+                           stride_c=Kd, stride_s=Kd, stride_sh=0, stride_keep=2,
+                           stride_hg=Kd + ER if write_x else ER, stride_ps=T * ER,
+                           stride_pr=pw, scaling=2.0, lam=1.0)
             specs.append(Spec(
-                "route_fwd_kernel",
-                f"ER={ER},C={C_},BT={bt},BK={bk},HB={hb}" + (",SHIFT" if shift else "")
-                + (",STATS" if stats else ""),
-                K.route_fwd_kernel,
-                dict(x_ptr=P, xl_ptr=P, a_ptr=P, r_ptr=P, c_ptr="*fp32", s_ptr="*fp32",
-                     sh_ptr="*fp32", keep_ptr="*u8", gates_ptr="*fp32", idx_ptr="*i64",
-                     dist_ptr="*fp32", assign_ptr="*i64", h_ptr="*fp32", hg_ptr=P,
-                     sj_ptr="*i32", rr_ptr="*fp32", T=T, K=Kd, stride_xt=Kd,
-                     stride_xlt=Kd, stride_a=Kd, stride_r=Kd, stride_c=Kd, stride_s=Kd,
-                     stride_sh=0, stride_keep=2, scaling=2.0, lam=1.0),
-                dict(ER=ER, R=R, E=E, E_L=E_L, TOPK=s["top_k"], C=C_, RP=hb, EP=EP,
-                     CP=max(1, 1 << (C_ - 1).bit_length()) if C_ else 1, HAS_XL=False, REDUCE=2,
-                     YIELD=bool(C_ and E_I), HAS_SHIFT=shift, STATS=stats, HAS_KEEP=stats,
-                     UPCAST=False, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk),
-                w, st))
+                "route_fwd_kernel", label, K.route_fwd_kernel,
+                dict(routing, xl_ptr=P, a_ptr=P, r_ptr=P, xc_ptr=P, k_chunk=k_chunk,
+                     stride_xlt=Kd, stride_a=Kd, stride_r=Kd, stride_xc=Kd + ER),
+                dict(const, HAS_XL=False, WRITE_X=write_x, PARTIAL=partial, DOT_PREC=prec,
+                     CDOT_PREC="tf32x3"),
+                w, st, meta=dict(split=split if partial else 1)))
+            if partial and not write_x:
+                et, ek, ew = route_epilogue_config(interpret=False)
+                specs.append(Spec(
+                    "route_epilogue_kernel", label.replace(f"BT={bt},BK={bk}", f"BT={et},BK={ek}"),
+                    K.route_epilogue_kernel, dict(routing, SPLITS=split),
+                    dict(const, BLOCK_T=et, BLOCK_K=ek), ew, 1))
         bt, bk, w, st, _ = route_config(RP, interpret=False, backward=True, fp32=not half)
         for db_mode in (0, 1, 2):  # dB: its own GEMM, fused with partials, fused with atomics
             specs.append(Spec(
                 "route_bwd_kernel", f"ER={ER},BT={bt},BK={bk},DB={db_mode}", K.route_bwd_kernel,
                 dict(dy_ptr=P, b_ptr=P, h_ptr="*fp32", gates_ptr="*fp32", dgates_ptr="*fp32",
                      dhz_ptr=P, hg_ptr=P, db_ptr="*fp32", T=T, N=N, stride_dyt=N,
-                     stride_bn=ER, stride_dhz=ER + E, stride_dg=E, stride_dbp=N * ER,
-                     scaling=2.0),
-                dict(ER=ER, R=R, E=E, E_L=E_L, RP=RP, EP=EP, HAS_DG=False, DB_MODE=db_mode,
+                     stride_bn=ER, stride_dhz=dhz_width(ER, E), stride_dg=E,
+                     stride_dbp=N * ER, scaling=2.0),
+                dict(ER=ER, R=R, E=E, E_L=E_L, RP=RP, EP=_pad16(max(E, dhz_width(ER, E) - ER)),
+                     EW=dhz_width(ER, E) - ER, HAS_DG=False, DB_MODE=db_mode,
                      UPCAST=False, DOT_PREC=prec, BLOCK_T=bt, BLOCK_K=bk),
                 w, st, meta=dict(db_mode=db_mode)))
     # the cluster statistics of a training forward, at the launcher's groups (132 SMs), for
@@ -232,6 +291,14 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
             dict(C=Cs, CP=max(16, 1 << (Cs - 1).bit_length()), DOT_PREC="tf32x3", BLOCK_T=bt,
                  BLOCK_K=bk),
             w, st, meta=dict(groups=groups)))
+    for dist in (False, True):  # the clusters' step at the layer's 16 clusters
+        specs.append(Spec(
+            "cluster_ema_kernel", f"C=16,DIST={int(dist)}", K.cluster_ema_kernel,
+            dict(c_ptr="*fp32", v_ptr="*fp32", rej_ptr="*i64", st_ptr="*fp32", dm_ptr="*fp32",
+                 dv_ptr="*fp32", inv_ptr="*fp32", sh_ptr="*fp32", C=16, K=Kd, stride_c=Kd,
+                 stride_v=Kd, stride_st=2 * Kd + 3, stride_inv=Kd, stride_sh=1,
+                 momentum=0.1, eps=1e-5),
+            dict(HAS_DIST=dist, CP=16, BLOCK=1024), 8, 3))
     ER = E_L * r
     base = dict(a1_ptr=P, b1_ptr=P, a2_ptr=P, b2_ptr=P, a3_ptr=P, b3_ptr=P,
                 bias_ptr=P, out_ptr=P, s_bias=1)  # a contiguous bias (launch passes 1 without)
@@ -250,34 +317,36 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
             a, dict(f, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm), w, st,
             meta=dict(meta or {}, label=label, block_m=bm)))
 
+    W = dhz_width(ER, E)  # backward's [dh | dz | 0] row: 144 at the benchmark shape
+
     def fwd(M_):  # y = [x | hg] [W | B_all]ᵀ + b   (W (N,K) read as Wᵀ: k stride 1)
-        return dict(M=M_, N=N, K1=Kd, K2=ER, K3=ER,
+        return dict(M=M_, N=N, K1=Kd, K2=ER, K3=ER, K2B=ER, K3B=ER,
                     s_a1m=Kd, s_a1k=1, s_b1k=1, s_b1n=Kd,
                     s_a2m=ER, s_a2k=1, s_b2k=1, s_b2n=ER,
                     s_a3m=ER, s_a3k=1, s_b3k=1, s_b3n=ER, s_om=N, s_on=1)
 
-    def dx(M_):  # dx = [dy | dh | dz] [W ; A_all ; R]   (dhz is (T, ER+E))
-        return dict(M=M_, N=Kd, K1=N, K2=ER, K3=E,
+    def dx(M_):  # dx = [dy | dh | dz 0] [W ; A_all ; R]   (dhz is (T, W): dz padded to W - ER)
+        return dict(M=M_, N=Kd, K1=N, K2=ER, K3=W - ER, K2B=ER, K3B=E,
                     s_a1m=N, s_a1k=1, s_b1k=Kd, s_b1n=1,
-                    s_a2m=ER + E, s_a2k=1, s_b2k=Kd, s_b2n=1,
-                    s_a3m=ER + E, s_a3k=1, s_b3k=Kd, s_b3n=1, s_om=Kd, s_on=1)
+                    s_a2m=W, s_a2k=1, s_b2k=Kd, s_b2n=1,
+                    s_a3m=W, s_a3k=1, s_b3k=Kd, s_b3n=1, s_om=Kd, s_on=1)
 
     fwd_flags = dict(HAS_2=True, HAS_BIAS=True)
     dx_flags = dict(HAS_2=True, HAS_3=True)
     # dB_all = dyᵀ hg (dy read transposed; the reduction runs over T)
-    wg_b = dict(M=N, N=ER, K1=T, K2=T, K3=T, s_a1m=1, s_a1k=N, s_b1k=ER, s_b1n=1,
+    wg_b = dict(M=N, N=ER, K1=T, K2=T, K3=T, K2B=T, K3B=T, s_a1m=1, s_a1k=N, s_b1k=ER, s_b1n=1,
                 s_a2m=1, s_a2k=N, s_b2k=ER, s_b2n=1, s_a3m=1, s_a3k=N, s_b3k=ER, s_b3n=1,
                 s_om=ER, s_on=1)
-    # [dA; dR] = [dh | dz]ᵀ x
-    wg_ar = dict(M=ER + E, N=Kd, K1=T, K2=T, K3=T, s_a1m=1, s_a1k=ER + E, s_b1k=Kd, s_b1n=1,
-                 s_a2m=1, s_a2k=ER + E, s_b2k=Kd, s_b2n=1, s_a3m=1, s_a3k=ER + E, s_b3k=Kd,
+    # [dA; dR; 0] = [dh | dz | 0]ᵀ x
+    wg_ar = dict(M=W, N=Kd, K1=T, K2=T, K3=T, K2B=T, K3B=T, s_a1m=1, s_a1k=W, s_b1k=Kd,
+                 s_b1n=1, s_a2m=1, s_a2k=W, s_b2k=Kd, s_b2n=1, s_a3m=1, s_a3k=W, s_b3k=Kd,
                  s_b3n=1, s_om=Kd, s_on=1)
     sms = 132
     for cfg in linear_configs(not half, decode=False):
         linear("fwd", cfg, fwd(T), fwd_flags, meta=dict(linear_fwd=True))
         linear("dx", cfg, dx(T), dx_flags)
         linear("wgrad_dB", cfg, wg_b, {}, split=split_k(N, ER, T, sms))
-        linear("wgrad_dAR", cfg, wg_ar, {}, split=split_k(ER + E, Kd, T, sms))
+        linear("wgrad_dAR", cfg, wg_ar, {}, split=split_k(W, Kd, T, sms))
     Td = 16
     for cfg in linear_configs(not half, decode=True):
         linear("decode_fwd", cfg, fwd(Td), fwd_flags, split=split_k(Td, N, Kd, sms))
@@ -287,13 +356,16 @@ def kernel_specs(dtype: str = "bf16", shape: Dict[str, int] = None,
 
 def quick_specs() -> List[Spec]:
     """The configurations the AOT test compiles (the benchmark shape, bf16): the route kernels
-    (route_bwd with each way of summing dB), the first large-M fused-linear configuration
-    as forward and as the split-K [dA; dR] weight gradient, and the first decode one."""
+    (route forward whole and split, its epilogue, route_bwd with each way of summing dB), the
+    cluster statistics, the first large-M fused-linear configuration as forward, as dx (the
+    padded [dh | dz | 0] operands) and as the split-K [dA; dR] weight gradient, and the first
+    decode one."""
     out, seen = [], set()
     for sp in kernel_specs("bf16"):
         if sp.name != "fused_linear_kernel":
             out.append(sp)
-        elif sp.meta["label"] in ("fwd", "wgrad_dAR", "decode_fwd") and sp.meta["label"] not in seen:
+        elif (sp.meta["label"] in ("fwd", "dx", "wgrad_dAR", "decode_fwd")
+              and sp.meta["label"] not in seen):
             seen.add(sp.meta["label"])
             out.append(sp)
     return out
@@ -303,8 +375,11 @@ def run(specs: List[Spec], archs=(80, 90)) -> List[Dict[str, object]]:
     rows = []
     for sp in specs:
         for arch in archs:
+            t0 = time.perf_counter()
             k = compile_spec(sp, arch)
+            compile_s = time.perf_counter() - t0  # cold only when the Triton cache was empty
             r = resources(k, arch)
+            r["compile_s"] = round(compile_s, 2)
             r.update(kernel=sp.name, variant=sp.variant, arch=f"sm_{arch}",
                      num_warps=sp.num_warps, num_stages=sp.num_stages,
                      smem_limit=SMEM_LIMIT[arch])

@@ -1,7 +1,11 @@
 """Write benchmarks/triton_resources.csv: registers, spills and shared memory of every SLIM
 Triton kernel at every block configuration the launchers use on a GPU, for sm_80 and sm_90,
-compiled ahead of time (no GPU needed; ptxas report + compiled metadata), and the count of
-int32 index x stride pointer offsets in the TTIR (``triton_aot.i32_offset_products``; 0).
+compiled ahead of time (no GPU needed; ptxas report + compiled metadata), the count of
+int32 index x stride pointer offsets in the TTIR (``triton_aot.i32_offset_products``; 0), the
+scalar 2-byte global loads in the PTX (``ld_b16``; ``ld_b16_loop``: inside loops, 0), and the
+seconds each cold compile took on this machine (``compile_s``, a fresh Triton cache). The
+``triton`` column records the compiler version: run it with the Triton a GPU image carries
+(3.6 on this project's H200 image).
 
     python benchmarks/triton_resources.py [--out benchmarks/triton_resources.csv]
 """
@@ -23,6 +27,9 @@ def main():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         raise SystemExit(subprocess.call([sys.executable, __file__, "--out", a.out], env=env))
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    # a fresh Triton cache: every compile is cold, so compile_s is what a cold device run pays
+    import tempfile
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="slim_triton_cache_")
     sys.path.insert(0, str(ROOT))
     import triton
     import triton_aot as aot
@@ -35,7 +42,8 @@ def main():
     dtypes += ["fp32"] * (len(specs) - len(dtypes))
     cols = ["kernel", "variant", "dtype", "arch", "num_warps", "num_stages", "n_regs",
             "spill_stores", "spill_loads", "n_spills", "shared", "smem_limit", "wgmma",
-            "i32_offsets", "shape", "triton", "provenance"]
+            "i32_offsets", "ld_b16", "ld_b16_loop", "compile_s", "shape", "triton",
+            "provenance"]
     shape = "T={T},K={K},N={N},E_L={E_L},r={r},E_I={E_I},C={C}".format(**aot.BENCH)
     with open(a.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
@@ -45,7 +53,7 @@ def main():
                 row.update(dtype=dt, shape=shape, triton=triton.__version__, provenance=prov)
                 w.writerow({k: row[k] for k in cols})
                 f.flush()
-                print(",".join(str(row[k]) for k in cols[:14]), flush=True)
+                print(",".join(str(row[k]) for k in cols[:17]), flush=True)
     print(f"wrote {a.out}")
 
 

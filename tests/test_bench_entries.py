@@ -128,9 +128,37 @@ def test_providers_pick_up_new_backends(monkeypatch):
     builders, skipped = providers_for("cpu")
     assert "slim_cpp" in builders and "slim_torch" in builders
     assert "slim_triton" not in builders and "slim_triton" in skipped
+    assert {"slim_triton_fused", "slim_triton_accumulate", "slim_triton_extended"} <= set(skipped)
     assert list(builders)[0] == "base"
     builders, _ = providers_for("cpu", ["slim_triton", "eager_loop"])
     assert set(builders) == {"base", "slim_triton", "eager_loop"}
+    builders, _ = providers_for("cpu", ["slim_triton_accumulate"])
+    assert set(builders) == {"base", "slim_triton_accumulate"}
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
+                    reason="the triton designs run on CPU under the Triton interpreter")
+def test_design_providers_run_their_design(monkeypatch):
+    """slim_triton_<design> forces its design in forward and backward (launch.DESIGN, left
+    set for the backward that follows); slim_triton puts back the one the process started
+    with; each matches the fp64 reference."""
+    from slim_kernels.ops.backends.triton import launch
+
+    monkeypatch.setattr(launch, "DESIGN", None)
+    monkeypatch.delenv("SLIM_KERNELS_DESIGN", raising=False)
+    seen = []
+    real = launch.design_for
+    monkeypatch.setattr(launch, "design_for",
+                        lambda d, x, K, N: seen.append((d, real(d, x, K, N))) or seen[-1][1])
+    names = ["slim_triton_accumulate", "slim_triton_extended", "slim_triton"]
+    builders, _ = providers_for("cpu", names)
+    for n in names:
+        seen.clear()
+        _check_provider(n, builders[n])
+        want = {"slim_triton_accumulate": ("accumulate", "accumulate"),
+                "slim_triton_extended": ("extended", "accumulate"),
+                "slim_triton": ("fused", "fused")}[n]
+        assert (dict(seen)["forward"], dict(seen)["backward"]) == want, (n, seen)
 
 
 def test_flop_floor_matches_spec():

@@ -107,10 +107,12 @@ def test_argument_constants_agree_with_the_code():
     from slim_kernels.demo import cli as demo_cli
     from slim_kernels.demo import tasks
     from slim_kernels.ops.backends import NAMES
+    from slim_kernels.ops.backends.triton.tuning import DESIGNS_FORWARD
 
     assert demo_cli.NEW_TASK == tasks.NEW_TASK
     assert demo_cli.NEW_TASKS == tasks.NEW_TASKS
     assert cases.BACKEND_NAMES == NAMES
+    assert cases.TRITON_DESIGNS == DESIGNS_FORWARD
 
 
 def _parsers():

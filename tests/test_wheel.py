@@ -146,8 +146,12 @@ def test_wheel_installs_offline_and_runs(tmp_path):
     src = tmp_path / "src"
     assert "slim_kernels/__init__.py" in names and "slim_kernels/layer.py" in names
     assert not any(n.startswith(("tests/", "python/")) for n in names)
-    # package data: the demo's embedded base model must travel with the wheel (offline nodes)
-    for f in glob.glob(os.path.join(ROOT, "slim_kernels", "demo", "base_model", "*")):
+    # package data: the demo's embedded base model and the triton backend's configuration
+    # files must travel with the wheel (offline nodes)
+    data = glob.glob(os.path.join(ROOT, "slim_kernels", "ops", "backends", "triton", "configs",
+                                  "*.json"))
+    assert data, "no triton configuration files in the source tree"
+    for f in glob.glob(os.path.join(ROOT, "slim_kernels", "demo", "base_model", "*")) + data:
         rel = os.path.relpath(f, ROOT).replace(os.sep, "/")
         assert rel in names, f"{rel} is missing from the wheel"
 

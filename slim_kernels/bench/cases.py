@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 __all__ = [
-    "MODES", "SWEEPS", "BACKEND_NAMES", "BASELINE_PROVIDERS", "LLAMA_SHAPES", "CPU_SHAPES",
+    "MODES", "SWEEPS", "BACKEND_NAMES", "TRITON_DESIGNS", "BASELINE_PROVIDERS", "LLAMA_SHAPES", "CPU_SHAPES",
     "Case", "Inputs", "build_cases", "case_from_kernel", "make_inputs", "parse_kernel",
     "provider_names", "sweep_label", "x_key",
 ]
@@ -29,6 +29,10 @@ BASELINE_PROVIDERS = ("base", "eager_loop", "eager_dense", "compiled_dense", "pe
 # slim_kernels.ops.backends.NAMES, written out: that module imports torch, and --providers is
 # checked before torch is imported (tests/test_cli.py checks that the two agree)
 BACKEND_NAMES = ("triton", "cuda", "cpp", "torch")
+# the triton backend's designs (slim_kernels.ops.backends.triton.tuning.DESIGNS_FORWARD, written
+# out for the same reason): provider ``slim_triton_<design>`` forces one, ``slim_triton`` runs
+# what the backend's dispatch picks
+TRITON_DESIGNS = ("fused", "accumulate", "extended")
 # Llama-3-8B projections as (K in, N out): q/o (4096x4096), gate/up (4096x14336), down.
 LLAMA_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 # The same aspect ratios scaled down by 4 for a 2-core CPU.
@@ -112,7 +116,12 @@ def x_key(x: str):
 
 def provider_names() -> Tuple[str, ...]:
     """Every name ``--providers`` accepts, whether or not it can run here."""
-    return BASELINE_PROVIDERS[:1] + tuple(f"slim_{b}" for b in BACKEND_NAMES) + BASELINE_PROVIDERS[1:]
+    slim = []
+    for b in BACKEND_NAMES:
+        slim.append(f"slim_{b}")
+        if b == "triton":
+            slim += [f"slim_triton_{d}" for d in TRITON_DESIGNS]
+    return BASELINE_PROVIDERS[:1] + tuple(slim) + BASELINE_PROVIDERS[1:]
 
 
 def build_cases(sweep: str, *, shapes: Sequence[Tuple[int, int]], T_values: Sequence[int],

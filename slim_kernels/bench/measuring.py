@@ -7,7 +7,11 @@ Metrics (the ``metric`` CSV column):
   round-robin over the providers (the start provider rotates each repetition), so drift of
   a shared machine hits every provider alike. CUDA: the GPU time between two CUDA events
   recorded around the call, with the L2 cache flushed before it (as
-  ``triton.testing.do_bench`` does).
+  ``triton.testing.do_bench`` does) and the GPU kept busy by a spin kernel while the host
+  queues the call, so that the host's launch time is not counted as GPU time.
+* ``host_ms`` (CUDA only): the host time of the same call, from its start to the return of
+  the Python call (its kernels queued, not finished): what each call costs the CPU. A call
+  whose host_ms exceeds its time_ms is launch-bound.
 * ``cpu_ms`` (CPU only): process CPU time of the same calls (all threads), quantiles as
   above. On a shared machine it leaves out the time the process waited for a core.
 * ``peak_MB``: peak of the bytes allocated *during* the call above what was allocated at its
@@ -44,7 +48,8 @@ from .cases import MODES, Case, Inputs, make_inputs
 from .providers import Runner, Skip, providers_for, reference_output
 
 __all__ = ["Timings", "BenchResult", "dtype_name", "flop_floor", "peak_bytes", "quantiles",
-           "run_bench", "saved_bytes", "step", "sync_fn", "time_interleaved"]
+           "run_bench", "saved_bytes", "step", "sync_fn", "time_back_to_back", "time_cuda_graph",
+           "time_interleaved"]
 
 logger = logging.getLogger("slim_kernels")
 
@@ -101,18 +106,27 @@ class Timings:
 
     wall_ms: Dict[str, List[float]] = field(default_factory=dict)
     cpu_ms: Dict[str, List[float]] = field(default_factory=dict)
+    host_ms: Dict[str, List[float]] = field(default_factory=dict)
     failed: Dict[str, str] = field(default_factory=dict)
 
 
 class _CudaClock:
     """GPU time of a call: CUDA events recorded before and after it on the current stream,
-    the L2 cache flushed (a 256 MB write) before the first event, as do_bench does."""
+    the L2 cache flushed (a 256 MB write) before the first event, as do_bench does, then a
+    spin kernel (``torch.cuda._sleep``) of ``lead_ms`` queued before the first event: the GPU
+    is still spinning while the host queues the call, so the events measure the call's GPU
+    work and not the host's launches (without it, a call whose launches take longer than the
+    flush is timed at its host speed)."""
+
+    CYCLES_PER_MS = 2.0e6  # ~2 GHz SM clock (H100/H200 boost: 1.98 GHz); a lead, not a timer
 
     def __init__(self):
         self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
 
-    def start(self):
+    def start(self, lead_ms: float = 0.0):
         self.flush.zero_()
+        if lead_ms > 0:
+            torch.cuda._sleep(int(lead_ms * self.CYCLES_PER_MS))
         self.t0 = torch.cuda.Event(enable_timing=True)
         self.t1 = torch.cuda.Event(enable_timing=True)
         self.t0.record()
@@ -136,15 +150,22 @@ def time_interleaved(steps: Mapping[str, Tuple[Call, Call]], *, reps: int, warmu
     ``prep`` (and a ``sync``) to after the ``sync`` that follows it, in wall time
     (``perf_counter``) and process CPU time (all threads); with ``cuda_events``, in GPU time
     between CUDA events (:class:`_CudaClock`). ``tick(calls, name)`` is told of every
-    ``calls`` done (for a progress bar)."""
+    ``calls`` done (for a progress bar). ``host_ms``: the time until ``timed`` returns (its
+    work queued, on CUDA); the spin lead before a CUDA-timed call is 1.5 x the largest host
+    time seen in warmup (0.2 to 20 ms)."""
     out = Timings()
     clock = _CudaClock() if cuda_events else None
     names = []
+    lead: Dict[str, float] = {}
     for n, (prep, timed) in steps.items():
         try:
+            lead[n] = 0.0
             for _ in range(warmup):
                 prep()
+                sync()
+                h0 = time.perf_counter()
                 res = timed()
+                lead[n] = max(lead[n], (time.perf_counter() - h0) * 1e3)
                 del res
                 sync()
         except Exception as e:
@@ -155,7 +176,7 @@ def time_interleaved(steps: Mapping[str, Tuple[Call, Call]], *, reps: int, warmu
         tick(warmup, n)
         names.append(n)
     for n in names:
-        out.wall_ms[n], out.cpu_ms[n] = [], []
+        out.wall_ms[n], out.cpu_ms[n], out.host_ms[n] = [], [], []
     for rep in range(reps):
         k = rep % len(names) if names else 0
         for n in names[k:] + names[:k]:
@@ -163,10 +184,11 @@ def time_interleaved(steps: Mapping[str, Tuple[Call, Call]], *, reps: int, warmu
             prep()
             sync()
             if clock is not None:
-                clock.start()
+                clock.start(min(20.0, max(0.2, 1.5 * lead[n])))
             c0 = time.process_time()
             t0 = time.perf_counter()
             res = timed()
+            th = time.perf_counter()
             gpu_ms = clock.stop() if clock is not None else None
             sync()
             t1 = time.perf_counter()
@@ -174,8 +196,60 @@ def time_interleaved(steps: Mapping[str, Tuple[Call, Call]], *, reps: int, warmu
             del res
             out.wall_ms[n].append(gpu_ms if gpu_ms is not None else (t1 - t0) * 1e3)
             out.cpu_ms[n].append((c1 - c0) * 1e3)
+            out.host_ms[n].append((th - t0) * 1e3)
             tick(1, n)
     return out
+
+
+def time_back_to_back(prep: Call, timed: Call, reps: int, sync: Callable[[], None] = lambda: None,
+                      cuda_events: bool = False) -> float:
+    """ms per call of ``reps`` calls queued back to back (``prep`` before each, no sync in
+    between, warm caches): on a GPU what a loop of calls costs end to end; when the host
+    cannot queue the calls as fast as the GPU runs them, this is the host's time per call
+    (launch-bound), not the GPU's. CUDA events around the loop on a GPU, wall time else."""
+    sync()
+    if cuda_events:
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+    w0 = time.perf_counter()
+    for _ in range(reps):
+        prep()
+        res = timed()
+        del res
+    if cuda_events:
+        t1.record()
+    sync()
+    if cuda_events:
+        return t0.elapsed_time(t1) / reps
+    return (time.perf_counter() - w0) * 1e3 / reps
+
+
+def time_cuda_graph(prep: Call, timed: Call, reps: int) -> float:
+    """ms per replay of one call captured in a CUDA graph (``prep`` runs before the capture,
+    on the capture stream): the GPU time without any launch cost. The call must have run
+    before (compiled, autotuned: the triton backend uses its configuration file under
+    capture) and must not synchronise with the host."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        prep()
+        timed()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    prep()
+    with torch.cuda.graph(g):
+        keep = timed()
+    g.replay()
+    torch.cuda.synchronize()
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for _ in range(reps):
+        g.replay()
+    t1.record()
+    torch.cuda.synchronize()
+    del keep, g
+    return t0.elapsed_time(t1) / reps
 
 
 def quantiles(v: Sequence[float]) -> Tuple[float, float, float]:
@@ -399,6 +473,8 @@ def run_bench(
                 row(kernel, n, mode, "time_ms", xval, *quantiles(t.wall_ms[n]))
                 if dev_name == "cpu":
                     row(kernel, n, mode, "cpu_ms", xval, *quantiles(t.cpu_ms[n]))
+                else:
+                    row(kernel, n, mode, "host_ms", xval, *quantiles(t.host_ms[n]))
             for n in t.wall_ms if memory else ():
                 try:
                     mb = peak_bytes(device, *steps[n]) / 2**20

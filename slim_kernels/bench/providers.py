@@ -7,7 +7,11 @@ op's own.
                       (W frozen: no dW).
 * ``slim_<backend>``  :func:`slim_kernels.slim_linear_op` with ``backend=<name>`` for every
                       backend in :func:`slim_kernels.available_backends` that accepts the
-                      device (``triton`` and ``cuda`` on CPU only when asked for by name).
+                      device (``triton`` and ``cuda`` on CPU only when asked for by name);
+                      ``slim_triton`` runs the design the triton backend's dispatch picks.
+* ``slim_triton_<design>`` the triton backend with one design forced (``fused``,
+                      ``accumulate``, ``extended``: ``docs/benchmarks.md``, "Designs"), where
+                      ``slim_triton`` runs; on CPU only when asked for by name.
 * ``eager_loop``      MoE-PEFT / Mixtral style: loop over LoRA experts, gather the tokens that
                       selected the expert, two small GEMMs, ``index_add_`` the gated delta.
 * ``eager_dense``     vectorised einsum: every LoRA expert on every token, (T, E_L, N), then
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cases import BASELINE_PROVIDERS, Case, Inputs, provider_names
+from .cases import BASELINE_PROVIDERS, TRITON_DESIGNS, Case, Inputs, provider_names
 
 __all__ = ["Runner", "Skip", "eager_route", "eager_loop_forward", "eager_dense_forward",
            "provider_names", "providers_for", "reference_output"]
@@ -201,7 +205,11 @@ def _p_peft_lora(inp: Inputs) -> Runner:
                   exclude=list(model.parameters()), note=f"peft LoRA r={R_}")
 
 
-def _p_slim(backend: str) -> Callable[[Inputs], Runner]:
+def _p_slim(backend: str, design: Optional[str] = None) -> Callable[[Inputs], Runner]:
+    """``slim_<backend>``; for triton, ``design`` forced (None: the one its dispatch picks,
+    or SLIM_KERNELS_DESIGN's). The design is the module attribute ``launch.DESIGN``, set in
+    every forward and left set: the harness runs a provider's backward right after its
+    forward, so both run the provider's design."""
     def build(inp: Inputs) -> Runner:
         from ..ops.dispatch import resolve_backend
         from ..ops.op import slim_linear_op
@@ -211,8 +219,18 @@ def _p_slim(backend: str) -> Callable[[Inputs], Runner]:
         except Exception as e:
             raise Skip(str(e))
         c = inp.case
+        set_design = lambda: None  # noqa: E731
+        if backend == "triton":
+            from ..ops.backends.triton import launch
+
+            # slim_triton: what the process started with (launch.DESIGN's own default)
+            chosen = design or os.environ.get("SLIM_KERNELS_DESIGN", "").strip().lower() or None
+
+            def set_design():
+                launch.DESIGN = chosen
 
         def fwd():
+            set_design()
             return slim_linear_op(
                 inp.x, inp.weight, inp.bias, inp.lora_A, inp.lora_B, inp.router,
                 num_lora_experts=c.num_lora_experts, top_k=c.top_k, scaling=c.scaling,
@@ -221,9 +239,10 @@ def _p_slim(backend: str) -> Callable[[Inputs], Runner]:
                 backend=backend,
             )[0]
 
-        return Runner(f"slim_{backend}", fwd, inp.trainable)
+        return Runner(f"slim_{backend}" + (f"_{design}" if design else ""), fwd, inp.trainable)
 
     return build
+
 
 
 _BASELINES: Dict[str, Callable[[Inputs], Runner]] = {
@@ -257,17 +276,22 @@ def providers_for(device: str, requested: Optional[Sequence[str]] = None
     found = available_backends()
     out: Dict[str, Callable[[Inputs], Runner]] = {"base": _p_base}
     for b in found:
-        name = f"slim_{b}"
-        if dev_type == "cpu" and b in ("triton", "cuda") and name not in explicit:
-            skipped[name] = f"backend {b!r} is a GPU backend; on CPU only when asked for by name"
-            continue
-        out[name] = _p_slim(b)
+        names = [(f"slim_{b}", None)]
+        if b == "triton":
+            names += [(f"slim_triton_{d}", d) for d in TRITON_DESIGNS]
+        for name, design in names:
+            if dev_type == "cpu" and b in ("triton", "cuda") and name not in explicit:
+                skipped[name] = (f"backend {b!r} is a GPU backend; on CPU only when asked for "
+                                 "by name")
+                continue
+            out[name] = _p_slim(b, design)
     for n in BASELINE_PROVIDERS[1:]:
         out[n] = _BASELINES[n]
     if requested:
         for r in requested:
             if r not in out and r not in skipped:
-                skipped[r] = f"backend {r[5:]!r} is not available here (available: {found})"
+                b = "triton" if r.startswith("slim_triton_") else r[5:]
+                skipped[r] = f"backend {b!r} is not available here (available: {found})"
         keep = {"base"} | explicit
         out = {k: v for k, v in out.items() if k in keep}
         skipped = {k: v for k, v in skipped.items() if k in explicit}

@@ -4,8 +4,8 @@
 all-reduced under data parallelism) to the cluster buffers and the routing tensors derived
 from them. :func:`cluster_ema_torch` is the definition, in whole-tensor PyTorch ops; on CPU
 tensors the C++ extension's ``cluster_ema_`` does the same in one call, since a dozen small
-ops cost more than the layer's kernels at small shapes. (On CUDA the torch version runs: a
-fused kernel there is future work.)
+ops cost more than the layer's kernels at small shapes; on CUDA tensors the triton backend's
+``cluster_ema_kernel`` does, in one launch, when triton is available (else the torch version).
 """
 from __future__ import annotations
 
@@ -76,13 +76,29 @@ def cluster_ema_torch(centers: Tensor, variances: Tensor, rejected: Tensor, stat
 
 
 _HAS_CPP: list = []  # whether the extension has cluster_ema_ (looked up once)
+_TRITON: list = []  # the triton launcher module, or None when triton cannot run (looked up once)
+
+
+def _triton_launch():
+    if not _TRITON:
+        from .dispatch import unavailable_reason
+        mod = None
+        if unavailable_reason("triton") is None:
+            from .backends.triton import launch as mod
+        _TRITON.append(mod)
+    return _TRITON[0]
 
 
 def cluster_ema_(centers: Tensor, variances: Tensor, rejected: Tensor, stats: Tensor,
                  momentum: float, distance_mean: Optional[Tensor],
                  distance_var: Optional[Tensor], inv_std: Tensor, shift: Tensor,
                  eps: float) -> None:
-    """:func:`cluster_ema_torch`, in one C++ call on CPU tensors when the extension is built."""
+    """:func:`cluster_ema_torch`, in one C++ call on CPU tensors when the extension is built,
+    in one Triton launch on CUDA tensors when triton runs here."""
+    if stats.device.type == "cuda" and _triton_launch() is not None:
+        _triton_launch().cluster_ema(centers, variances, rejected, stats.contiguous(), momentum,
+                                     distance_mean, distance_var, inv_std, shift, eps)
+        return
     if not _HAS_CPP:
         _HAS_CPP.append(_ext.has_op("cluster_ema_"))
     if stats.device.type == "cpu" and _HAS_CPP[0]:

@@ -3,7 +3,9 @@ the fp64 reference :func:`slim_kernels.reference.slim_reference` (``docs/method.
 shared by every backend (``docs/method.md`` §6 for the stacked layout the op takes).
 
 * :data:`TARGETS`: a backend on a device (``torch``, ``cpp``, ``triton`` under the interpreter
-  on CPU; ``torch``, ``cuda``, ``triton`` on CUDA). :func:`unrunnable` says why one cannot run.
+  on CPU; ``torch``, ``cuda``, ``triton`` on CUDA), the triton backend also in each of its
+  designs (its cuBLAS GEMMs are torch ops, so on CPU they run as plain torch beside the
+  interpreted route kernels). :func:`unrunnable` says why one cannot run.
 * :class:`Case` and :data:`CASES`: shapes (small and odd: K = 45, N = 29, rank 5) and routing
   situations; :func:`make_inputs` builds the tensors in a dtype on a device.
 * :data:`LAYOUTS` and :func:`apply_layout`: one tensor argument replaced by a strided view with
@@ -53,12 +55,15 @@ def dtypes(*which: torch.dtype):
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Target:
+    """A backend on a device; for triton, ``design`` forces one of its designs
+    (``launch.DESIGN``; None: what its dispatch picks, ``fused`` under the interpreter)."""
     backend: str
     device: str
+    design: Optional[str] = None
 
     @property
     def id(self) -> str:
-        return f"{self.backend}-{self.device}"
+        return f"{self.backend}-{self.device}" + (f"-{self.design}" if self.design else "")
 
     def module(self):
         return importlib.import_module(f"slim_kernels.ops.backends.{self.backend}")
@@ -66,13 +71,18 @@ class Target:
 
 TARGETS = (
     Target("torch", "cpu"), Target("cpp", "cpu"), Target("triton", "cpu"),
+    Target("triton", "cpu", "accumulate"), Target("triton", "cpu", "extended"),
     Target("torch", "cuda"), Target("cuda", "cuda"), Target("triton", "cuda"),
+    Target("triton", "cuda", "fused"), Target("triton", "cuda", "accumulate"),
+    Target("triton", "cuda", "extended"),
 )
 # The dtypes each target must run. Tests skip the others; tests/ops/test_dispatch.py checks that
 # every backend declares exactly this (unsupported_reason), so a skip here cannot hide a
 # backend that stopped supporting a dtype.
 SUPPORTED = {t: ALL_DTYPES for t in TARGETS}
-SUPPORTED[Target("triton", "cuda")] = (torch.float32, torch.bfloat16, torch.float16)
+for _t in TARGETS:
+    if _t.backend == "triton" and _t.device == "cuda":
+        SUPPORTED[_t] = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def skip_unsupported(t: Target, dtype: torch.dtype) -> None:
@@ -93,7 +103,8 @@ def unrunnable(t: Target) -> Optional[str]:
 
 def require(t: Target) -> Target:
     """Skip (saying why) unless target ``t`` can run here; the cpp backend fails instead under
-    SLIM_KERNELS_REQUIRE_EXT=1 (CI), where the extension must have been built."""
+    SLIM_KERNELS_REQUIRE_EXT=1 (CI), where the extension must have been built. (The design of
+    a triton target is set by the ``target`` fixture.)"""
     why = unrunnable(t)
     if why is not None:
         if t.backend == "cpp" and REQUIRE_EXT:

@@ -20,12 +20,19 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def base_output(t: Target, inp):
     """x Wᵀ + b as the target's own base path computes it (what an all-identity call must
-    return bit for bit)."""
+    return bit for bit): the triton backend's fused design runs its fused linear, the
+    extended design one GEMM over [x | 0] and [W | B_all], the others F.linear."""
     x, w, b = inp["x"], inp["weight"], inp["bias"]
     if t.backend == "triton":
-        from slim_kernels.ops.backends.triton.launch import fused_linear
-        out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-        return fused_linear([(x, w.t())], out, b).cpu()
+        from slim_kernels.ops.backends.triton import launch
+        design = launch.design_for("forward", x, x.shape[1], w.shape[0])
+        if design == "fused":
+            out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+            return launch.fused_linear([(x, w.t())], out, b).cpu()
+        if design == "extended":
+            xh = torch.cat([x, torch.zeros_like(x[:, :inp["lora_A"].shape[0]])], 1)
+            w_ext = torch.cat([w, inp["lora_B"]], 1)
+            return F.linear(xh, w_ext, b).cpu()
     return F.linear(x, w, b).cpu()
 
 

@@ -1,6 +1,7 @@
 """The triton backend's launchers (``docs/method.md`` §6): which device a launch runs on, which
-block configuration it gets (autotuning keyed on size buckets, the shipped table with no
-autotuning), split-K, and the ways backward sums dB_all.
+block configuration it gets (autotuning keyed on size buckets, the configuration files with
+no autotuning), which design runs, split-K (the GEMMs and route forward), and the ways
+backward sums dB_all.
 
 Device and configuration choices are checked on CPU by running the launchers with
 ``meta`` tensors and the kernels replaced by recorders (no GPU, no interpreter): each launch
@@ -10,6 +11,8 @@ reference."""
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,15 +23,15 @@ from slim_kernels.ops.backends.triton import tuning
 
 from slim_kernels.reference import reference_cluster_stats
 
-from ._harness import (CASES, LOW, Target, check, dtypes, make_inputs,
+from ._harness import (CASES, LOW, Target, check, conform_rows, dtypes, make_inputs,
                        reference_lowp, run_backend, truth)
 
 if tb._IMPORT_ERROR is not None:  # pragma: no cover
     pytest.skip(f"triton does not import: {tb._IMPORT_ERROR}", allow_module_level=True)
 
 ARG_NAMES = {n: list(getattr(tb._k, n).arg_names)
-             for n in ("route_fwd_kernel", "route_bwd_kernel", "fused_linear_kernel",
-                       "cluster_stats_kernel")}
+             for n in ("route_fwd_kernel", "route_epilogue_kernel", "route_bwd_kernel",
+                       "fused_linear_kernel", "cluster_stats_kernel")}
 
 
 # ------------------------------------------------------------------------------------------
@@ -38,7 +41,7 @@ class FakeGPU:
     """Patches the launcher so that nothing runs: kernels and the autotuner record their
     launches (kernel name, current device, arguments by name)."""
 
-    def __init__(self, monkeypatch, arch="sm_90", sms=132, capturing=False):
+    def __init__(self, monkeypatch, arch="sm_90", sms=132, capturing=False, design="fused"):
         self.current = []  # the device stack torch.cuda.device maintains
         self.launches = []
         self.autotuned = []
@@ -83,6 +86,10 @@ class FakeGPU:
         monkeypatch.setattr(tb, "_INTERPRET", False)
         monkeypatch.setattr(torch.cuda, "device", device)
         monkeypatch.setattr(tb, "_device_arch", lambda dev: arch)
+        monkeypatch.setattr(tb, "_device_name", lambda dev: "Fake GPU")
+        monkeypatch.setattr(tb, "_CONFIGS", {})
+        monkeypatch.setattr(tb, "_DESIGNS", {})
+        monkeypatch.setattr(tb, "DESIGN", design)
         monkeypatch.setattr(tb, "_num_sms", lambda dev: sms)
         monkeypatch.setattr(tb, "_capturing", lambda dev: gpu.capturing)
         monkeypatch.setattr(tb, "_linear_kernel",
@@ -125,6 +132,11 @@ def test_every_launch_runs_on_the_inputs_device(monkeypatch):
     names = {x.name for x in launches}
     assert names == {"route_fwd_kernel", "route_bwd_kernel", "fused_linear_kernel",
                      "cluster_stats_kernel"}, names
+    gpu.launches.clear()
+    meta_call(T=5, K=4096, stats=True)  # one short token block: route forward split over K
+    assert {x.name for x in gpu.launches} >= {"route_fwd_kernel", "route_epilogue_kernel"}
+    for launch in gpu.launches:
+        assert launch.device == x.device, (launch.name, launch.device)
     for launch in launches:
         assert launch.device == x.device, (launch.name, launch.device)
     assert gpu.current == []
@@ -170,7 +182,7 @@ def test_autotuning_is_keyed_on_buckets(monkeypatch):
 @pytest.mark.parametrize("why", ["env", "capture"])
 def test_no_autotuning_uses_the_table(monkeypatch, why):
     """SLIM_KERNELS_AUTOTUNE=0, or a CUDA-graph capture: nothing is benchmarked; every fused
-    linear launch gets the shipped table's configuration for its key."""
+    linear launch gets the configuration file's configuration for its key."""
     monkeypatch.delenv("SLIM_KERNELS_AUTOTUNE", raising=False)
     if why == "env":
         monkeypatch.setenv("SLIM_KERNELS_AUTOTUNE", "0")
@@ -183,7 +195,8 @@ def test_no_autotuning_uses_the_table(monkeypatch, why):
     for launch in launches:
         a = launch.args
         key = (a["KEY_M"], a["KEY_N"], a["KEY_K"])
-        want = tuning.table_config("sm_90", False, key, a["HAS_2"], a["HAS_3"], a["SPLIT_K"])
+        want = tuning.table_config(tuning.load_configs("sm_90"), False, key, a["HAS_2"],
+                                   a["HAS_3"], a["SPLIT_K"])
         got = tuple(a[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps",
                                    "num_stages"))
         assert got == want, (key, got, want)
@@ -205,33 +218,123 @@ def test_capture_reuses_what_autotuning_picked(monkeypatch):
     assert rows == [("sm_90", "half", "512,32,64,1,0,1", (64, 32, 16, 2, 2, 2))]
 
 
-def test_env_var_and_table_lookup(monkeypatch):
+def test_env_var(monkeypatch):
     for v, on in (("0", False), ("off", False), ("1", True), ("", True)):
         monkeypatch.setenv("SLIM_KERNELS_AUTOTUNE", v)
         assert tuning.autotune_enabled() is on
-    # unknown architectures fall back to the nearest lower one listed
-    assert tuning.table_arch("sm_89") == "sm_80" and tuning.table_arch("sm_100") == "sm_90"
-    assert tuning.table_arch("sm_70") == "sm_80"
-    assert tuning.table_config("sm_90", False, (1, 4096, 4096))[0] == 16
-    assert tuning.table_config("sm_90", False, (8192, 128, 8192))[:2] == (64, 64)
-    assert tuning.table_config("sm_90", True, (8192, 4096, 4096)) == (64, 64, 32, 8, 4, 3)
-    monkeypatch.setitem(tuning.TUNED, "sm_90", {"half": {"8192,4096,4096,1,0,1":
-                                                         (128, 128, 64, 8, 8, 3)}})
-    assert tuning.table_config("sm_90", False, (8192, 4096, 4096), True, False, 1) == (
+
+
+def test_shipped_configuration_files():
+    """The files in configs/: per architecture, unmeasured starting points (``measured``
+    false, every design "unmeasured"); per device, what a device check measured. Every
+    fused-linear configuration in them is one the autotuner can pick (so the AOT test
+    compiled it), and every rule list ends with a rule without bounds."""
+    files = sorted(tuning.CONFIG_DIR.glob("*.json"))
+    assert {"sm_80.json", "sm_90.json"} <= {p.name for p in files}
+    for path in files:
+        data = json.loads(path.read_text())
+        assert data["format"] == tuning.FORMAT, path
+        arch_file = path.name.startswith("sm_")
+        assert data["measured"] is (not arch_file), path
+        assert (data["device"] is None) == arch_file, path
+        if not arch_file:
+            assert path.name == tuning.device_file_name(data["device"]), path
+        for fam in ("half", "fp32"):
+            entry = data["fused_linear"][fam]
+            assert entry["rules"][-1][:2] == [None, None], path
+            cfgs = [r[2] for r in entry["rules"]] + list(entry.get("exact", {}).values())
+            for cfg in cfgs:
+                assert tuple(cfg) in tuning.linear_configs(fam == "fp32"), (path, fam, cfg)
+        for key, choice in data["designs"].items():
+            allowed = {"fused", "accumulate", tuning.UNMEASURED}
+            assert choice["forward"] in allowed and choice["backward"] in allowed, (path, key)
+            if arch_file:
+                assert choice["forward"] == choice["backward"] == tuning.UNMEASURED, (path, key)
+
+
+def test_configuration_lookup(monkeypatch, tmp_path):
+    """A GPU's own file first (SLIM_KERNELS_CONFIG_DIR, then configs/), else its
+    architecture's, else the nearest lower architecture's; exact entries before rules."""
+    monkeypatch.delenv("SLIM_KERNELS_CONFIG_DIR", raising=False)
+    name = lambda arch, dev=None: Path(tuning.config_file(arch, dev)).name  # noqa: E731
+    assert name("sm_90") == name("sm_90", "NVIDIA H200") == "sm_90.json"
+    assert name("sm_89") == "sm_80.json" and name("sm_100") == "sm_90.json"
+    assert name("sm_70") == "sm_80.json"
+    cfg = tuning.load_configs("sm_90")
+    assert tuning.table_config(cfg, False, (1, 4096, 4096))[0] == 16
+    assert tuning.table_config(cfg, False, (8192, 128, 8192))[:2] == (64, 64)
+    assert tuning.table_config(cfg, True, (8192, 4096, 4096)) == (64, 64, 32, 8, 4, 3)
+    # a device file written as the device check writes it, found through the variable
+    mine = tuning.device_file(cfg, "NVIDIA H200", "sm_90",
+                              [("half", "8192,4096,4096,1,0,1", (128, 128, 64, 8, 8, 3))],
+                              {"half/prefill/4096x4096": {"forward": "fused",
+                                                          "backward": "accumulate"}},
+                              {"triton": "3.6.0"}, "test")
+    assert tuning.device_file_name("NVIDIA H200") == "NVIDIA_H200.json"
+    (tmp_path / "NVIDIA_H200.json").write_text(tuning.dumps_configs(mine))
+    monkeypatch.setenv("SLIM_KERNELS_CONFIG_DIR", str(tmp_path))
+    assert name("sm_90", "NVIDIA H200") == "NVIDIA_H200.json"
+    assert name("sm_90", "NVIDIA H100") == "sm_90.json"
+    dev = tuning.load_configs("sm_90", "NVIDIA H200")
+    assert dev["measured"] and dev["versions"] == {"triton": "3.6.0"}
+    assert tuning.table_config(dev, False, (8192, 4096, 4096), True, False, 1) == (
         128, 128, 64, 8, 8, 3)
-    # every configuration of the table is one the autotuner can pick (and the AOT compiles)
-    for arch, fams in tuning.TABLE.items():
-        for fam, rules in fams.items():
-            for _, _, cfg in rules:
-                assert cfg in tuning.linear_configs(fam == "fp32"), (arch, fam, cfg)
+    assert tuning.table_config(dev, False, (8192, 4096, 4096), True, True, 1) == (
+        128, 256, 64, 8, 8, 3)  # another key: the rules
+    assert tuning.design_choice(dev, "forward", False, 8192, 4096, 4096)[0] == "fused"
+    assert tuning.design_choice(dev, "backward", False, 8192, 4096, 4096)[0] == "accumulate"
+
+
+def test_design_choice():
+    """Unmeasured buckets get the documented default; a measured one its entry, looked up
+    exact, then per family and token class, then "*"; "extended" never comes from a file."""
+    cfg = {"path": "x.json", "designs": {
+        "half/prefill/4096x4096": {"forward": "unmeasured", "backward": "unmeasured"},
+        "half/decode/*": {"forward": "fused", "backward": "unmeasured"},
+        "*": {"forward": "unmeasured", "backward": "fused"}}}
+    pick = lambda d, T, K=4096, N=4096, fp32=False: tuning.design_choice(  # noqa: E731
+        cfg, d, fp32, T, K, N)
+    assert pick("forward", 8192) == ("accumulate", "default: half/prefill/4096x4096 unmeasured")
+    assert tuning.DEFAULT_DESIGN == {"forward": "accumulate", "backward": "accumulate"}
+    assert pick("forward", 16)[0] == "fused" and pick("forward", 64, K=14336)[0] == "fused"
+    assert pick("backward", 16)[0] == "fused"  # "*"
+    assert pick("forward", 65)[0] == "accumulate"
+    assert tuning.design_key(True, 65, 14336, 4096) == "fp32/prefill/16384x4096"
+    cfg["designs"]["*"]["forward"] = "extended"
+    with pytest.raises(ValueError, match="extended"):
+        pick("forward", 8192)
+
+
+def test_design_dispatch(monkeypatch):
+    """What each design launches: fused runs every GEMM on the Triton fused linear;
+    accumulate and extended none (cuBLAS through torch), with extended writing [x | hg]
+    from the route kernel. Unforced, a GPU whose file is unmeasured gets the default."""
+    launched = {}
+    for design in ("fused", "accumulate", "extended", None):
+        gpu = FakeGPU(monkeypatch, design=design)
+        meta_call(T=300, K=64, N=96, E_L=2, r=8)
+        fwd = [x for x in gpu.launches if x.name == "route_fwd_kernel"]
+        assert len(fwd) == 1 and fwd[0].args["WRITE_X"] == (design == "extended")
+        if design == "extended":
+            assert fwd[0].args["xc_ptr"].shape == (300, 64 + 16)
+        launched[design] = len(gpu.linear_launches())
+    assert launched == {"fused": 4, "accumulate": 0, "extended": 0, None: 0}
+    monkeypatch.setattr(tb, "DESIGN", "extended")
+    x = torch.empty(3, 4, device="meta")
+    assert (tb.design_for("forward", x, 4, 5), tb.design_for("backward", x, 4, 5)) == (
+        "extended", "accumulate")
+    monkeypatch.setattr(tb, "DESIGN", "nonsense")
+    with pytest.raises(ValueError, match="SLIM_KERNELS_DESIGN"):
+        tb.design_for("forward", x, 4, 5)
 
 
 # ------------------------------------------------------------------------------------------
 # split-K
 # ------------------------------------------------------------------------------------------
 def test_split_k_choice():
-    # [dA; dR] at the benchmark shape on 132 SMs: 3 x 64 tiles, 128 steps over T each
-    assert tuning.split_k(138, 4096, 8192, 132) == 2
+    # [dA; dR; 0] at the benchmark shape on 132 SMs (E_L·r + E = 138 rows padded to 144):
+    # 3 x 64 tiles, 128 steps over T each
+    assert tuning.split_k(144, 4096, 8192, 132) == 2
     assert tuning.split_k(4096, 128, 8192, 132) == 3  # dB = dyᵀ hg
     assert tuning.split_k(1, 4096, 4096, 132) == 5  # decode forward
     assert tuning.split_k(8192, 4096, 4096, 132) == 1  # the forward: enough tiles
@@ -242,7 +345,7 @@ def test_weight_gradients_split_on_a_big_gpu(monkeypatch):
     gpu = FakeGPU(monkeypatch, sms=132)
     meta_call(T=8192, K=4096, N=4096, E_L=8, r=16)
     by_m = {x.args["M"]: x for x in gpu.autotuned}
-    assert by_m[138].args["SPLIT_K"] == 2  # [dA; dR]
+    assert by_m[144].args["SPLIT_K"] == 2  # [dA; dR; 0]
     assert by_m[8192].args["SPLIT_K"] == 1  # forward, dx
 
 
@@ -271,6 +374,89 @@ def test_split_k_matches_reference(dtype, split):
         assert e <= 2 * e1 + 1e-5, (e, e1)
     else:
         assert e <= {torch.float64: 1e-12, torch.float32: 1e-5}[dtype], e
+
+
+# ------------------------------------------------------------------------------------------
+# route forward split over K: partials, then a second launch sums them and runs the epilogue
+# ------------------------------------------------------------------------------------------
+def test_route_split_choice():
+    assert tuning.route_split(8192, 4096, 128, 64, 132) == 3
+    assert tuning.route_split(8192, 14336, 128, 64, 132) == 3
+    assert tuning.route_split(32768, 4096, 128, 64, 132) == 1  # 256 token blocks: enough
+    assert tuning.route_split(1, 4096, 128, 64, 132) == 8  # decode: capped
+    assert tuning.route_split(1, 128, 128, 64, 132) == 1  # 2 steps of K: too short to split
+    # at least one program per SM at the target shapes (T = 8192, 132 SMs)
+    bt, bk = tb.route_config(128, interpret=False)[:2]
+    for K in (4096, 14336):
+        assert -(-8192 // bt) * tuning.route_split(8192, K, bt, bk, 132) >= 132
+
+
+def test_route_split_launches(monkeypatch):
+    """At the target shape the route kernel runs 64 token blocks x 3 splits of K (multiples
+    of BLOCK_K = 32: 43 steps, 43, 42), writing fp32 partials that a second launch over
+    32-token blocks sums."""
+    gpu = FakeGPU(monkeypatch, sms=132)
+    meta_call(T=8192, K=4096, N=64, E_L=8, r=16, backward=False, stats=True)
+    fwd, = [x for x in gpu.launches if x.name == "route_fwd_kernel"]
+    epi, = [x for x in gpu.launches if x.name == "route_epilogue_kernel"]
+    assert fwd.grid == (64, 1, 3) and fwd.args["PARTIAL"] and fwd.args["k_chunk"] == 43 * 32
+    assert fwd.args["ph_ptr"].shape == (3, 8192, 128)
+    assert fwd.args["pr_ptr"].shape == (3, 8192, 16 + 3 * 16 + 1)
+    assert epi.grid == (256, 1) and epi.args["SPLITS"] == 3 and epi.args["STATS"]
+    assert fwd.args["CDOT_PREC"] == "tf32x3" and fwd.args["CP"] == 16
+    gpu.launches.clear()
+    meta_call(T=32768, K=4096, N=64, E_L=8, r=16, backward=False)
+    fwd, = [x for x in gpu.launches if x.name == "route_fwd_kernel"]
+    assert fwd.grid == (256, 1, 1) and not fwd.args["PARTIAL"]
+    assert not [x for x in gpu.launches if x.name == "route_epilogue_kernel"]
+
+
+SPLIT_CASES = ("basic", "reduce_max", "reduce_mean", "shift_rms", "x_lora", "wide_70",
+               "stats_keep", "T1", "no_clusters")
+
+
+@pytest.mark.skipif(not tb._INTERPRET, reason="runs kernels under the Triton interpreter")
+@dtypes(torch.float64, torch.float32, torch.bfloat16)
+@pytest.mark.parametrize("name", SPLIT_CASES)
+def test_route_split_matches_reference(monkeypatch, name, dtype):
+    """Conformance cases with route forward's K loop split in 3 (K = 45 in 16-channel steps:
+    the last split is partial; wide_70's K = 20 gives 2), held to the fp64 reference as
+    test_conformance holds every backend (the interpreter's own choice is 1 split here)."""
+    monkeypatch.setattr(tb, "route_split", lambda *a, **k: 3)
+    case = CASES[name]
+    inp = make_inputs(case, dtype)
+    got = run_backend(Target("triton", "cpu"), case, inp)
+    baselines = ()
+    if dtype in LOW:
+        monkeypatch.setattr(tb, "route_split", lambda *a, **k: 1)
+        baselines = (reference_lowp(case, inp), run_backend(Target("triton", "cpu"), case, inp))
+    check(got, truth(case, inp), dtype, baselines, f"triton split {name} {dtype}")
+
+
+@pytest.mark.skipif(not tb._INTERPRET, reason="runs kernels under the Triton interpreter")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("arg,value", [("x", float("nan")), ("x", float("-inf")),
+                                       ("centers", float("nan")), ("vars", -1.0)])
+@pytest.mark.parametrize("name", ["reduce_max", "reduce_rms"])
+@pytest.mark.parametrize("split", [1, 3])
+def test_route_split_keeps_the_nonfinite_contract(monkeypatch, arg, value, name, split):
+    """One pass and partial sums carry NaN and inf as the reference does (§1.5): the same
+    rows non-finite, the others conforming, the same experts selected. For rms the expanded
+    dots would give inf − inf = NaN where the reference has inf (NaN ranks a logit last, inf
+    first): a block with a non-finite distance recomputes it term by term."""
+    monkeypatch.setattr(tb, "route_split", lambda *a, **k: split)
+    case = CASES[name]
+    inp = make_inputs(case, torch.float32)
+    t = inp[arg].clone()
+    if arg == "x":
+        t[4, 40] = value  # in the last split
+    else:
+        t[1, 2] = value  # in the first
+    inp[arg] = t
+    if arg == "vars":
+        inp["inv_std"] = (t + 1e-5).rsqrt()
+    got = run_backend(Target("triton", "cpu"), case, inp)
+    conform_rows(got, case, inp, f"triton split {name} {arg}={value}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -455,3 +641,58 @@ def test_a_bad_centre_or_r_poisons_its_own_row_only(dtype, groups, value):
     assert torch.equal(got[others], clean[others])
     assert bool((~torch.isfinite(got[2, -2:])).all())
     assert torch.equal(got[2, :-2], clean[2, :-2])
+
+
+# ------------------------------------------------------------------------------------------
+# the clusters' sliding update in one launch (the optimizer step, not the op)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not tb._INTERPRET, reason="runs kernels under the Triton interpreter")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dist", [False, True], ids=["no_dist", "dist"])
+@pytest.mark.parametrize("stats_kind", ["clean", "empty_cluster", "nonfinite"])
+def test_cluster_ema_kernel_matches_torch(acc, dist, stats_kind):
+    """cluster_ema_kernel against the definition, cluster_ema_torch, on the same state: the
+    centres, variances, distance statistics, inv_std and shift within fp32 rounding, the
+    rejected counter exactly; a cluster without tokens keeps its centre and variance; a
+    non-finite statistic changes nothing but the counter. C = 5, K = 70 (not multiples of the
+    block), the statistics a strided view."""
+    from slim_kernels.ops.ema import cluster_ema_torch
+    g = torch.Generator().manual_seed(7)
+    C, K = 5, 70
+    centers = torch.randn(C, K, generator=g)
+    variances = torch.rand(C, K, generator=g) + 0.5
+    n = torch.tensor([3.0, 0.0 if stats_kind == "empty_cluster" else 2.0, 5.0, 1.0, 4.0])
+    mean = torch.randn(C, K, generator=g) * 0.3
+    S1 = (n[:, None] * mean).to(acc)
+    S2 = (n[:, None] * (mean.square() + torch.rand(C, K, generator=g))).to(acc)
+    r = torch.rand(C, generator=g).to(acc) + 0.5
+    stats = torch.cat([n.to(acc)[:, None], S1, S2, (n * r)[:, None], (n * r * r)[:, None]], 1)
+    if stats_kind == "nonfinite":
+        stats[2, 7] = float("nan")
+    stats = torch.cat([stats, torch.zeros(C, 3, dtype=acc)], 1)[:, :2 * K + 3]  # strided rows
+    assert not stats.is_contiguous()
+
+    def state():
+        s = dict(centers=centers.clone(), variances=variances.clone(),
+                 rejected=torch.tensor(2, dtype=torch.int64),
+                 inv_std=torch.zeros(C, K), shift=torch.zeros(C))
+        s["distance_mean"] = torch.tensor(0.9) if dist else None
+        s["distance_var"] = torch.tensor(0.2) if dist else None
+        return s
+
+    want, got = state(), state()
+    args = lambda s: (s["centers"], s["variances"], s["rejected"], stats, 0.1,  # noqa: E731
+                      s["distance_mean"], s["distance_var"], s["inv_std"], s["shift"], 1e-5)
+    cluster_ema_torch(*args(want))
+    tb.cluster_ema(*args(got))
+    assert int(got["rejected"]) == int(want["rejected"]) == (3 if stats_kind == "nonfinite" else 2)
+    for k in ("centers", "variances", "inv_std", "shift", "distance_mean", "distance_var"):
+        if want[k] is not None:
+            torch.testing.assert_close(got[k], want[k], rtol=2e-6, atol=1e-7, msg=k)
+    if stats_kind != "clean":  # cluster 1 (no tokens), or all (rejected): unchanged
+        rows = [1] if stats_kind == "empty_cluster" else list(range(C))
+        assert torch.equal(got["centers"][rows], centers[rows])
+        assert torch.equal(got["variances"][rows], variances[rows])
+    if stats_kind == "clean":  # the update moved something
+        assert not torch.equal(got["centers"], centers)

@@ -1,17 +1,23 @@
 """The SLIM Triton kernels (``docs/method.md`` §6). Pure kernels: no torch, no launch logic.
 
-Four kernels:
+Six kernels:
 
 * ``route_fwd_kernel``: one pass over x. Per block of BLOCK_T tokens (and per RP-wide block
   of h columns: one block up to E_L·r = 128, more above, each recomputing the small routing
   part so the h accumulator stays in registers) the K loop computes
   ``[h | z] = x [A_all; R]ᵀ`` (h from x_lora when given, loaded in the same loop) and, for
-  each of the C clusters, the squared distance and the one reduce of ``|x - c| * inv_std``
-  the call asks for (max, sum, or sum of squares). The epilogue picks j*, forms
+  the C clusters, the squared distances and the reduce of ``|x - c| * inv_std`` the call
+  asks for: tensor-core dots for the squared distances and the rms reduce (the expanded
+  form, measured from the first centre), CUDA cores for max and mean
+  (:func:`_route_accumulate`). The epilogue (:func:`_route_finish`) picks j*, forms
   ``d = r - shift[j*]`` (the constant 1 without a shift), adds yielding to the identity
-  logits, does top-k (rank-count, NaN last, ties to the lower index), the softmax over the kept
-  experts, and writes gates, topk_idx, distance, assign, h (fp32) and
-  ``hg = s * g ⊙ h`` (x dtype) for the fused linear kernel.
+  logits, does top-k (rank-count, NaN last, ties to the lower index), the softmax over the
+  kept experts, and writes gates, topk_idx, distance, assign, h (fp32) and
+  ``hg = s * g ⊙ h`` (x dtype) for the GEMM that follows. When the token blocks alone leave
+  SMs idle the K loop is split over a third grid axis (PARTIAL) and the program writes its
+  fp32 partial sums instead;
+* ``route_epilogue_kernel``: the second launch of a split route forward: the partials summed
+  in split order (deterministic), then the same epilogue;
 * ``cluster_stats_kernel``: when asked for, the per-cluster statistics of the sliding update
   (count, sums and sums of squares of ``x - c_{j*}``, of r), a second pass over x after the
   route kernel has chosen j* (it writes j*-or-not-kept and r per token for it). Deterministic:
@@ -20,10 +26,17 @@ Four kernels:
   segments with arbitrary strides (the bias's too), fp32 accumulation, grouped program
   ordering, optional split-K of the first segment into fp32 partials. Used for
   ``y = [x | hg][W | B_all]ᵀ + b``, ``dx = [dy | dh | dz][W; A_all; R]`` and the weight
-  gradients (transposed strides; split-K when the output has few tiles).
+  gradients (transposed strides; split-K when the output has few tiles), in the ``fused``
+  design.
 * ``route_bwd_kernel``: ``dhg = dy B_all`` (K loop over N) and the epilogue to
   ``dg``, ``dz`` (softmax backward), ``dh = s g ⊙ dhg`` and ``hg`` (recomputed from h);
   optionally ``dB_all = dyᵀ hg`` summed in the same pass over dy.
+* ``cluster_ema_kernel``: the clusters' sliding update at the optimizer step (not part of
+  the op): the statistics applied to the centres, variances and routing tensors in one launch.
+
+The token count T is not specialised on (``do_not_specialize``): T = 1, a multiple of 16 and
+any other T share one compiled route, route-backward and statistics kernel (T only bounds
+masks there), so decode and odd batch sizes cost no extra compiles.
 
 Offsets: every product of an index and a stride is int64 (an index that can reach T, N, K
 or E_L·r, times a stride); only offsets bounded by one row's length stay int32.
@@ -74,55 +87,59 @@ def _chunk_sums(v, ecol, hcol, R: tl.constexpr, E_L: tl.constexpr):
 
 
 @triton.jit
-def route_fwd_kernel(
-    x_ptr, xl_ptr, a_ptr, r_ptr, c_ptr, s_ptr, sh_ptr, keep_ptr,
-    gates_ptr, idx_ptr, dist_ptr, assign_ptr, h_ptr, hg_ptr, sj_ptr, rr_ptr,
-    T, K,
-    stride_xt, stride_xlt, stride_a, stride_r, stride_c, stride_s, stride_sh, stride_keep,
-    scaling, lam,
-    ER: tl.constexpr, R: tl.constexpr, E: tl.constexpr, E_L: tl.constexpr,
-    TOPK: tl.constexpr, C: tl.constexpr,
-    RP: tl.constexpr, EP: tl.constexpr, CP: tl.constexpr,
-    HAS_XL: tl.constexpr, REDUCE: tl.constexpr, YIELD: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    STATS: tl.constexpr, HAS_KEEP: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+def _route_accumulate(
+    x_ptr, xl_ptr, a_ptr, r_ptr, c_ptr, s_ptr, xc_ptr,
+    rows64, tmask, wmask, hcol, ecol, ccol, k_lo, k_hi,
+    stride_xt, stride_xlt, stride_a, stride_r, stride_c, stride_s, stride_xc,
+    ER: tl.constexpr, E: tl.constexpr, C: tl.constexpr, RP: tl.constexpr, EP: tl.constexpr,
+    CP: tl.constexpr, HAS_XL: tl.constexpr, REDUCE: tl.constexpr, STATS: tl.constexpr,
+    WRITE_X: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    CDOT_PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """See the module docstring. With STATS (clusters given and their statistics asked for)
-    it also writes, per token, what :func:`cluster_stats_kernel` needs: ``sj`` (int32) = j* when
-    the token is kept (``keep[t]``, read through its stride, when HAS_KEEP; and every entry of
-    x_t finite, checked in the K loop), else -1; and ``rr`` = r, the reduced distance before
-    the shift (acc dtype). 8 bytes per token written, 1 read (the keep mask)."""
-    pid = tl.program_id(0)
-    pid_h = tl.program_id(1)  # which RP-wide block of h columns this program owns
-    ACC = h_ptr.dtype.element_ty  # fp32 (fp64 for fp64 x)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = rows < T
-    wmask = rows < tl.where(pid_h == 0, T, 0)  # routing outputs: written by column block 0
-    rows64 = rows.to(tl.int64)
-    hcol = pid_h * RP + tl.arange(0, RP)
-    ecol = tl.arange(0, EP)
-    ccol = tl.arange(0, CP)
+    """The K loop of route forward over channels [k_lo, k_hi): returns (acc_h, acc_z, c_sq,
+    c_red, c_nan, x_nf), all sums over the channels (so that K chunks add up):
+
+    * acc_h (BLOCK_T, RP) = x_lora A_allᵀ for this program's RP columns, acc_z = x Rᵀ;
+    * c_sq (BLOCK_T, CP) = ||x − c_j||² − ||x − o||² with the origin o = c_0 (the first
+      centre): the argmin over j of the squared distance needs no per-token constant, and
+      measuring from c_0 instead of 0 keeps the cancellation of the expanded form small (a
+      channel with a large mean and a small spread costs nothing). Tensor-core dot:
+      (x − o)·(−2(c − o))ᵀ plus Σ(c − o)² per cluster;
+    * c_red: REDUCE 2 (rms) Σ((x − c_j) s_j)², expanded the same way into two dots,
+      (x − o)²·(s²)ᵀ and (x − o)·(−2(c − o)s²)ᵀ, plus Σ(c − o)²s²; REDUCE 1 (mean) Σ|x − c_j| s_j
+      and REDUCE 0 (max) max |x − c_j| s_j on CUDA cores (an absolute value has no dot form),
+      with c_nan the sum of the NaN terms the max drops (added back in the epilogue, so d is
+      NaN as with torch.amax, §1.5);
+    * x_nf (BLOCK_T,) = Σ(x − x): 0 iff the row is finite (STATS only).
+
+    Cluster dots run in CDOT_PREC ("tf32x3" on a GPU: three tf32 passes, about fp32
+    accuracy; x is exact in tf32 for bf16 x; "ieee" under the interpreter and for fp64).
+    With WRITE_X, the x tiles of the rows in ``wmask`` are also stored at xc_ptr (the
+    extended-K design's [x | hg] buffer): one more write of x, no more reads. Masked channels
+    load x = c = 0."""
     kk = tl.arange(0, BLOCK_K)
-    # every index x stride product in int64 (a row of A or R, a cluster row): rows64 above
     hcol64 = hcol.to(tl.int64)
     ecol64 = ecol.to(tl.int64)
+    ccol64 = ccol.to(tl.int64)
     stride_c64 = tl.cast(stride_c, tl.int64)
     stride_s64 = tl.cast(stride_s, tl.int64)
-
     acc_h = tl.zeros((BLOCK_T, RP), dtype=ACC)
     acc_z = tl.zeros((BLOCK_T, EP), dtype=ACC)
     c_sq = tl.zeros((BLOCK_T, CP), dtype=ACC)
-    c_mx = tl.zeros((BLOCK_T, CP), dtype=ACC)
-    c_sm = tl.zeros((BLOCK_T, CP), dtype=ACC)
-    c_ss = tl.zeros((BLOCK_T, CP), dtype=ACC)
-    x_nf = tl.zeros((BLOCK_T,), dtype=ACC)  # STATS: Σ (x - x): 0 iff the row is finite
-
-    for k0 in range(0, K, BLOCK_K):
+    c_red = tl.zeros((BLOCK_T, CP), dtype=ACC)
+    c_nan = tl.zeros((BLOCK_T, CP), dtype=ACC)
+    c_cc = tl.zeros((CP,), dtype=ACC)  # Σ (c − o)², then Σ (c − o)² s² for rms
+    c_cs = tl.zeros((CP,), dtype=ACC)
+    x_nf = tl.zeros((BLOCK_T,), dtype=ACC)
+    cmask = ccol < C
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + kk
-        kmask = ks < K
+        kmask = ks < k_hi
         xm = tmask[:, None] & kmask[None, :]
         x = tl.load(x_ptr + rows64[:, None] * stride_xt + ks[None, :], mask=xm, other=0.0)
+        if WRITE_X:
+            tl.store(xc_ptr + rows64[:, None] * stride_xc + ks[None, :], x,
+                     mask=wmask[:, None] & kmask[None, :])
         a = tl.load(a_ptr + hcol64[:, None] * stride_a + ks[None, :],
                     mask=(hcol[:, None] < ER) & kmask[None, :], other=0.0)
         rt = tl.load(r_ptr + ecol64[:, None] * stride_r + ks[None, :],
@@ -142,31 +159,89 @@ def route_fwd_kernel(
             xf = x.to(ACC)
             if STATS:
                 x_nf += tl.sum(xf - xf, axis=1)  # NaN for a NaN or ±inf entry, else 0
-            # CUDA-core work per element and cluster, so only what the reduce needs:
-            # masked K columns load x = c = 0 (diff 0); masked token rows are never stored
-            for c in tl.static_range(C):
-                cen = tl.load(c_ptr + c * stride_c64 + ks, mask=kmask, other=0.0).to(ACC)
-                isd = tl.load(s_ptr + c * stride_s64 + ks, mask=kmask, other=0.0).to(ACC)
-                diff = xf - cen[None, :]
-                d2 = diff * diff
-                sel = ccol[None, :] == c
-                c_sq = tl.where(sel, c_sq + tl.sum(d2, axis=1)[:, None], c_sq)
-                if REDUCE == 0:
-                    u = tl.abs(diff) * isd[None, :]
-                    c_mx = tl.where(sel, tl.maximum(c_mx, tl.max(u, axis=1)[:, None]), c_mx)
-                    # the max may drop NaN: c_sm (unused by max) sums the NaN u, added to
-                    # the max in the epilogue, so d is NaN as with torch.amax (§1.5)
-                    c_sm = tl.where(sel, c_sm + tl.sum(tl.where(u != u, u, 0.0), axis=1)[:, None],
-                                    c_sm)
-                elif REDUCE == 1:
-                    u = tl.abs(diff) * isd[None, :]
-                    c_sm = tl.where(sel, c_sm + tl.sum(u, axis=1)[:, None], c_sm)
-                else:
-                    c_ss = tl.where(sel, c_ss + tl.sum(d2 * (isd * isd)[None, :], axis=1)[:, None],
-                                    c_ss)
+            cm = cmask[:, None] & kmask[None, :]
+            cen = tl.load(c_ptr + ccol64[:, None] * stride_c64 + ks[None, :], mask=cm,
+                          other=0.0).to(ACC)
+            org = tl.load(c_ptr + ks, mask=kmask, other=0.0).to(ACC)  # the origin c_0
+            xd = xf - org[None, :]
+            cd = tl.where(cm, cen - org[None, :], 0.0)
+            c_sq = tl.dot(xd, tl.trans(-2.0 * cd), c_sq, input_precision=CDOT_PREC,
+                          out_dtype=ACC)
+            c_cc += tl.sum(cd * cd, axis=1)
+            if REDUCE == 2:
+                isd = tl.load(s_ptr + ccol64[:, None] * stride_s64 + ks[None, :], mask=cm,
+                              other=0.0).to(ACC)
+                s2 = isd * isd
+                c_red = tl.dot(xd * xd, tl.trans(s2), c_red, input_precision=CDOT_PREC,
+                               out_dtype=ACC)
+                c_red = tl.dot(xd, tl.trans(-2.0 * cd * s2), c_red, input_precision=CDOT_PREC,
+                               out_dtype=ACC)
+                c_cs += tl.sum(cd * cd * s2, axis=1)
+            else:
+                # CUDA-core work per element and cluster: masked K columns load x = c = 0
+                # (diff 0); masked token rows are never stored
+                for c in tl.static_range(C):
+                    cr = tl.load(c_ptr + c * stride_c64 + ks, mask=kmask, other=0.0).to(ACC)
+                    sr = tl.load(s_ptr + c * stride_s64 + ks, mask=kmask, other=0.0).to(ACC)
+                    u = tl.abs(xf - cr[None, :]) * sr[None, :]
+                    sel = ccol[None, :] == c
+                    if REDUCE == 0:
+                        c_red = tl.where(sel, tl.maximum(c_red, tl.max(u, axis=1)[:, None]),
+                                         c_red)
+                        c_nan = tl.where(sel, c_nan + tl.sum(tl.where(u != u, u, 0.0),
+                                                             axis=1)[:, None], c_nan)
+                    else:
+                        c_red = tl.where(sel, c_red + tl.sum(u, axis=1)[:, None], c_red)
+    if C > 0:
+        c_sq += c_cc[None, :]
+        if REDUCE == 2:
+            c_red += c_cs[None, :]
+    return acc_h, acc_z, c_sq, c_red, c_nan, x_nf
 
-    # ---- epilogue: cluster choice, distance, yielding -------------------------------
-    z = acc_z
+
+@triton.jit
+def _rms_exact(x_ptr, c_ptr, s_ptr, rows64, tmask, jstar, K, stride_xt, stride_c, stride_s,
+               ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Σ_k ((x_k − c_{j*,k}) s_{j*,k})² per token, term by term (the centre and inv_std rows
+    of each token's own j* gathered): what the expanded dots give, but with the reference's
+    NaN or inf where a term is non-finite (the dots can turn inf into inf − inf = NaN, and
+    NaN ranks a logit last where inf ranks it first, §1.5). Only for a block that has a
+    non-finite distance."""
+    kk = tl.arange(0, BLOCK_K)
+    j64 = jstar.to(tl.int64)
+    out = tl.zeros((BLOCK_T,), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + kk
+        m = tmask[:, None] & (ks < K)[None, :]
+        x = tl.load(x_ptr + rows64[:, None] * stride_xt + ks[None, :], mask=m, other=0.0)
+        c = tl.load(c_ptr + j64[:, None] * tl.cast(stride_c, tl.int64) + ks[None, :], mask=m,
+                    other=0.0)
+        sv = tl.load(s_ptr + j64[:, None] * tl.cast(stride_s, tl.int64) + ks[None, :], mask=m,
+                     other=0.0)
+        u = (x.to(ACC) - c.to(ACC)) * sv.to(ACC)
+        out += tl.sum(u * u, axis=1)
+    return out
+
+
+@triton.jit
+def _route_finish(
+    acc_h, z, c_sq, c_red, c_nan, x_nf,
+    x_ptr, c_ptr, s_ptr,
+    sh_ptr, keep_ptr, gates_ptr, idx_ptr, dist_ptr, assign_ptr, h_ptr, hg_ptr, sj_ptr, rr_ptr,
+    rows64, tmask, wmask, hcol, ecol, ccol, K, stride_xt, stride_c, stride_s,
+    stride_sh, stride_keep, stride_hg,
+    scaling, lam,
+    ER: tl.constexpr, R: tl.constexpr, E: tl.constexpr, E_L: tl.constexpr,
+    TOPK: tl.constexpr, C: tl.constexpr, EP: tl.constexpr, CP: tl.constexpr,
+    REDUCE: tl.constexpr, YIELD: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    STATS: tl.constexpr, HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The route epilogue on the summed accumulators of :func:`_route_accumulate`: the
+    cluster choice, the distance, yielding, top-k, the softmax, and the stores of gates,
+    topk_idx, distance, assign (rows in ``wmask``), h and hg (this program's columns).
+    x, the centres and inv_std are read again only for a block whose rms distance is not
+    finite somewhere (:func:`_rms_exact`)."""
     if C > 0:
         # j* = first minimum, a non-finite squared distance counting as -inf (§1.5): no NaN
         # enters the comparisons, so j* is always a valid cluster
@@ -175,12 +250,19 @@ def route_fwd_kernel(
         mn = tl.min(sqm, axis=1)
         jstar = tl.min(tl.where(sqm == mn[:, None], ccol[None, :], CP), axis=1)
         pick = ccol[None, :] == jstar[:, None]
+        red = tl.sum(tl.where(pick, c_red, 0.0), axis=1)
         if REDUCE == 0:
-            red = tl.sum(tl.where(pick, c_mx + c_sm, 0.0), axis=1)
+            red += tl.sum(tl.where(pick, c_nan, 0.0), axis=1)
         elif REDUCE == 1:
-            red = tl.sum(tl.where(pick, c_sm, 0.0), axis=1) / K
+            red = red / K
         else:
-            red = tl.sqrt(tl.sum(tl.where(pick, c_ss, 0.0), axis=1) / K)
+            bad = (red - red != 0.0) & tmask
+            if tl.max(bad.to(tl.int32), axis=0) > 0:
+                red = tl.where(bad, _rms_exact(x_ptr, c_ptr, s_ptr, rows64, tmask, jstar, K,
+                                               stride_xt, stride_c, stride_s, ACC, BLOCK_T,
+                                               BLOCK_K), red)
+            # the expanded sum can round below 0 where x = c; NaN stays NaN (NaN < 0 is false)
+            red = tl.sqrt(tl.where(red < 0.0, 0.0, red) / K)
         if HAS_SHIFT:
             # d = r - shift[j*]: the picked cluster's value selected (not multiplied), so a
             # non-finite shift of another cluster does not reach this token (§1.5)
@@ -240,8 +322,145 @@ def route_fwd_kernel(
     tl.store(h_ptr + rows64[:, None] * ER + hcol[None, :], acc_h, mask=hmask)
     gexp = _expand_gates(g.to(ACC), ecol, hcol, R, E_L)
     hg = (scaling * gexp) * acc_h
-    tl.store(hg_ptr + rows64[:, None] * ER + hcol[None, :],
+    tl.store(hg_ptr + rows64[:, None] * tl.cast(stride_hg, tl.int64) + hcol[None, :],
              _cast(hg, hg_ptr.dtype.element_ty, UPCAST), mask=hmask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def route_fwd_kernel(
+    x_ptr, xl_ptr, a_ptr, r_ptr, c_ptr, s_ptr, sh_ptr, keep_ptr, xc_ptr,
+    gates_ptr, idx_ptr, dist_ptr, assign_ptr, h_ptr, hg_ptr, sj_ptr, rr_ptr,
+    ph_ptr, pr_ptr,
+    T, K, k_chunk,
+    stride_xt, stride_xlt, stride_a, stride_r, stride_c, stride_s, stride_sh, stride_keep,
+    stride_xc, stride_hg, stride_ps, stride_pr,
+    scaling, lam,
+    ER: tl.constexpr, R: tl.constexpr, E: tl.constexpr, E_L: tl.constexpr,
+    TOPK: tl.constexpr, C: tl.constexpr,
+    RP: tl.constexpr, EP: tl.constexpr, CP: tl.constexpr,
+    HAS_XL: tl.constexpr, REDUCE: tl.constexpr, YIELD: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    STATS: tl.constexpr, HAS_KEEP: tl.constexpr, WRITE_X: tl.constexpr,
+    PARTIAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    CDOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """See the module docstring. Grid (cdiv(T, BLOCK_T), column blocks of h, splits of K).
+
+    PARTIAL = False (one split): the whole K loop, then the epilogue (:func:`_route_finish`).
+    PARTIAL = True: program (t, j, s) sums channels [s·k_chunk, (s+1)·k_chunk) and stores
+    fp32 (fp64) partials for :func:`route_epilogue_kernel`: its h columns into
+    ``ph[s, t, :]`` (row stride ER), and, from column block 0 only, the routing sums into
+    ``pr[s, t, :]`` (row stride ``stride_pr``): z at [0, EP), the cluster squared
+    distances at [EP, EP + CP), the reduce at [EP + CP, EP + 2CP), its NaN terms at
+    [EP + 2CP, EP + 3CP) and x's non-finite flag at EP + 3CP. ``stride_ps``: the elements
+    between two splits of ph (T·ER); pr's split stride is T·stride_pr.
+
+    With STATS (clusters given and their statistics asked for) the epilogue also writes, per
+    token, what :func:`cluster_stats_kernel` needs: ``sj`` (int32) = j* when the token is
+    kept (``keep[t]``, read through its stride, when HAS_KEEP; and every entry of x_t finite,
+    checked in the K loop), else -1; and ``rr`` = r, the reduced distance before the
+    shift (acc dtype). 8 bytes per token written, 1 read (the keep mask)."""
+    pid = tl.program_id(0)
+    pid_h = tl.program_id(1)  # which RP-wide block of h columns this program owns
+    pid_s = tl.program_id(2)  # which chunk of K (PARTIAL)
+    ACC = h_ptr.dtype.element_ty  # fp32 (fp64 for fp64 x)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = rows < T
+    wmask = rows < tl.where(pid_h == 0, T, 0)  # routing outputs: written by column block 0
+    rows64 = rows.to(tl.int64)
+    hcol = pid_h * RP + tl.arange(0, RP)
+    ecol = tl.arange(0, EP)
+    ccol = tl.arange(0, CP)
+    if PARTIAL:
+        k_lo = pid_s * k_chunk
+        k_hi = tl.minimum(k_lo + k_chunk, K)
+    else:
+        k_lo = 0
+        k_hi = K
+    acc_h, z, c_sq, c_red, c_nan, x_nf = _route_accumulate(
+        x_ptr, xl_ptr, a_ptr, r_ptr, c_ptr, s_ptr, xc_ptr,
+        rows64, tmask, wmask, hcol, ecol, ccol, k_lo, k_hi,
+        stride_xt, stride_xlt, stride_a, stride_r, stride_c, stride_s, stride_xc,
+        ER, E, C, RP, EP, CP, HAS_XL, REDUCE, STATS, WRITE_X, UPCAST, DOT_PREC,
+        CDOT_PREC, ACC, BLOCK_T, BLOCK_K)
+    if PARTIAL:
+        s64 = pid_s.to(tl.int64)
+        ph = ph_ptr + s64 * tl.cast(stride_ps, tl.int64)
+        tl.store(ph + rows64[:, None] * ER + hcol[None, :], acc_h,
+                 mask=tmask[:, None] & (hcol[None, :] < ER))
+        pr = pr_ptr + (s64 * T + rows64) * tl.cast(stride_pr, tl.int64)  # (BLOCK_T,) rows
+        tl.store(pr[:, None] + ecol[None, :], z, mask=wmask[:, None])
+        if C > 0:
+            tl.store(pr[:, None] + EP + ccol[None, :], c_sq, mask=wmask[:, None])
+            tl.store(pr[:, None] + (EP + CP) + ccol[None, :], c_red, mask=wmask[:, None])
+            tl.store(pr[:, None] + (EP + 2 * CP) + ccol[None, :], c_nan, mask=wmask[:, None])
+            tl.store(pr + (EP + 3 * CP), x_nf, mask=wmask)
+    else:
+        _route_finish(acc_h, z, c_sq, c_red, c_nan, x_nf, x_ptr, c_ptr, s_ptr,
+                      sh_ptr, keep_ptr, gates_ptr, idx_ptr, dist_ptr, assign_ptr, h_ptr, hg_ptr,
+                      sj_ptr, rr_ptr, rows64, tmask, wmask, hcol, ecol, ccol, K, stride_xt,
+                      stride_c, stride_s, stride_sh, stride_keep, stride_hg, scaling, lam,
+                      ER, R, E, E_L, TOPK, C, EP, CP, REDUCE, YIELD, HAS_SHIFT, STATS, HAS_KEEP,
+                      UPCAST, ACC, BLOCK_T, BLOCK_K)
+
+
+@triton.jit(do_not_specialize=["T"])
+def route_epilogue_kernel(
+    ph_ptr, pr_ptr, x_ptr, c_ptr, s_ptr, sh_ptr, keep_ptr,
+    gates_ptr, idx_ptr, dist_ptr, assign_ptr, h_ptr, hg_ptr, sj_ptr, rr_ptr,
+    T, K, SPLITS,
+    stride_xt, stride_c, stride_s, stride_sh, stride_keep, stride_hg, stride_ps, stride_pr,
+    scaling, lam,
+    ER: tl.constexpr, R: tl.constexpr, E: tl.constexpr, E_L: tl.constexpr,
+    TOPK: tl.constexpr, C: tl.constexpr,
+    RP: tl.constexpr, EP: tl.constexpr, CP: tl.constexpr,
+    REDUCE: tl.constexpr, YIELD: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    STATS: tl.constexpr, HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Route forward split over K, second launch: sums the SPLITS partials of
+    :func:`route_fwd_kernel` (PARTIAL) in split order (deterministic; the max reduce by max)
+    and runs the epilogue. Grid (cdiv(T, BLOCK_T), column blocks of h)."""
+    pid = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    ACC = h_ptr.dtype.element_ty
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = rows < T
+    wmask = rows < tl.where(pid_h == 0, T, 0)
+    rows64 = rows.to(tl.int64)
+    hcol = pid_h * RP + tl.arange(0, RP)
+    ecol = tl.arange(0, EP)
+    ccol = tl.arange(0, CP)
+    hmask = tmask[:, None] & (hcol[None, :] < ER)
+    acc_h = tl.zeros((BLOCK_T, RP), dtype=ACC)
+    z = tl.zeros((BLOCK_T, EP), dtype=ACC)
+    c_sq = tl.zeros((BLOCK_T, CP), dtype=ACC)
+    c_red = tl.zeros((BLOCK_T, CP), dtype=ACC)
+    c_nan = tl.zeros((BLOCK_T, CP), dtype=ACC)
+    x_nf = tl.zeros((BLOCK_T,), dtype=ACC)
+    stride_pr64 = tl.cast(stride_pr, tl.int64)
+    for s in range(0, SPLITS):
+        s64 = tl.cast(s, tl.int64)
+        ph = ph_ptr + s64 * tl.cast(stride_ps, tl.int64)
+        acc_h += tl.load(ph + rows64[:, None] * ER + hcol[None, :], mask=hmask, other=0.0)
+        pr = pr_ptr + (s64 * T + rows64) * stride_pr64  # (BLOCK_T,) rows
+        z += tl.load(pr[:, None] + ecol[None, :], mask=tmask[:, None], other=0.0)
+        if C > 0:
+            c_sq += tl.load(pr[:, None] + EP + ccol[None, :], mask=tmask[:, None], other=0.0)
+            red = tl.load(pr[:, None] + (EP + CP) + ccol[None, :], mask=tmask[:, None],
+                          other=0.0)
+            if REDUCE == 0:
+                c_red = tl.maximum(c_red, red)
+            else:
+                c_red += red
+            c_nan += tl.load(pr[:, None] + (EP + 2 * CP) + ccol[None, :], mask=tmask[:, None],
+                             other=0.0)
+            x_nf += tl.load(pr + (EP + 3 * CP), mask=tmask, other=0.0)
+    _route_finish(acc_h, z, c_sq, c_red, c_nan, x_nf, x_ptr, c_ptr, s_ptr,
+                  sh_ptr, keep_ptr, gates_ptr, idx_ptr, dist_ptr, assign_ptr, h_ptr, hg_ptr,
+                  sj_ptr, rr_ptr, rows64, tmask, wmask, hcol, ecol, ccol, K, stride_xt,
+                  stride_c, stride_s, stride_sh, stride_keep, stride_hg, scaling, lam,
+                  ER, R, E, E_L, TOPK, C, EP, CP, REDUCE, YIELD, HAS_SHIFT, STATS, HAS_KEEP,
+                  UPCAST, ACC, BLOCK_T, BLOCK_K)
 
 
 @triton.jit
@@ -293,7 +512,7 @@ def _row_bad(bad, v):
     return tl.maximum(bad, tl.max((v - v != 0.0).to(tl.int32), axis=1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def cluster_stats_kernel(
     x_ptr, c_ptr, sj_ptr, rr_ptr, out_ptr,
     T, K, group_len,
@@ -386,9 +605,11 @@ def cluster_stats_kernel(
 
 
 @triton.jit
-def _gemm_segment(acc, a_ptr, b_ptr, rm, rn, mm, nm, lo, hi, s_am, s_ak, s_bk, s_bn,
+def _gemm_segment(acc, a_ptr, b_ptr, rm, rn, mm, nm, lo, hi, hi_b, s_am, s_ak, s_bk, s_bn,
                   UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += a[rm, lo:hi] b[lo:hi, rn]. The offsets are int64 (rm, rn are; the k offsets are
+    """acc += a[rm, lo:hi] b[lo:hi, rn], b's rows read below hi_b only (hi_b <= hi: a's
+    columns from hi_b on are zeros, a row padding that keeps a's rows and extent multiples of
+    16 elements, while b has no such rows). The offsets are int64 (rm, rn are; the k offsets are
     made so): a weight gradient loops over T, and (T-1)·stride passes 2^31 at T ~ 150k for
     K = 14336. The tile's offsets are loop-invariant; a scalar base pointer advances by
     BLOCK_K·stride per step (loop-carried pointer tensors cost ~70 registers more, and
@@ -404,7 +625,7 @@ def _gemm_segment(acc, a_ptr, b_ptr, rm, rn, mm, nm, lo, hi, s_am, s_ak, s_bk, s
     for k0 in range(lo, hi, BLOCK_K):
         km = (k0 + rk) < hi
         a = tl.load(a_base + a_off, mask=mm[:, None] & km[None, :], other=0.0)
-        b = tl.load(b_base + b_off, mask=km[:, None] & nm[None, :], other=0.0)
+        b = tl.load(b_base + b_off, mask=((k0 + rk) < hi_b)[:, None] & nm[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -417,7 +638,7 @@ def _gemm_segment(acc, a_ptr, b_ptr, rm, rn, mm, nm, lo, hi, s_am, s_ak, s_bk, s
 @triton.jit
 def fused_linear_kernel(
     a1_ptr, b1_ptr, a2_ptr, b2_ptr, a3_ptr, b3_ptr, bias_ptr, out_ptr,
-    M, N, K1, K2, K3,
+    M, N, K1, K2, K3, K2B, K3B,
     s_a1m, s_a1k, s_b1k, s_b1n,
     s_a2m, s_a2k, s_b2k, s_b2n,
     s_a3m, s_a3k, s_b3k, s_b3n,
@@ -429,7 +650,8 @@ def fused_linear_kernel(
     GROUP_M: tl.constexpr,
 ):
     """out (M, N) = a1 b1 + a2 b2 + a3 b3 (+ bias[N]); a_i (M, K_i), b_i (K_i, N) and bias
-    (element stride s_bias) strided.
+    (element stride s_bias) strided. b2, b3 have K2B <= K2, K3B <= K3 rows (a2, a3 are zero
+    in the columns beyond: see :func:`_gemm_segment`).
 
     Split-K (grid axis 1, SPLIT_K programs per tile): program k sums its BLOCK_K-aligned chunk
     of segment 1 and writes the fp32 (fp64) partial at out + k·s_split; split 0 also adds
@@ -460,14 +682,14 @@ def fused_linear_kernel(
     chunk = tl.cdiv(tl.cdiv(K1, SPLIT_K), BLOCK_K) * BLOCK_K
     lo = pid_k * chunk
     hi = tl.minimum(lo + chunk, K1)
-    acc = _gemm_segment(acc, a1_ptr, b1_ptr, rm, rn, mm, nm, lo, hi,
+    acc = _gemm_segment(acc, a1_ptr, b1_ptr, rm, rn, mm, nm, lo, hi, hi,
                         s_a1m, s_a1k, s_b1k, s_b1n, UPCAST, DOT_PREC, BLOCK_K)
     first = pid_k == 0
     if HAS_2:
-        acc = _gemm_segment(acc, a2_ptr, b2_ptr, rm, rn, mm, nm, 0, tl.where(first, K2, 0),
+        acc = _gemm_segment(acc, a2_ptr, b2_ptr, rm, rn, mm, nm, 0, tl.where(first, K2, 0), K2B,
                             s_a2m, s_a2k, s_b2k, s_b2n, UPCAST, DOT_PREC, BLOCK_K)
     if HAS_3:
-        acc = _gemm_segment(acc, a3_ptr, b3_ptr, rm, rn, mm, nm, 0, tl.where(first, K3, 0),
+        acc = _gemm_segment(acc, a3_ptr, b3_ptr, rm, rn, mm, nm, 0, tl.where(first, K3, 0), K3B,
                             s_a3m, s_a3k, s_b3k, s_b3n, UPCAST, DOT_PREC, BLOCK_K)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn * s_bias, mask=rn < tl.where(first, N, 0), other=0.0)
@@ -478,7 +700,7 @@ def fused_linear_kernel(
              _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=mm[:, None] & nm[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def route_bwd_kernel(
     dy_ptr, b_ptr, h_ptr, gates_ptr, dgates_ptr,
     dhz_ptr, hg_ptr, db_ptr,
@@ -486,11 +708,14 @@ def route_bwd_kernel(
     stride_dyt, stride_bn, stride_dhz, stride_dg, stride_dbp,
     scaling,
     ER: tl.constexpr, R: tl.constexpr, E: tl.constexpr, E_L: tl.constexpr,
-    RP: tl.constexpr, EP: tl.constexpr,
+    RP: tl.constexpr, EP: tl.constexpr, EW: tl.constexpr,
     HAS_DG: tl.constexpr, DB_MODE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dhg = dy B_all (K loop over N); epilogue writes dhz = [dh | dz] and hg (x dtype).
+    """dhg = dy B_all (K loop over N); epilogue writes dhz = [dh | dz | 0] and hg (x dtype).
+    dhz's row is ER + EW wide (EW >= E, EW <= EP): the launcher pads it to a multiple of 16
+    elements so that the GEMMs reading it (dx, [dA; dR]) get 16-byte aligned rows and K
+    extents; the EW - E padding columns are written as zeros.
 
     dg_e = s Σ_{c in chunk e} dhg_c h_c (+ dgates_e);  dz = g ⊙ (dg − Σ g dg);
     dh = s g_e dhg;  hg = s g_e h.
@@ -562,6 +787,94 @@ def route_bwd_kernel(
     out_ty = dhz_ptr.dtype.element_ty
     tl.store(dhz_ptr + rows64[:, None] * stride_dhz + hcol[None, :], _cast(dh, out_ty, UPCAST),
              mask=hmask)
-    tl.store(dhz_ptr + rows64[:, None] * stride_dhz + ER + ecol[None, :], _cast(dz, out_ty, UPCAST),
-             mask=emask)
+    tl.store(dhz_ptr + rows64[:, None] * stride_dhz + ER + ecol[None, :],
+             _cast(tl.where(ecol[None, :] < E, dz, 0.0), out_ty, UPCAST),
+             mask=tmask[:, None] & (ecol[None, :] < EW))
     tl.store(hg_ptr + rows64[:, None] * ER + hcol[None, :], _cast(hg, out_ty, UPCAST), mask=hmask)
+
+
+@triton.jit
+def _lerp(a, b, w):
+    """torch.lerp's formula: a + w (b − a) for w < 0.5, else b − (b − a)(1 − w)."""
+    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+@triton.jit
+def cluster_ema_kernel(
+    c_ptr, v_ptr, rej_ptr, st_ptr, dm_ptr, dv_ptr, inv_ptr, sh_ptr,
+    C, K,
+    stride_c, stride_v, stride_st, stride_inv, stride_sh,
+    momentum, eps,
+    HAS_DIST: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The sliding update of the clusters (``docs/method.md`` §2;
+    :func:`slim_kernels.ops.ema.cluster_ema_torch` is the definition) in one launch of one
+    program: every entry of the (C, 2K + 3) statistics checked finite (else nothing changes
+    and the rejected counter goes up by one); then, per cluster with n > 0, c += mom·S1/n and
+    v = lerp(v, max(S2/n − (S1/n)², 0), mom); the distance statistics (HAS_DIST); and the
+    routing tensors inv_std = rsqrt(v + eps) (/ sigma) and shift. One program because the
+    finiteness test and the distance statistics are global: a second program could not know
+    them without a grid-wide barrier, and would race on the scalars. It moves ~2 MB at
+    C = 16, K = 4096, in place of a dozen torch launches."""
+    ACC = st_ptr.dtype.element_ty
+    L = 2 * K + 3
+    offs = tl.arange(0, BLOCK)
+    crow = tl.arange(0, CP)
+    cmask = crow < C
+    crow64 = crow.to(tl.int64)
+    stride_st64 = tl.cast(stride_st, tl.int64)
+    bad = tl.zeros((BLOCK,), dtype=tl.int32)
+    for j in range(0, C):
+        row = st_ptr + j * stride_st64
+        for k0 in range(0, L, BLOCK):
+            s = tl.load(row + k0 + offs, mask=k0 + offs < L, other=0.0)
+            bad = tl.maximum(bad, (s - s != 0.0).to(tl.int32))
+    ok = tl.max(bad, axis=0) == 0
+    n = tl.load(st_ptr + crow64 * stride_st64, mask=cmask, other=0.0)
+    n = tl.where(ok, n, 0.0)
+    if HAS_DIST:
+        count = tl.sum(n, axis=0)
+        rcol = st_ptr + crow64 * stride_st64 + 2 * tl.cast(K, tl.int64)  # Σr at +1, Σr² at +2
+        r1 = tl.sum(tl.where(ok, tl.load(rcol + 1, mask=cmask, other=0.0), 0.0), axis=0)
+        r2 = tl.sum(tl.where(ok, tl.load(rcol + 2, mask=cmask, other=0.0), 0.0), axis=0)
+        r1 = r1 / tl.maximum(count, 1.0)
+        r2 = r2 / tl.maximum(count, 1.0)
+        var_r = tl.maximum(r2 - r1 * r1, 0.0)
+        dm = tl.load(dm_ptr)
+        dv = tl.load(dv_ptr)
+        sigma2 = dv + eps
+        wr = tl.where((count > 0) & ok, momentum, 0.0)
+        dm = _lerp(dm, (r1 * tl.sqrt(sigma2).to(ACC)).to(tl.float32), wr)
+        dv = _lerp(dv, (var_r * sigma2.to(ACC)).to(tl.float32), wr)
+        tl.store(dm_ptr, dm)
+        tl.store(dv_ptr, dv)
+        sigma = tl.sqrt(dv + eps)
+        tl.store(sh_ptr + crow64 * stride_sh, tl.zeros((CP,), dtype=tl.float32) + dm / sigma,
+                 mask=cmask)
+    else:
+        tl.store(sh_ptr + crow64 * stride_sh, tl.full((CP,), 1.0, dtype=tl.float32), mask=cmask)
+    for j in range(0, C):
+        j64 = tl.cast(j, tl.int64)
+        nj = tl.where(ok, tl.load(st_ptr + j64 * stride_st64), 0.0)
+        rn = 1.0 / tl.maximum(nj, 1.0)
+        w = tl.where((nj > 0) & ok, momentum, 0.0).to(tl.float32)
+        for k0 in range(0, K, BLOCK):
+            ks = k0 + offs
+            km = ks < K
+            s1 = tl.load(st_ptr + j64 * stride_st64 + 1 + ks, mask=km, other=0.0)
+            s2 = tl.load(st_ptr + j64 * stride_st64 + 1 + K + ks, mask=km, other=0.0)
+            delta = tl.where(ok, s1, 0.0) * rn
+            var = tl.maximum(tl.where(ok, s2, 0.0) * rn - delta * delta, 0.0)
+            cp = c_ptr + j64 * stride_c + ks
+            vp = v_ptr + j64 * stride_v + ks
+            c = tl.load(cp, mask=km, other=0.0)
+            v = tl.load(vp, mask=km, other=1.0)
+            c = c + delta.to(tl.float32) * w
+            v = _lerp(v, var.to(tl.float32), w)
+            inv = 1.0 / tl.sqrt_rn(v + eps)
+            if HAS_DIST:
+                inv = inv / sigma
+            tl.store(cp, c, mask=km)
+            tl.store(vp, v, mask=km)
+            tl.store(inv_ptr + j64 * stride_inv + ks, inv, mask=km)
+    tl.store(rej_ptr, tl.load(rej_ptr) + tl.where(ok, 0, 1).to(tl.int64))
