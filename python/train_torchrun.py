@@ -99,7 +99,7 @@ def build_model(kind: str = "mlp", seed: int = 0, slim: Optional[SlimConfig] = N
     with base_context if base_context is not None else contextlib.nullcontext():
         model = TinyLM(**sizes) if kind == "mlp" else tiny_llama(**sizes)
     if slim is None:
-        targets = ("up_proj", "down_proj") if kind == "mlp" else SlimConfig().target_modules
+        targets = ("up_proj", "down_proj") if kind == "mlp" else None  # (None: all seven)
         slim = SlimConfig(num_lora_experts=4, num_identity_experts=1, rank=4, alpha=8.0,
                           top_k=2, num_clusters=3, cluster_momentum=0.1, backend=backend,
                           target_modules=targets)

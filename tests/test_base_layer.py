@@ -301,15 +301,25 @@ def test_bitsandbytes_4bit_model_trains_one_step_through_peft(tmp_path):
     _one_step_trains_experts_only(model)
 
 
-def test_slim_model_state_dict_keeps_the_base_names():
+def test_slim_model_state_dict_follows_peft_and_resumes_onto_a_fresh_slim_model():
+    """apply_slim injects PEFT's tuner layer, so a SLIM model's state dict names its base
+    weights as a LoRA model's does (``q_proj.base_layer.weight``); a checkpoint of it loads
+    onto a fresh SLIM model of the same config (Trainer's resume_from_checkpoint), all of it."""
     import slim_kernels as sk
     from hf_models import tiny_model
 
+    def slim_model(seed):
+        return sk.apply_slim(tiny_model(seed=seed), SlimConfig(
+            num_lora_experts=2, num_identity_experts=1, rank=2, num_clusters=2,
+            backend="torch"), verbose=False)
+
     plain = tiny_model()
-    model = sk.apply_slim(tiny_model(), SlimConfig(num_lora_experts=2, num_identity_experts=1,
-                                                   rank=2, num_clusters=2, backend="torch"),
-                          verbose=False)
-    sd = model.state_dict()
-    assert set(plain.state_dict()) <= set(sd)
-    res = tiny_model(seed=5).load_state_dict(sd, strict=False)  # the base class loads it
-    assert not res.missing_keys
+    sd = slim_model(0).state_dict()
+    wrapped = {k.replace(".weight", ".base_layer.weight") if "_proj." in k else k
+               for k in plain.state_dict()}
+    assert wrapped <= set(sd)
+    fresh = slim_model(5)
+    res = fresh.load_state_dict(sd)  # strict: every key
+    assert not res.missing_keys and not res.unexpected_keys
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, sd[k]), k
