@@ -107,6 +107,18 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
+def _install_peft_hook() -> None:
+    """Register SLIM with PEFT when ``peft`` is imported (the .pth file the install adds does
+    this at interpreter start; this covers a Python started without site-packages' .pth)."""
+    try:
+        import _slim_kernels_peft
+    except ImportError:  # (run from a source tree without the install)
+        return
+    _slim_kernels_peft.install()
+
+
+_install_peft_hook()
+
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as plain imports
     from .config import SlimConfig
     from .integrations.hf import (
