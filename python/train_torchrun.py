@@ -34,6 +34,7 @@ from torch import nn
 
 import slim_kernels as sk
 from slim_kernels import SlimConfig, SlimLinear
+from slim_kernels.clusters import CLUSTER_KEYS, DISTANCE_KEYS
 from slim_kernels.integrations.distributed import clusters_in_sync
 
 
@@ -143,10 +144,14 @@ def lm_loss(model: nn.Module, ids: torch.Tensor,
 
 # ------------------------------------------------------------------- adapters save/load
 def is_adapter_key(model: nn.Module, key: str) -> bool:
-    """SLIM state: a SlimLinear's lora_A / lora_B / router / cluster_* (not the frozen base)."""
+    """SLIM state: a SlimLinear's lora_A / lora_B / router and its clusters' buffers
+    (``clusters.cluster_centers``, ...), not the frozen base."""
     mod, _, leaf = key.rpartition(".")
-    return leaf in ("lora_A", "lora_B", "router", "cluster_centers", "cluster_vars",
-                    "cluster_initialized") and isinstance(model.get_submodule(mod), SlimLinear)
+    if leaf in ("lora_A", "lora_B", "router"):
+        return isinstance(model.get_submodule(mod), SlimLinear)
+    owner, _, part = mod.rpartition(".")
+    return part == "clusters" and leaf in CLUSTER_KEYS + DISTANCE_KEYS \
+        and isinstance(model.get_submodule(owner), SlimLinear)
 
 
 def full_adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
