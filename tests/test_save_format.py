@@ -362,3 +362,51 @@ def test_readers_racing_a_writer_get_one_of_the_adapters(tmp_path, loader):
     saves = int(out.split()[-1])
     print(f"\n{len(loads)} loads ({loads.count(0)} old, {loads.count(1)} new) during {saves} saves")
     assert saves > 5 and len(loads) > 5
+
+
+def test_peft_save_pretrained_killed_never_leaves_a_broken_config_nor_a_silent_mix(tmp_path,
+                                                                                  monkeypatch):
+    """PEFT's own save_pretrained writes the tensor file in place (PEFT's code), then the
+    config: slim_kernels writes the config atomically with the record of the tensor file, so
+    after a kill at any point adapter_config.json is whole, and the folder loads as the old or
+    the new adapter or is refused (the record does not fit the tensors): never an empty
+    config, never a silent mix. (save_slim is the atomic save: old or new, always.)"""
+    from adapter_v1 import CONFIG, TinyBase
+    from peft import get_peft_model
+    from slim_kernels.peft import SlimPeftConfig
+
+    def peft_model(seed):
+        torch.manual_seed(0)
+        m = get_peft_model(TinyBase(), SlimPeftConfig(**{**CONFIG, "target_modules": list(
+            CONFIG["target_modules"])}))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, layer in sk.slim_modules(m):
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+        return m
+
+    old, new = peft_model(1), peft_model(2)
+    want = {"old": _slim_tensors(old.get_base_model()), "new": _slim_tensors(new.get_base_model())}
+    template = tmp_path / "template"
+    old.save_pretrained(template)
+    outcomes, k = set(), 0
+    while True:
+        d = tmp_path / f"k{k}"
+        shutil.copytree(template, d)
+        with monkeypatch.context() as mp:
+            _kill_at(mp, k)
+            try:
+                new.save_pretrained(d)
+                done = True
+            except _Killed:
+                done = False
+        json.loads((d / "adapter_config.json").read_text())  # whole, whatever happened
+        try:
+            got = _slim_tensors(sk.load_slim(TinyBase(), str(d)))
+            outcomes.add(next(n for n, w in want.items() if _equal(got, w)))
+        except sk.SlimLoadError:
+            outcomes.add("refused")
+        if done:
+            break
+        k += 1
+    assert outcomes <= {"old", "new", "refused"} and {"old", "new"} <= outcomes, outcomes
