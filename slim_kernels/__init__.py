@@ -10,9 +10,11 @@ Public API:
     slim_linear_op(...)               the functional op (one dispatch point, all backends)
     slim_reference(...)               the pure-PyTorch truth
     available_backends()              backends that can run here
-    apply_slim(model, config)         swap a (Hugging Face) model's projections for SlimLinear
-    plan_slim(model, config)          the module names apply_slim would swap (changes nothing)
-    save_slim / load_slim             adapters + router + cluster buffers, safetensors
+    apply_slim(model, config)         wrap a (Hugging Face) model's projections in SLIM layers
+                                      (through SLIM's PEFT tuner, slim_kernels.peft)
+    plan_slim(model, config)          the module names apply_slim would wrap (changes nothing)
+    save_slim / load_slim             PEFT's adapter folder (factors, routers, cluster buffers)
+                                      with an integrity record, saved atomically
                                       (errors: SlimLoadError, model left unchanged)
     disable_slim(model)               context: run the base model exactly
     SlimAuxLossMixin, with_slim_aux   for trainers that compute their own loss (TRL SFTTrainer)

@@ -303,3 +303,21 @@ def test_an_adapter_from_another_model_leaves_the_peft_base_unchanged(saved, tmp
         with pytest.raises(sk.SlimLoadError, match=match):
             PeftModel.from_pretrained(model, str(root / "peft"))
         _unchanged(model, snap)
+
+
+def test_an_adapter_of_a_bigger_model_is_refused_by_peft_naming_the_module(saved, tmp_path):
+    """The adapter's folder is sound, but it holds a layer the model lacks (saved from a model
+    with more layers): refused, not half-loaded with a warning; the model is put back."""
+    import transformers as tf
+
+    root, _ = saved
+    cfg = tf.AutoConfig.from_pretrained(root / "base")
+    cfg.num_hidden_layers = 2
+    big = get_peft_model(tf.LlamaForCausalLM(cfg), SlimPeftConfig(**CFG))
+    big.save_pretrained(tmp_path / "big")
+    model = _base(root / "base")  # one layer
+    snap = _snapshot(model)
+    with pytest.raises(sk.SlimLoadError, match=r"module 'model\.layers\.1\.[\w.]+' of the adapter "
+                                               r"does not exist in the model"):
+        PeftModel.from_pretrained(model, str(tmp_path / "big"))
+    _unchanged(model, snap)

@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import logging
 import threading
-from typing import Iterator, List, Optional, Union
+from typing import Iterator, List, Union
 
 import torch
 from torch import nn

@@ -28,7 +28,8 @@ PEFT has no public way to add a method outside its fixed ``PeftType`` list; ``Pe
 string enum and its mapping tables take string keys, so :func:`register` fills those tables
 directly. That is done in one place, only for the PEFT versions this was tested with
 (``TESTED_PEFT``); on another version importing this module raises an ImportError that says so
-and registers nothing. :mod:`slim_kernels._peft_hook` calls it when ``peft`` is imported.
+and registers nothing. The install's hook (``_slim_kernels_peft``) imports this module when
+``peft`` is imported.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from torch import nn
 from ..base_layers import SUPPORTED_BASES, base_handler, unsupported_base
 from ..config import SlimConfig
 from ..clusters import CLUSTER_KEYS, DISTANCE_KEYS
-from ..layer import SlimLinear, slim_modules
+from ..layer import SlimLinear
 from . import adapter_format as fmt
 from .hooks import install_hooks, refresh_layers, remove_hooks, slim_state_of
 
@@ -297,7 +298,7 @@ class _SlimPeftBase(PeftConfig):
         """The adapter_config.json entries (without the integrity record)."""
         d = self.to_dict()
         d["peft_type"] = PEFT_TYPE
-        d["task_type"] = None if self.task_type is None else str(self.task_type)
+        d["task_type"] = getattr(self.task_type, "value", self.task_type)  # (TaskType or str)
         for k, v in d.items():
             if isinstance(v, (set, frozenset)):
                 d[k] = sorted(v)
@@ -400,10 +401,6 @@ def _init(self, **kwargs: Any) -> None:
 _init.__doc__ = _dataclass_init.__doc__
 SlimPeftConfig.__init__ = _init
 
-
-def _take_verified(config) -> Optional[Dict[str, torch.Tensor]]:
-    tensors = config.__dict__.pop("_verified", None)
-    return tensors
 
 
 # -- the layer ---------------------------------------------------------------------------------
@@ -513,7 +510,8 @@ class SlimTuner(BaseTuner):
         """PEFT's injection, all or nothing: on any error the model is put back as it was.
         The tensors a checked saved folder gave the config are loaded into the new layers."""
         snap = _Snapshot(model)
-        self._slim_load = _take_verified(self.peft_config[adapter_name]) or {}
+        # the tensors a checked saved folder gave the config (taken: loaded once)
+        self._slim_load = self.peft_config[adapter_name].__dict__.pop("_verified", None) or {}
         self._slim_loaded = 0
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -523,9 +521,7 @@ class SlimTuner(BaseTuner):
             raise
         finally:
             self._slim_load = {}
-        self._slim_snapshot = (adapter_name, snap)
-        # every layer holds checked tensors: what PEFT reads again from the folder is not used
-        # for them (a save racing the load cannot mix two adapters)
+        self._slim_snapshot = (adapter_name, snap)  # until the load that follows (rollback)
         n_layers = len(slim_layer_names(model, adapter_name))
         self._slim_verified = adapter_name if n_layers and self._slim_loaded == n_layers else None
 
@@ -601,6 +597,12 @@ class SlimTuner(BaseTuner):
         self._slim_verified = None
         return hit
 
+    def loaded(self, adapter_name: str) -> None:
+        """The load that followed the injection of ``adapter_name`` went through: nothing to
+        roll back to any more."""
+        if getattr(self, "_slim_snapshot", (None,))[0] == adapter_name:
+            self._slim_snapshot = (None, None)
+
     def add_weighted_adapter(self, *args, **kwargs):
         raise ValueError(_NO_WEIGHTED)
 
@@ -657,17 +659,17 @@ class SlimTuner(BaseTuner):
         tuner = getattr(model, "base_model", None)
         tuner = tuner if isinstance(tuner, SlimTuner) else None
         if tuner is not None and tuner.take_verified(adapter_name):
-            # the layers hold the tensors checked with the config: keep them
-            marker = f".slim_experts.{adapter_name}."
-            out = {k: v for k, v in out.items() if marker not in k}
+            # the layers hold the tensors checked with the config: they win over what PEFT read
+            # from the folder again (a save racing the load cannot mix two adapters)
             out.update(_layer_tensors(model, adapter_name))
-            return out
         try:
             check_against_model(model, adapter_name, out)
         except fmt.SlimLoadError:
             if tuner is not None:
                 tuner.rollback(adapter_name)
             raise
+        if tuner is not None:
+            tuner.loaded(adapter_name)
         return out
 
 
