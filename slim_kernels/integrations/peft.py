@@ -53,7 +53,6 @@ from .hooks import install_hooks, refresh_layers, remove_hooks, slim_state_of
 PEFT_TYPE = "SLIM"
 PREFIX = "slim_"
 _CLUSTER_NAMES = CLUSTER_KEYS + DISTANCE_KEYS
-_PEFT_PREFIX = "base_model.model."  # of the keys in a PeftModel's adapter file
 TESTED_PEFT = ("0.21.",)  # version prefixes the registration was tested with
 PEFT_PIN = "peft>=0.21,<0.22"
 
@@ -684,14 +683,6 @@ def _layer_tensors(model: nn.Module, adapter_name: str,
     return out
 
 
-def _plain(key: str) -> tuple:
-    """(module as in the plain model, tensor name) of a SLIM key."""
-    module, _, rest = key.partition(".slim_experts.")
-    if module.startswith("base_model.model."):
-        module = module[len("base_model.model."):]
-    return module, rest.rpartition(".")[2]
-
-
 def check_against_model(model: nn.Module, adapter_name: str, state_dict: Dict[str, Any]) -> None:
     """The tensors ``state_dict`` (model keys, as PEFT loads them) of adapter
     ``adapter_name`` against the SLIM layers of ``model``: every tensor of every layer
@@ -699,7 +690,7 @@ def check_against_model(model: nn.Module, adapter_name: str, state_dict: Dict[st
     (:class:`~slim_kernels.integrations.adapter_format.SlimLoadError` naming the module)."""
     expected = _layer_tensors(model, adapter_name, keep_vars=True)
     for key, v in expected.items():
-        module, t = _plain(key)
+        module, t = fmt.tensor_kind(key)
         if key not in state_dict:
             raise fmt.SlimLoadError(
                 f"module {module!r} of the model matches target_modules but has no tensors in "
@@ -716,9 +707,9 @@ def check_against_model(model: nn.Module, adapter_name: str, state_dict: Dict[st
     extra = sorted(k for k in state_dict if ".slim_experts." in k and k not in expected)
     if extra:
         raise fmt.SlimLoadError(
-            f"module {_plain(extra[0])[0]!r} of the adapter does not exist in the model or is "
-            f"not selected by its target_modules here ({type(model).__name__}; {len(extra)} "
-            f"tensor(s) left over: saved from another model?)")
+            f"module {fmt.tensor_kind(extra[0])[0]!r} of the adapter does not exist in the "
+            f"model or is not selected by its target_modules here ({type(model).__name__}; "
+            f"{len(extra)} tensor(s) left over: saved from another model?)")
 
 
 def _resolve_targets(config, model_config: dict):
@@ -809,7 +800,7 @@ def inject(model: nn.Module, config, adapter_name: str = "default", *,
         SlimTuner(model, config, adapter_name)
         slim_state_of(model).add_aux_to_loss = add_aux_to_loss
         if tensors is not None:  # (the model is no PeftModel: its keys have no prefix)
-            plain = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v
+            plain = {k[len(fmt.PEFT_PREFIX):] if k.startswith(fmt.PEFT_PREFIX) else k: v
                      for k, v in tensors.items()}
             res = set_peft_model_state_dict(model, plain, adapter_name=adapter_name)
             if res.unexpected_keys:
