@@ -58,8 +58,8 @@ def _install_stand_in(reason: str) -> None:
         return
     message = (
         f"this is a SLIM adapter (peft_type 'SLIM'), and slim_kernels could not register SLIM "
-        f"with this PEFT: {reason}. Fix that (for an untested PEFT: pip install "
-        f"'peft>=0.21,<0.22'), then load again; `import slim_kernels.peft` shows the error.")
+        f"with this PEFT: {reason}. Fix that and load again (`import slim_kernels.peft` shows "
+        f"the same error).")
 
     class SlimNotRegistered:
         """Stands for SLIM in PEFT's table when registering it failed: raises the reason."""

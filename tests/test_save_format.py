@@ -410,3 +410,23 @@ def test_peft_save_pretrained_killed_never_leaves_a_broken_config_nor_a_silent_m
             break
         k += 1
     assert outcomes <= {"old", "new", "refused"} and {"old", "new"} <= outcomes, outcomes
+
+
+def test_without_an_atomic_exchange_the_save_renames_the_old_folder_aside(tmp_path, monkeypatch):
+    """Where the platform or file system has no atomic exchange of two paths, the old folder
+    is renamed aside first: the save still completes, and nothing is left beside it."""
+    import errno
+
+    from adapter_v1 import TinyBase
+
+    old, new = _two_adapters()
+    d = tmp_path / "a"
+    sk.save_slim(old, str(d))
+
+    def unsupported(a, b):
+        raise OSError(errno.EINVAL, "no RENAME_EXCHANGE here")
+
+    monkeypatch.setattr(fmt, "_EXCHANGE", [unsupported])
+    sk.save_slim(new, str(d))
+    assert _equal(_slim_tensors(sk.load_slim(TinyBase(), str(d))), _slim_tensors(new))
+    assert sorted(os.listdir(tmp_path)) == ["a"]
