@@ -18,6 +18,7 @@ from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 
 import slim_kernels as sk  # noqa: E402
 from hf_models import batch, save_tiny_lm  # noqa: E402
+from test_hf import _snapshot, assert_unchanged  # noqa: E402
 from slim_kernels.integrations import adapter_format as fmt  # noqa: E402
 from slim_kernels.peft import SlimPeftConfig  # noqa: E402
 
@@ -212,18 +213,9 @@ def _flip_a_bit(d):
     (d / fmt.WEIGHTS_NAME).write_bytes(bytes(data))
 
 
-def _snapshot(model):
-    return [(n, type(m)) for n, m in model.named_modules()], {
-        n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
-
-
 def _unchanged(model, snap):
-    mods, params = _snapshot(model)
-    assert mods == snap[0]
-    assert params.keys() == snap[1].keys()
-    for n, (rg, t) in params.items():
-        assert rg == snap[1][n][0] and torch.equal(t, snap[1][n][1]), n
-    assert not hasattr(model, "peft_config") and "_slim_state" not in model.__dict__
+    assert_unchanged(model, snap)  # modules, parameters, requires_grad, hooks
+    assert not hasattr(model, "peft_config")
 
 
 def _refused(root, folder, match, exc=sk.SlimLoadError):
