@@ -290,11 +290,13 @@ def test_an_adapter_from_another_model_leaves_the_peft_base_unchanged(saved, tmp
         cfg = tf.AutoConfig.from_pretrained(root / "base")
         for k, v in over.items():
             setattr(cfg, k, v)
-        model = tf.LlamaForCausalLM(cfg)
-        snap = _snapshot(model)
-        with pytest.raises(sk.SlimLoadError, match=match):
-            PeftModel.from_pretrained(model, str(root / "peft"))
-        _unchanged(model, snap)
+        for load in (lambda m: PeftModel.from_pretrained(m, str(root / "peft")),
+                     lambda m: m.load_adapter(str(root / "peft"))):
+            model = tf.LlamaForCausalLM(cfg)
+            snap = _snapshot(model)
+            with pytest.raises(sk.SlimLoadError, match=match):
+                load(model)
+            _unchanged(model, snap)
 
 
 def test_an_adapter_of_a_bigger_model_is_refused_by_peft_naming_the_module(saved, tmp_path):
@@ -307,9 +309,11 @@ def test_an_adapter_of_a_bigger_model_is_refused_by_peft_naming_the_module(saved
     cfg.num_hidden_layers = 2
     big = get_peft_model(tf.LlamaForCausalLM(cfg), SlimPeftConfig(**CFG))
     big.save_pretrained(tmp_path / "big")
-    model = _base(root / "base")  # one layer
-    snap = _snapshot(model)
-    with pytest.raises(sk.SlimLoadError, match=r"module 'model\.layers\.1\.[\w.]+' of the adapter "
-                                               r"does not exist in the model"):
-        PeftModel.from_pretrained(model, str(tmp_path / "big"))
-    _unchanged(model, snap)
+    for load in (lambda m: PeftModel.from_pretrained(m, str(tmp_path / "big")),
+                 lambda m: m.load_adapter(str(tmp_path / "big"))):
+        model = _base(root / "base")  # one layer
+        snap = _snapshot(model)
+        with pytest.raises(sk.SlimLoadError, match=r"module 'model\.layers\.1\.[\w.]+' of the "
+                                                   r"adapter does not exist in the model"):
+            load(model)
+        _unchanged(model, snap)

@@ -50,7 +50,7 @@ from ..clusters import CLUSTER_KEYS, DISTANCE_KEYS
 
 logger = logging.getLogger("slim_kernels")
 
-__all__ = ["SlimLoadError", "PEFT_PREFIX", "CONFIG_NAME", "WEIGHTS_NAME", "README_NAME", "FORMAT",
+__all__ = ["SlimLoadError", "PEFT_PREFIX", "SLIM_PART", "CONFIG_NAME", "WEIGHTS_NAME", "README_NAME", "FORMAT",
            "FORMAT_VERSION", "INTEGRITY", "NOTE", "NOTE_TEXT", "UNCOVERED", "CARD_NOTE",
            "integrity_record", "check_config", "check_tensors", "bad_values", "read_folder",
            "write_folder", "replace_file", "config_bytes", "card", "add_card_note",
@@ -74,7 +74,7 @@ NOTE_TEXT = (
 UNCOVERED = frozenset({"inference_mode", "base_model_name_or_path", "revision", "peft_version",
                        "auto_mapping", INTEGRITY, NOTE})
 PEFT_PREFIX = "base_model.model."  # of the keys in an adapter file (a PeftModel's names)
-_SLIM_PART = ".slim_experts."
+SLIM_PART = ".slim_experts."  # between a wrapped module's name and its SLIM tensors' names
 _LEGACY_CONFIG = "slim_config.json"
 _LEGACY_FORMAT = "slim_kernels.slim_adapter"
 _LEGACY_TENSORS = "slim_adapter.safetensors"  # format 1
@@ -101,16 +101,16 @@ def peft_key(module: str, name: str) -> str:
     """The file key of tensor ``name`` (``lora_A``, ``cluster_vars``, ...) of the SLIM layer on
     ``module`` (its name in the plain model)."""
     inner = f"clusters.{name}" if name in CLUSTER_KEYS + DISTANCE_KEYS else name
-    return f"{PEFT_PREFIX}{module}{_SLIM_PART}{inner}"
+    return f"{PEFT_PREFIX}{module}{SLIM_PART}{inner}"
 
 
 def tensor_kind(key: str) -> Optional[Tuple[str, str]]:
     """``(module, name)`` of a SLIM layer's tensor from its file key (module as in the plain
     model; name ``lora_A``, ..., ``cluster_vars``), None for the other tensors of an adapter
     (``modules_to_save``, biases)."""
-    if _SLIM_PART not in key:
+    if SLIM_PART not in key:
         return None
-    module, _, rest = key.partition(_SLIM_PART)
+    module, _, rest = key.partition(SLIM_PART)
     return module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module, rest.rpartition(".")[2]
 
 

@@ -514,6 +514,8 @@ class SlimTuner(BaseTuner):
         self._slim_loaded = 0
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
+            if self._slim_load:  # the checked folder against this model, before anyone loads it
+                check_against_model(model, adapter_name, _model_keys(self._slim_load, adapter_name))
             install_hooks(model)
         except BaseException:
             snap.restore()
@@ -670,6 +672,14 @@ class SlimTuner(BaseTuner):
         if tuner is not None:
             tuner.loaded(adapter_name)
         return out
+
+
+def _model_keys(tensors: Dict[str, torch.Tensor], adapter_name: str) -> Dict[str, torch.Tensor]:
+    """The SLIM tensors of an adapter file under the keys of the model they are injected into
+    (no ``base_model.model.`` prefix, the adapter's name after ``slim_experts``)."""
+    part = fmt.SLIM_PART
+    return {k[len(fmt.PEFT_PREFIX):].replace(part, f"{part}{adapter_name}.", 1): v
+            for k, v in tensors.items() if part in k and k.startswith(fmt.PEFT_PREFIX)}
 
 
 def _layer_tensors(model: nn.Module, adapter_name: str,
