@@ -52,11 +52,18 @@ def _load_build_module():
 _build = _load_build_module()
 
 
+# the one line of slim_kernels_peft.pth: run at every interpreter start of the environment,
+# it registers SLIM with PEFT when peft is imported (_slim_kernels_peft.py says why and how)
+PTH_NAME = "slim_kernels_peft.pth"
+PTH_LINE = "import _slim_kernels_peft; _slim_kernels_peft.install()\n"
+
+
 class BuildPyWithSources(build_py):
     """build_py (it runs for every wheel and install, not for an sdist) that first checks for
     a C++ compiler, then also copies csrc/ into the package as ``slim_kernels/_csrc``: the
-    sources an install compiles ``_C`` from on first use. (An editable install uses the
-    checkout's csrc/ directly.)"""
+    sources an install compiles ``_C`` from on first use (an editable install uses the
+    checkout's csrc/ directly), and writes ``slim_kernels_peft.pth`` to the root of what is
+    installed (site-packages)."""
 
     def run(self):
         if _flag("SLIM_KERNELS_BUILD_EXT") is not False:
@@ -74,7 +81,14 @@ class BuildPyWithSources(build_py):
                     "SLIM_KERNELS_BUILD_EXT=0 pip install .") from None
         super().run()
         if getattr(self, "editable_mode", False):
+            # an editable wheel packs what its install command puts into the unpacked wheel
+            root = getattr(self.distribution.get_command_obj("install"), "install_lib", None)
+            if root and os.path.isdir(root):
+                with open(os.path.join(root, PTH_NAME), "w") as f:
+                    f.write(PTH_LINE)
             return
+        with open(os.path.join(self.build_lib, PTH_NAME), "w") as f:
+            f.write(PTH_LINE)
         src = os.path.join(HERE, "csrc")
         for f in _build.source_files(pathlib.Path(src)):
             dst = os.path.join(self.build_lib, "slim_kernels", "_csrc", os.path.relpath(f, src))
@@ -227,6 +241,7 @@ def main():
     ext_modules, cmdclass = _extensions()
     setup(
         packages=find_packages(include=["slim_kernels", "slim_kernels.*"]),
+        py_modules=["_slim_kernels_peft"],
         # the demo's embedded base model (config.json, model.safetensors, pretrain_metrics.json)
         # and the triton backend's configuration files (one per GPU or architecture)
         package_data={"slim_kernels.demo": ["base_model/*.json", "base_model/*.safetensors"],

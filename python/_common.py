@@ -101,19 +101,24 @@ def train_steps(model, loader, steps: int, lr: float, *, device=None, clip=None,
     return losses
 
 
-def matched_lora_config(slim):
+def matched_lora_config(slim, model):
     """The LoRA baseline with SLIM's budget: a ``peft.LoraConfig`` of rank
-    ``num_lora_experts * rank`` on the same target modules, with the same scaling of the delta
+    ``num_lora_experts * rank`` on the same target modules of ``model`` (SLIM's default for
+    its model type when ``slim.target_modules`` is None), with the same scaling of the delta
     (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA) and the same dropout as the
     ``SlimPeftConfig`` ``slim``."""
     import math
 
     from peft import LoraConfig
 
+    from slim_kernels.integrations.peft import default_targets
+
     r = slim.num_lora_experts * slim.rank
     scale = slim.alpha / (math.sqrt(slim.rank) if slim.use_rslora else slim.rank)
     alpha = scale * (math.sqrt(r) if slim.use_rslora else r)
     targets = slim.target_modules
+    if targets is None:
+        targets = default_targets(getattr(getattr(model, "config", None), "model_type", None))
     targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
     alpha = int(alpha) if float(alpha).is_integer() else alpha
     return LoraConfig(r=r, lora_alpha=alpha, use_rslora=slim.use_rslora,

@@ -143,8 +143,8 @@ def fail(flag: str, why: str):
 
 
 def slim_config(over: dict):
-    """SLIM's ``SlimPeftConfig``: ``SlimConfig``'s defaults, the JSON overrides ``over``, and
-    ``target_modules`` written out (the LoRA arm gets the same list)."""
+    """SLIM's ``SlimPeftConfig``: ``SlimConfig``'s defaults (``target_modules`` None: the
+    model type's projections, which the LoRA arm gets too) and the JSON overrides ``over``."""
     import dataclasses
 
     from slim_kernels import SlimConfig
@@ -154,8 +154,6 @@ def slim_config(over: dict):
     unknown = sorted(set(over) - fields)
     if unknown:
         raise ValueError(f"unknown SlimConfig field(s) {unknown}; known: {sorted(fields)}")
-    over = dict(over)
-    over.setdefault("target_modules", list(SlimConfig().target_modules))
     return SlimPeftConfig(task_type="CAUSAL_LM", **over)
 
 
@@ -320,8 +318,9 @@ def fine_tune(method: str, args, tok, train_rows, heldout_rows) -> dict:
     import transformers as tf
 
     tf.set_seed(args.seed)
-    config = args.slim if method == "slim" else matched_lora_config(args.slim)
-    model = get_peft_model(load_base(args), config)
+    base = load_base(args)
+    config = args.slim if method == "slim" else matched_lora_config(args.slim, base)
+    model = get_peft_model(base, config)
     trainable, _ = model.get_nb_trainable_parameters()
     ds = Rows(tok, train_rows, args.max_length)
     if not len(ds):

@@ -34,6 +34,7 @@ from torch import nn
 
 import slim_kernels as sk
 from slim_kernels import SlimConfig, SlimLinear
+from slim_kernels.clusters import CLUSTER_KEYS, DISTANCE_KEYS
 from slim_kernels.integrations.distributed import clusters_in_sync
 
 
@@ -99,7 +100,7 @@ def build_model(kind: str = "mlp", seed: int = 0, slim: Optional[SlimConfig] = N
     with base_context if base_context is not None else contextlib.nullcontext():
         model = TinyLM(**sizes) if kind == "mlp" else tiny_llama(**sizes)
     if slim is None:
-        targets = ("up_proj", "down_proj") if kind == "mlp" else SlimConfig().target_modules
+        targets = ("up_proj", "down_proj") if kind == "mlp" else None  # (None: all seven)
         slim = SlimConfig(num_lora_experts=4, num_identity_experts=1, rank=4, alpha=8.0,
                           top_k=2, num_clusters=3, cluster_momentum=0.1, backend=backend,
                           target_modules=targets)
@@ -143,10 +144,14 @@ def lm_loss(model: nn.Module, ids: torch.Tensor,
 
 # ------------------------------------------------------------------- adapters save/load
 def is_adapter_key(model: nn.Module, key: str) -> bool:
-    """SLIM state: a SlimLinear's lora_A / lora_B / router / cluster_* (not the frozen base)."""
+    """SLIM state: a SlimLinear's lora_A / lora_B / router and its clusters' buffers
+    (``clusters.cluster_centers``, ...), not the frozen base."""
     mod, _, leaf = key.rpartition(".")
-    return leaf in ("lora_A", "lora_B", "router", "cluster_centers", "cluster_vars",
-                    "cluster_initialized") and isinstance(model.get_submodule(mod), SlimLinear)
+    if leaf in ("lora_A", "lora_B", "router"):
+        return isinstance(model.get_submodule(mod), SlimLinear)
+    owner, _, part = mod.rpartition(".")
+    return part == "clusters" and leaf in CLUSTER_KEYS + DISTANCE_KEYS \
+        and isinstance(model.get_submodule(owner), SlimLinear)
 
 
 def full_adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -10,9 +10,11 @@ Public API:
     slim_linear_op(...)               the functional op (one dispatch point, all backends)
     slim_reference(...)               the pure-PyTorch truth
     available_backends()              backends that can run here
-    apply_slim(model, config)         swap a (Hugging Face) model's projections for SlimLinear
-    plan_slim(model, config)          the module names apply_slim would swap (changes nothing)
-    save_slim / load_slim             adapters + router + cluster buffers, safetensors
+    apply_slim(model, config)         wrap a (Hugging Face) model's projections in SLIM layers
+                                      (through SLIM's PEFT tuner, slim_kernels.peft)
+    plan_slim(model, config)          the module names apply_slim would wrap (changes nothing)
+    save_slim / load_slim             PEFT's adapter folder (factors, routers, cluster buffers)
+                                      with an integrity record, saved atomically
                                       (errors: SlimLoadError, model left unchanged)
     disable_slim(model)               context: run the base model exactly
     SlimAuxLossMixin, with_slim_aux   for trainers that compute their own loss (TRL SFTTrainer)
@@ -106,6 +108,18 @@ def __getattr__(name: str):
 def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
+
+def _install_peft_hook() -> None:
+    """Register SLIM with PEFT when ``peft`` is imported (the .pth file the install adds does
+    this at interpreter start; this covers a Python started without site-packages' .pth)."""
+    try:
+        import _slim_kernels_peft
+    except ImportError:  # (run from a source tree without the install)
+        return
+    _slim_kernels_peft.install()
+
+
+_install_peft_hook()
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as plain imports
     from .config import SlimConfig

@@ -3,6 +3,9 @@
 A chain of handlers, first match wins (as PEFT's ``_create_new_module`` picks a layer class):
 
 * :class:`PlainLinear`: an ``nn.Linear`` with a floating-point weight, used as it is;
+* :class:`Conv1D`: transformers' ``Conv1D`` (GPT-2 family), a linear whose weight is stored
+  (in, out), which PEFT calls ``fan_in_fan_out``: the op runs on its transposed view (no copy;
+  the backends read the weight through its strides);
 * :class:`Bnb4bit`, :class:`Bnb8bit`: bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, whose packed
   weight is dequantized at each forward (recognised only when bitsandbytes is imported: a
   model cannot hold its layers otherwise);
@@ -34,6 +37,7 @@ class BaseHandler:
 
     kind = "base layer"
     quantized = True  # the weight is recomputed (dequantized) at each forward
+    fan_in_fan_out = False  # the module stores its weight (in, out): the op takes weight.t()
 
     @staticmethod
     def matches(module: nn.Module) -> bool:
@@ -75,6 +79,31 @@ class PlainLinear(BaseHandler):
     def shape(module: nn.Module) -> Tuple[int, int]:
         # full_shape: a linear built under deepspeed.zero.Init is already partitioned
         out_f, in_f = full_shape(module.weight)
+        return out_f, in_f
+
+    @staticmethod
+    def dtype(module: nn.Module) -> torch.dtype:
+        return module.weight.dtype
+
+
+class Conv1D(BaseHandler):
+    kind = "transformers Conv1D (GPT-2 family; weight stored (in, out): fan_in_fan_out)"
+    quantized = False
+    fan_in_fan_out = True
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        pu = sys.modules.get("transformers.pytorch_utils")  # imported by any model that has one
+        return (pu is not None and isinstance(module, pu.Conv1D)
+                and module.weight.is_floating_point())
+
+    @staticmethod
+    def weight(module: nn.Module) -> Tensor:
+        return module.weight.t()
+
+    @staticmethod
+    def shape(module: nn.Module) -> Tuple[int, int]:
+        in_f, out_f = full_shape(module.weight)
         return out_f, in_f
 
     @staticmethod
@@ -148,7 +177,7 @@ class Dequantizable(BaseHandler):
         return module.dequantize()
 
 
-HANDLERS = (PlainLinear, Bnb4bit, Bnb8bit, Dequantizable)
+HANDLERS = (PlainLinear, Conv1D, Bnb4bit, Bnb8bit, Dequantizable)
 SUPPORTED_BASES = tuple(h.kind for h in HANDLERS)
 
 
@@ -174,8 +203,9 @@ def unsupported_base(module: nn.Module) -> Optional[str]:
 
 
 def base_weight(module: nn.Module) -> Tensor:
-    """The (out, in) weight of a supported base layer: the ``nn.Linear`` weight itself, or the
-    dequantized weight of a quantized one (a new tensor, no gradient)."""
+    """The (out, in) weight of a supported base layer: the ``nn.Linear`` weight itself, a
+    ``Conv1D``'s transposed view, or the dequantized weight of a quantized one (a new tensor, no
+    gradient)."""
     h = base_handler(module)
     if h is None:
         raise TypeError(f"{type(module).__qualname__} is not a supported base layer: "

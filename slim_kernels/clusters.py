@@ -141,15 +141,29 @@ class SlidingClusters(nn.Module):
         return self.host.ready
 
     @staticmethod
-    def _after_load(module: "SlidingClusters", incompatible) -> None:
+    def _after_load(module: "SlidingClusters", incompatible=None) -> None:
         # what was pending belongs to the clusters the load replaced (the sums are relative
         # to their centres): dropped
         if module in _PENDING:
             _PENDING.remove(module)
         module.host = _Host()
-        module.host.ready = bool(module.cluster_initialized)
+        if module.cluster_initialized.device.type != "meta":
+            module.host.ready = bool(module.cluster_initialized)
         module.pending.zero_()
         module.refresh()
+
+    def __setattr__(self, name: str, value) -> None:
+        # A loader that assigns each loaded tensor to its attribute path instead of calling
+        # load_state_dict (transformers' ``load_adapter``): the statistics stay fp32, and the
+        # routing tensors and the host's flag follow, as after load_state_dict.
+        buffers = self.__dict__.get("_buffers")
+        if buffers is not None and name in buffers and name in self.tensors() \
+                and isinstance(value, Tensor):
+            value = value.detach()
+            buffers[name] = value.float() if value.is_floating_point() else value
+            SlidingClusters._after_load(self)
+            return
+        super().__setattr__(name, value)
 
     def _apply(self, fn, recurse=True):
         # The statistics stay fp32 (the op requires it): a dtype cast of the model

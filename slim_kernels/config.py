@@ -11,8 +11,8 @@ import json
 import math
 import numbers
 import os
-from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 DISTANCE_REDUCES = ("max", "mean", "rms")
 DISTANCE_SCALES = ("none", "spread")
@@ -58,7 +58,13 @@ class SlimConfig:
     eval mode (default: no mask in eval).
 
     Losses: ``l1_coef`` (L1 on the experts), ``balance_coef`` (Switch-style load balance).
-    ``target_modules``: projection names swapped by :func:`slim_kernels.apply_slim`.
+    ``target_modules``: the names of the modules :func:`slim_kernels.apply_slim` wraps (PEFT's
+    matching: a name matches a module whose name is it or ends in ``.<name>``); None (the
+    default): the model type's projections, every one of the attention and the MLP
+    (``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`` on a Llama, ``qkv_proj o_proj
+    gate_up_proj down_proj`` on a Phi-3, ``c_attn c_proj c_fc`` on a GPT-2, ...;
+    ``slim_kernels.integrations.peft.TRANSFORMERS_MODELS_TO_SLIM_TARGET_MODULES_MAPPING``), and
+    the Llama names on a model that is no transformers model.
     ``backend``: auto | triton | cuda | cpp | torch.
 
     Numbers may be Python or NumPy scalars (``np.int64``, ``np.float32``, ``np.bool_``); they
@@ -88,9 +94,7 @@ class SlimConfig:
     merge_at_eval: bool = False
     l1_coef: float = 0.0
     balance_coef: float = 0.0
-    target_modules: Tuple[str, ...] = field(
-        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    )
+    target_modules: Optional[Tuple[str, ...]] = None
     backend: str = "auto"
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -158,9 +162,10 @@ class SlimConfig:
             self.target_modules = (self.target_modules,)
         if isinstance(self.target_modules, list):
             self.target_modules = tuple(self.target_modules)
-        need(isinstance(self.target_modules, tuple) and len(self.target_modules) > 0
+        need(self.target_modules is None or isinstance(self.target_modules, tuple)
+             and len(self.target_modules) > 0
              and all(isinstance(t, str) and t for t in self.target_modules),
-             "target_modules", "a non-empty tuple of module names (str)")
+             "target_modules", "None or a non-empty tuple of module names (str)")
         need(self.backend in BACKENDS, "backend", f"one of {', '.join(BACKENDS)}")
         object.__setattr__(self, "_built", True)
 
@@ -186,7 +191,8 @@ class SlimConfig:
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["target_modules"] = list(self.target_modules)
+        if self.target_modules is not None:
+            d["target_modules"] = list(self.target_modules)
         return d
 
     @classmethod

@@ -28,7 +28,8 @@ from .tracking import RoutingTracker, accumulate_aux, aux_accumulating, track_ro
 __all__ = ["SlimLinear", "aux_loss", "routing_stats", "token_mask", "slim_modules", "slim_keys",
            "accumulate_aux", "aux_accumulating", "track_routing", "SLIM_KEYS"]
 
-# the layer's own state-dict entries (everything else is the base layer's)
+# the layer's own saved tensors, by name (the cluster ones' state-dict keys are under
+# ``clusters.``; everything else is the base layer's)
 SLIM_KEYS = ("lora_A", "lora_B", "router") + CLUSTER_KEYS
 EVAL_MASK_SEED = 0x5115  # the fixed eval-mode merge mask (merge_at_eval=True)
 _TOKEN_MASK: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar(
@@ -36,7 +37,7 @@ _TOKEN_MASK: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar(
 
 
 def slim_keys(config: SlimConfig) -> Tuple[str, ...]:
-    """The layer's own state-dict entries under ``config``."""
+    """The names of the layer's own saved tensors under ``config`` (:meth:`SlimLinear.slim_tensors`)."""
     return SLIM_KEYS + (DISTANCE_KEYS if config.distance_scale == "spread" else ())
 
 
@@ -68,8 +69,8 @@ class SlimLinear(nn.Module):
     ``SlimLinear(in_features, out_features, bias, config)``. ``weight``/``bias`` are the base
     layer's. A quantized base is dequantized at each forward and the op runs on that weight.
     Parameters: ``lora_A`` (E_L, r, K), ``lora_B`` (E_L, N, r) (zero init), ``router`` (E, K);
-    ``clusters`` holds the cluster buffers (their state-dict keys are the layer's own:
-    ``cluster_centers``, ...). ``config`` is immutable: assign ``config.replace(...)``."""
+    ``clusters`` holds the cluster buffers (state-dict keys ``clusters.cluster_centers``, ...).
+    ``config`` is immutable: assign ``config.replace(...)``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  config: Optional[SlimConfig] = None, *, device=None, dtype=None) -> None:
@@ -159,7 +160,7 @@ class SlimLinear(nn.Module):
         return self._config.scaling
 
     def slim_tensors(self) -> Dict[str, Tensor]:
-        """The layer's own saved tensors by state-dict name (:func:`slim_keys`)."""
+        """The layer's own saved tensors by name (:func:`slim_keys`)."""
         return {"lora_A": self.lora_A, "lora_B": self.lora_B, "router": self.router,
                 **self.clusters.tensors()}
 
@@ -219,6 +220,8 @@ class SlimLinear(nn.Module):
         W, b = base.weight, base.bias
         if self._handler.quantized:  # dequantized for the op (docs/method.md §6)
             W, b = self._handler.weight(base).to(A.dtype), None if b is None else b.detach()
+        elif self._handler.fan_in_fan_out:  # stored (in, out): the op reads the view's strides
+            W = W.t()
         if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
             dt = torch.get_autocast_dtype(dev)
         elif x.dtype != W.dtype:
@@ -303,12 +306,14 @@ def _check_input(layer: SlimLinear, x) -> None:
 
 
 # State-dict names: the base layer's tensors keep the plain model's names (a checkpoint of a
-# SLIM model loads into the base model class), and the clusters' are the layer's own
-# (``q_proj.cluster_centers``), as adapters store them.
+# standalone layer loads into nn.Linear), and every other key is the attribute path of its
+# tensor (``lora_A``, ``clusters.cluster_centers``), so that tools which assign a loaded tensor
+# by its path (transformers' adapter loader) find it. Flat cluster keys
+# (``cluster_centers``, as earlier releases wrote them) still load.
 def _flat_keys(module, state_dict, prefix, local_metadata) -> None:
-    for part in ("base_layer.", "clusters."):
-        for k in [k for k in state_dict if k.startswith(prefix + part)]:
-            state_dict[prefix + k[len(prefix + part):]] = state_dict.pop(k)
+    part = prefix + "base_layer."
+    for k in [k for k in state_dict if k.startswith(part)]:
+        state_dict[prefix + k[len(part):]] = state_dict.pop(k)
 
 
 def _nested_keys(module: SlimLinear, state_dict, prefix, *args) -> None:
@@ -325,8 +330,7 @@ def _nested_keys(module: SlimLinear, state_dict, prefix, *args) -> None:
 def _cluster_buffer(name: str) -> property:
     def get(self: SlimLinear) -> Tensor:
         return getattr(self.clusters, name)
-    return property(get, doc=f"``clusters.{name}`` (read-only): its state-dict key is the "
-                             f"layer's own, and state-dict tools find it here")
+    return property(get, doc=f"``clusters.{name}`` (read-only)")
 
 
 for _name in CLUSTER_KEYS + DISTANCE_KEYS:

@@ -3,7 +3,8 @@ of ``seed`` (about 34 MB) and saves it into ``folder``.
 
 ``python _save_kill_worker.py FOLDER SEED PHASE DELAY`` SIGKILLs itself DELAY seconds after the
 start of PHASE of the save: 0 its start (gathering, checksums, serialising come first and
-write nothing), 1 the tensor file's write, 2 the manifest's write and the clean-up after it.
+write nothing), 1 the writing of the new folder beside the old one, 2 the exchange of the two
+and the clean-up after it.
 The kill comes from a thread of the process, so its timing does not depend on how fast a
 parent process is scheduled. Without PHASE it saves and prints the seconds at which phases 1
 and 2 began and the save ended."""
@@ -52,21 +53,28 @@ def _kill_in(delay: float) -> None:
 
 
 if __name__ == "__main__":
-    from slim_kernels.integrations import save_load
+    from slim_kernels.integrations import adapter_format
 
     folder, seed = sys.argv[1], int(sys.argv[2])
     phase, delay = (int(sys.argv[3]), float(sys.argv[4])) if len(sys.argv) > 4 else (-1, 0.0)
     model = adapter(seed)
     marks = []
-    real = save_load._write_durably
 
-    def marked(*a):  # the save's two file writes: tensor file (phase 1), manifest (phase 2)
-        marks.append(time.perf_counter())
-        if len(marks) == phase:
-            _kill_in(delay)
-        real(*a)
+    def mark(real, once):
+        """``real``, marking the start of a phase at its first call (every call: not ``once``)."""
+        def f(*a):
+            if not (once and f.seen):
+                marks.append(time.perf_counter())
+                if len(marks) == phase:
+                    _kill_in(delay)
+            f.seen = True
+            return real(*a)
+        f.seen = False
+        return f
 
-    save_load._write_durably = marked
+    # the save's phases: writing the new folder's files (1), the exchange and the clean-up (2)
+    adapter_format._write_file = mark(adapter_format._write_file, once=True)
+    adapter_format.exchange = mark(adapter_format.exchange, once=False)
     t0 = time.perf_counter()
     if phase == 0:
         _kill_in(delay)

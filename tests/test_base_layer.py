@@ -55,20 +55,88 @@ def test_wraps_base_layer_weight_read_only():
     assert torch.equal(other.base_layer.weight, lin.weight)
 
 
-def test_state_dict_keys_as_before_and_nested_keys_load():
+def test_state_dict_keys_are_attribute_paths_and_older_keys_load():
+    """The base keeps the plain names; the clusters' keys are their attribute paths
+    (``clusters.cluster_centers``: transformers' adapter loader assigns tensors by path). The
+    nested base keys and the flat cluster keys of earlier releases load too."""
     torch.manual_seed(0)
     src = _trained(SlimLinear(8, 6, True, CFG))
     sd = src.state_dict()
-    assert sorted(sd) == sorted(["weight", "bias", "lora_A", "lora_B", "router", "cluster_centers",
-                                 "cluster_vars", "cluster_initialized"])
+    assert sorted(sd) == sorted(["weight", "bias", "lora_A", "lora_B", "router",
+                                 "clusters.cluster_centers", "clusters.cluster_vars",
+                                 "clusters.cluster_initialized"])
     x = torch.randn(5, 8)
     src.eval()
     for keys in (sd, {("base_layer." + k if k in ("weight", "bias") else k): v
-                      for k, v in sd.items()}):
+                      for k, v in sd.items()},
+                 {k.replace("clusters.", ""): v for k, v in sd.items()}):
         dst = SlimLinear(8, 6, True, CFG)
         dst.load_state_dict(keys)
         dst.eval()
         assert torch.equal(src(x), dst(x))
+
+
+def test_conv1d_base_is_the_linear_with_the_transposed_weight():
+    """transformers' Conv1D (GPT-2) stores its weight (in, out): the handler with
+    fan_in_fan_out hands the op the transposed view (no copy), so a SLIM layer on a Conv1D
+    computes what one on the equivalent nn.Linear does, forward and backward."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    from slim_kernels.base_layers import base_handler, base_weight
+
+    torch.manual_seed(0)
+    conv = Conv1D(6, 8)  # (nf=out, nx=in): weight (8, 6)
+    lin = nn.Linear(8, 6)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.t())
+        lin.bias.copy_(conv.bias)
+    assert base_handler(conv).fan_in_fan_out and not base_handler(lin).fan_in_fan_out
+    assert base_weight(conv).data_ptr() == conv.weight.data_ptr()  # a view, not a copy
+    a = SlimLinear.from_linear(conv, CFG)
+    b = SlimLinear.from_linear(lin, CFG)
+    assert (a.in_features, a.out_features) == (8, 6) and not conv.weight.requires_grad
+    x = torch.randn(7, 8)
+    a.eval()
+    assert torch.equal(a(x), conv(x))  # B = 0: the base output exactly
+    _trained(a)
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if _is_slim_key(k)}, strict=False)
+    for mode in (a.eval, a.train):
+        mode(), b.train(a.training)
+        xa, xb = torch.randn(5, 8, requires_grad=True), None
+        xb = xa.detach().clone().requires_grad_()
+        torch.testing.assert_close(a(xa), b(xb), rtol=1e-6, atol=1e-6)
+        a(xa).square().sum().backward()
+        b(xb).square().sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.lora_B.grad, b.lora_B.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_assigning_a_cluster_buffer_loads_it():
+    """A loader that assigns loaded tensors to their attribute paths (transformers'
+    load_adapter) instead of calling load_state_dict: the statistics stay fp32, the routing
+    tensors and the host's flag follow, exactly as after load_state_dict."""
+    from slim_kernels import step_clusters
+
+    torch.manual_seed(0)
+    src = _trained(SlimLinear(8, 6, True, CFG)).train()
+    src(torch.randn(30, 8))
+    step_clusters(src)  # the clusters exist
+    assert src.clusters.ready
+    by_load = SlimLinear(8, 6, True, CFG)
+    by_load.load_state_dict(src.state_dict())
+    by_assign = SlimLinear(8, 6, True, CFG)
+    by_assign.load_state_dict({k: v for k, v in src.state_dict().items()
+                               if not k.startswith("clusters.")}, strict=False)
+    assert not by_assign.clusters.ready
+    for name, v in src.clusters.tensors().items():
+        setattr(by_assign.clusters, name, v.to(torch.float64) if v.is_floating_point() else v)
+    assert by_assign.clusters.ready and by_assign.clusters.cluster_centers.dtype == torch.float32
+    x = torch.randn(5, 8)
+    for layer in (src, by_load, by_assign):
+        layer.eval()
+    assert torch.equal(by_assign(x), src(x)) and torch.equal(by_load(x), src(x))
+    assert not torch.equal(SlimLinear(8, 6, True, CFG).eval()(x), src(x))
 
 
 def test_from_linear_unsupported_names_the_layer():
@@ -78,6 +146,11 @@ def test_from_linear_unsupported_names_the_layer():
     lin.weight = nn.Parameter(lin.weight.data.to(torch.int8), requires_grad=False)
     with pytest.raises(TypeError, match="not floating point"):
         SlimLinear.from_linear(lin, CFG)
+
+
+def _is_slim_key(k: str) -> bool:
+    """A state-dict key of the layer's own tensors (the cluster buffers' are under clusters.)."""
+    return k.split(".", 1)[0] in SLIM_KEYS + ("clusters",)
 
 
 def _check_quantized(base, deq: torch.Tensor, atol: float):
@@ -93,7 +166,7 @@ def _check_quantized(base, deq: torch.Tensor, atol: float):
     ref_lin = nn.Linear(base.in_features, base.out_features)
     ref_lin.weight.data, ref_lin.bias.data = deq.float().clone(), base.bias.detach().float().clone()
     ref = SlimLinear.from_linear(ref_lin, CFG)
-    ref.load_state_dict({k: v for k, v in layer.state_dict().items() if k in SLIM_KEYS},
+    ref.load_state_dict({k: v for k, v in layer.state_dict().items() if _is_slim_key(k)},
                         strict=False)
     ref.eval()
     # base output + SLIM part: the op on the dequantized weight equals the base layer's output
@@ -110,7 +183,7 @@ def _check_quantized(base, deq: torch.Tensor, atol: float):
     after = layer.state_dict()
     assert not torch.equal(before["lora_A"], after["lora_A"])
     for k in before:
-        if k not in SLIM_KEYS:
+        if not _is_slim_key(k):
             assert torch.equal(before[k], after[k]), k
     assert all(not p.requires_grad for p in base.parameters())
 
@@ -228,15 +301,25 @@ def test_bitsandbytes_4bit_model_trains_one_step_through_peft(tmp_path):
     _one_step_trains_experts_only(model)
 
 
-def test_slim_model_state_dict_keeps_the_base_names():
+def test_slim_model_state_dict_follows_peft_and_resumes_onto_a_fresh_slim_model():
+    """apply_slim injects PEFT's tuner layer, so a SLIM model's state dict names its base
+    weights as a LoRA model's does (``q_proj.base_layer.weight``); a checkpoint of it loads
+    onto a fresh SLIM model of the same config (Trainer's resume_from_checkpoint), all of it."""
     import slim_kernels as sk
     from hf_models import tiny_model
 
+    def slim_model(seed):
+        return sk.apply_slim(tiny_model(seed=seed), SlimConfig(
+            num_lora_experts=2, num_identity_experts=1, rank=2, num_clusters=2,
+            backend="torch"), verbose=False)
+
     plain = tiny_model()
-    model = sk.apply_slim(tiny_model(), SlimConfig(num_lora_experts=2, num_identity_experts=1,
-                                                   rank=2, num_clusters=2, backend="torch"),
-                          verbose=False)
-    sd = model.state_dict()
-    assert set(plain.state_dict()) <= set(sd)
-    res = tiny_model(seed=5).load_state_dict(sd, strict=False)  # the base class loads it
-    assert not res.missing_keys
+    sd = slim_model(0).state_dict()
+    wrapped = {k.replace(".weight", ".base_layer.weight") if "_proj." in k else k
+               for k in plain.state_dict()}
+    assert wrapped <= set(sd)
+    fresh = slim_model(5)
+    res = fresh.load_state_dict(sd)  # strict: every key
+    assert not res.missing_keys and not res.unexpected_keys
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, sd[k]), k

@@ -12,7 +12,7 @@ EXPECTED_FIELDS = {
     "cluster_momentum": 0.1,
     "cluster_eps": 1e-5, "merge_drop": 0.0, "merge_rescale": False, "merge_at_eval": False,
     "l1_coef": 0.0, "balance_coef": 0.0,
-    "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "target_modules": None,  # the model type's projections (q_proj ... down_proj on a Llama)
     "backend": "auto",
 }
 

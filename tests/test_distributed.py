@@ -227,12 +227,19 @@ def test_fsdp2_saves_and_reloads_adapters(ranks):
         assert torch.equal(res["y_before"], res["y_after"])
 
 
+def _as_model_keys(file):
+    """save_slim's file keys (PEFT's: ``base_model.model.<module>.slim_experts.<t>``) as the
+    model's state-dict keys (``<module>.slim_experts.default.<t>``)."""
+    return {k[len("base_model.model."):].replace(".slim_experts.", ".slim_experts.default.", 1): v
+            for k, v in file.items()}
+
+
 def test_fsdp2_save_slim_gathers_and_load_slim_then_shard(ranks):
     """sk.save_slim on a sharded model: every rank calls it, the DTensors are gathered, rank 0
     writes the full tensors (it used to fail: '.numpy() is not supported for tensor
     subclasses'). load_slim onto a plain base, then fully_shard, reproduces the outputs."""
     _, fsdp = ranks
-    file = fsdp[0]["save_slim_file"]
+    file = _as_model_keys(fsdp[0]["save_slim_file"])
     saved = fsdp[0]["sd_saved"]
     assert set(file) == set(saved)
     for k, v in saved.items():
@@ -248,7 +255,7 @@ def _check_saved_slim(folder):
 
     from slim_kernels.integrations.save_load import adapter_tensor_file
 
-    assert os.path.isfile(adapter_tensor_file(folder)) and (folder / "slim_config.json").is_file()
+    assert os.path.isfile(adapter_tensor_file(folder)) and (folder / "adapter_config.json").is_file()
     torch.manual_seed(0)
     base = w.recipe.TinyLM(vocab=64)
     sk.load_slim(base, str(folder))
@@ -297,7 +304,7 @@ def test_deepspeed_zero2_zero3_match_single_process(tmp_path, single):
                 torch.testing.assert_close(a["clusters"][k], v, rtol=1e-5, atol=1e-6)
     assert ds[0]["zero3"]["partitioned"] == (0, 0)
     for engine in ("zero3", "zero3init"):  # save_slim gathers the ZeRO-3 partitions
-        file = ds[0][engine]["save_slim_file"]
+        file = _as_model_keys(ds[0][engine]["save_slim_file"])
         for k, v in ds[0][engine]["params"].items():
             assert torch.equal(file[k], v), (engine, k)
         for k, v in ds[0][engine]["clusters"].items():

@@ -15,6 +15,9 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+# a wrapped module's SlimLinear (PEFT's layout: the adapter "default" of its SlimPeftLayer)
+LAYER = ".slim_experts.default"
+
 # num_clusters, cluster_momentum and yield_strength pinned: the tests' batches were sized for them
 CFG = dict(num_lora_experts=2, num_identity_experts=2, rank=4, backend="torch", num_clusters=4,
            cluster_momentum=0.01, yield_strength=1.0)
@@ -63,7 +66,7 @@ def test_phi3_fused_projections_wrapped_whole():
     slim(model)
     leaves = {n.rsplit(".", 1)[-1] for n in model.slim_summary.layers}
     assert leaves == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
-    qkv = model.model.layers[0].self_attn.qkv_proj
+    qkv = model.model.layers[0].self_attn.qkv_proj.slim_experts["default"]  # (PEFT's layout)
     assert isinstance(qkv, sk.SlimLinear) and qkv.out_features == 32 + 2 * 2 * 8
     # naming only part of a fused group is an error, and names the module
     with pytest.raises(ValueError, match=r"qkv_proj.*fused"):
@@ -123,17 +126,37 @@ def test_errors_leave_model_unchanged():
         slim(model)
 
 
-def test_gpt2_conv1d_is_a_clear_error():
+def test_gpt2_conv1d_is_wrapped_by_default_and_unsupported_targets_are_clear_errors():
+    """GPT-2's Conv1D (weight stored (in, out)) is a base layer: the default targets of
+    gpt2 wrap c_attn, c_proj and c_fc, start as the base exactly and train. A module that is no
+    supported linear, or a name that matches nothing, is an error that changes nothing."""
     import transformers as tf
 
-    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=4,
-                                             n_positions=32))
+    def gpt2():
+        torch.manual_seed(0)
+        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=4,
+                                                n_positions=32))
+
+    model = gpt2()
     snap = _snapshot(model)
-    with pytest.raises(TypeError, match=r"transformer\.h\.0\.attn\.c_attn.*Conv1D.*not torch\.nn\.Linear"):
-        slim(model, target_modules=("c_attn",))
+    with pytest.raises(TypeError, match=r"transformer\.wte.*Embedding.*not a supported linear"):
+        slim(model, target_modules=("wte",))
     assert_unchanged(model, snap)
     with pytest.raises(ValueError, match="match no module"):
-        slim(model)  # default q_proj... names do not exist in GPT-2
+        slim(model, target_modules=("q_proj",))
+    assert_unchanged(model, snap)
+    ids, am, labels = batch()
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=am).logits
+    slim(model)
+    assert sorted(model.slim_summary.layers) == sorted(
+        f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=am).logits, ref)
+    model.train()
+    model(input_ids=ids, attention_mask=am, labels=labels).loss.backward()
+    assert all(m.lora_B.grad.abs().sum() > 0 for _, m in sk.slim_modules(model))
 
 
 def test_aux_loss_added_to_outputs_loss_in_training_only():
@@ -197,7 +220,7 @@ def test_padding_does_not_move_clusters():
         states.append([m.clusters.cluster_centers.clone() for _, m in sk.slim_modules(model)]
                       + [m.clusters.cluster_vars.clone() for _, m in sk.slim_modules(model)])
         # stats count real tokens only
-        st = sk.routing_stats(model)["model.layers.0.mlp.down_proj"]
+        st = sk.routing_stats(model)["model.layers.0.mlp.down_proj" + LAYER]
         assert st["tokens"] == 2 * int(am.sum())
     for a, b in zip(*states):
         assert torch.equal(a, b)
@@ -205,7 +228,7 @@ def test_padding_does_not_move_clusters():
     model = slim(tiny_model("llama")).train()
     with sk.track_routing(model):
         model(ids, am)
-    assert sk.routing_stats(model)["model.layers.0.mlp.up_proj"]["tokens"] == int(am.sum())
+    assert sk.routing_stats(model)["model.layers.0.mlp.up_proj" + LAYER]["tokens"] == int(am.sum())
 
 
 def test_disable_slim_runs_base_exactly():
@@ -247,7 +270,7 @@ def test_routing_stats_whole_model():
         sk.step_clusters(model)
         model(input_ids=ids, attention_mask=am)
     st = sk.routing_stats(model, reset=True)
-    assert set(st) == set(model.slim_summary.layers)
+    assert set(st) == {n + LAYER for n in model.slim_summary.layers}
     for v in st.values():
         assert v["tokens"] == 2 * int(am.sum())
         assert 0.0 <= v["identity_mass"] <= 1.0 and 0.0 <= v["identity_top1_share"] <= 1.0

@@ -9,7 +9,7 @@ import torch
 import slim_kernels as sk
 from hf_models import batch, tiny_model
 from slim_kernels.integrations.save_load import adapter_tensor_file
-from test_hf import CFG, _snapshot, assert_unchanged, randomise_B, slim
+from test_hf import CFG, LAYER, _snapshot, assert_unchanged, randomise_B, slim
 
 pytest.importorskip("safetensors")
 
@@ -34,15 +34,30 @@ def saved(tmp_path_factory):
     return path, model, logits
 
 
+def _config(path):
+    return json.loads((path / "adapter_config.json").read_text())
+
+
 def test_files_and_config(saved):
+    """PEFT's layout: adapter_config.json (the SlimPeftConfig and the integrity record),
+    adapter_model.safetensors, README.md (which says how to load it)."""
+    from slim_kernels.integrations import adapter_format as fmt
+    from slim_kernels.peft import SlimPeftConfig
+
     path, model, _ = saved
-    meta = json.loads((path / "slim_config.json").read_text())
-    assert meta["format_version"] == 2 and meta["modules"] == model.slim_summary.layers
-    assert meta["tensor_file"] == f"slim_adapter.{meta['digest'][:16]}.safetensors"
-    assert sorted(os.listdir(path)) == [meta["tensor_file"], "slim_config.json"]
-    assert adapter_tensor_file(path) == str(path / meta["tensor_file"])
-    assert sk.SlimConfig.from_dict(meta["config"]) == sk.SlimConfig(**CFG)
-    assert len(meta["tensors"]) == 6 * 14
+    meta = _config(path)
+    assert sorted(os.listdir(path)) == ["README.md", "adapter_config.json",
+                                        "adapter_model.safetensors"]
+    assert meta["peft_type"] == "SLIM" and "import slim_kernels.peft" in meta["slim_kernels"]
+    rec = meta["slim_integrity"]
+    assert rec["format"] == fmt.FORMAT and rec["format_version"] == 3 and len(rec["digest"]) == 64
+    assert len(rec["tensors"]) == 6 * 14
+    assert {k.split(".slim_experts.")[0][len("base_model.model."):] for k in rec["tensors"]} == \
+        set(model.slim_summary.layers)
+    cfg = SlimPeftConfig(**meta).slim_config()
+    assert cfg == sk.SlimConfig(**CFG).replace(target_modules=None)
+    assert "KeyError: 'SLIM'" in (path / "README.md").read_text()
+    assert adapter_tensor_file(path) == str(path / "adapter_model.safetensors")
     # files readable as the umask allows, like any other file the user writes
     assert all(os.stat(path / f).st_mode & 0o777 == 0o666 & ~_umask() for f in os.listdir(path))
 
@@ -107,18 +122,18 @@ def test_load_errors_leave_model_unchanged(saved, tmp_path):
 
 
 def _rewrite(src, dst, tensors_fn=None, meta_fn=None, consistent=False):
-    """Copy the adapter folder ``src`` to ``dst`` with its tensors and/or manifest edited. With
-    ``consistent``, checksums, digest and file name are recomputed, as a tool that rewrote the
-    adapter on purpose would: then only the value checks stand between it and the model."""
+    """Copy the adapter folder ``src`` to ``dst`` with its tensors and/or config edited. With
+    ``consistent``, the integrity record is recomputed, as a tool that rewrote the adapter on
+    purpose would: then only the value checks stand between it and the model."""
     import shutil
 
     from safetensors import safe_open
     from safetensors.torch import save_file
-    from slim_kernels.integrations import save_load as sl
+    from slim_kernels.integrations import adapter_format as fmt
 
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
-    meta = json.loads((dst / "slim_config.json").read_text())
+    meta = _config(dst)
     with safe_open(adapter_tensor_file(dst), "pt") as f:
         file_meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     if tensors_fn is not None:
@@ -126,23 +141,23 @@ def _rewrite(src, dst, tensors_fn=None, meta_fn=None, consistent=False):
     if meta_fn is not None:
         meta_fn(meta)
     if consistent:
-        meta["tensors"] = {k: {"shape": list(v.shape), "dtype": sl._dtype_name(v.dtype),
-                               "sha256": sl._sha256(v)} for k, v in t.items()}
-        meta["digest"] = file_meta["digest"] = sl._digest(meta)
-        meta["tensor_file"] = sl._tensor_file_name(meta["digest"])
+        meta["slim_integrity"] = fmt.integrity_record(meta, t)
+        file_meta["slim_digest"] = meta["slim_integrity"]["digest"]
     os.remove(adapter_tensor_file(dst))
-    save_file(t, str(dst / meta["tensor_file"]), metadata=file_meta)
-    (dst / "slim_config.json").write_text(json.dumps(meta))
+    save_file(t, adapter_tensor_file(dst), metadata=file_meta)
+    (dst / "adapter_config.json").write_text(json.dumps(meta))
     return dst
+
+
+KEY = "base_model.model.model.layers.1.mlp.up_proj.slim_experts.lora_B"
 
 
 def test_missing_extra_corrupt_truncated(saved, tmp_path):
     path, _, _ = saved
-    key = "model.layers.1.mlp.up_proj.lora_B"
     d = tmp_path / "copy"
-    _rewrite(path, d, lambda t: t.pop(key))
+    _rewrite(path, d, lambda t: t.pop(KEY))
     _expect_error(d, r"module 'model\.layers\.1\.mlp\.up_proj': tensor 'lora_B' is missing")
-    _rewrite(path, d, lambda t: t.__setitem__("model.layers.1.mlp.up_proj.extra", torch.ones(2)))
+    _rewrite(path, d, lambda t: t.__setitem__(KEY.replace("lora_B", "extra"), torch.ones(2)))
     _expect_error(d, r"module 'model\.layers\.1\.mlp\.up_proj': tensor 'extra'")
     # flipped bytes in the data: caught by the checksum
     _rewrite(path, d)
@@ -153,41 +168,47 @@ def test_missing_extra_corrupt_truncated(saved, tmp_path):
     # truncated file
     open(adapter_tensor_file(d), "wb").write(bytes(data[: len(data) // 2]))
     _expect_error(d, "corrupt or truncated")
-    # the tensor file of another save under this manifest's name
-    e = _rewrite(path, tmp_path / "other", lambda t: t[key].mul_(2), consistent=True)
+    # the tensor file of another save under this config
+    e = _rewrite(path, tmp_path / "other", lambda t: t[KEY].mul_(2), consistent=True)
     _rewrite(path, d)
     open(adapter_tensor_file(d), "wb").write(open(adapter_tensor_file(e), "rb").read())
-    _expect_error(d, r"slim_adapter\.[0-9a-f]{16}\.safetensors does not belong to slim_config\.json")
+    _expect_error(d, r"adapter_model\.safetensors does not belong to .*adapter_config\.json")
     # truncated / invalid json
     _rewrite(path, d)
-    text = (path / "slim_config.json").read_text()
-    (d / "slim_config.json").write_text(text[: len(text) // 2])
+    text = (path / "adapter_config.json").read_text()
+    (d / "adapter_config.json").write_text(text[: len(text) // 2])
     _expect_error(d, "not valid JSON")
     meta = json.loads(text)
-    meta["format_version"] = 99
-    (d / "slim_config.json").write_text(json.dumps(meta))
-    _expect_error(d, "format_version 99; this library reads 1 and 2")
-    # an invalid config: caught by the digest, and by the config check when the digest was redone
-    _rewrite(path, d, meta_fn=lambda m: m["config"].__setitem__("rank", -1))
+    meta["slim_integrity"]["format_version"] = 99
+    (d / "adapter_config.json").write_text(json.dumps(meta))
+    _expect_error(d, "version 99; this slim_kernels reads")
+    # an invalid config: caught by the digest, and by the config check when the record was redone
+    _rewrite(path, d, meta_fn=lambda m: m.__setitem__("rank", -1))
     _expect_error(d, "fails its integrity check")
-    _rewrite(path, d, meta_fn=lambda m: m["config"].__setitem__("rank", -1), consistent=True)
-    _expect_error(d, r"invalid SlimConfig: SlimConfig\.rank=-1")
+    _rewrite(path, d, meta_fn=lambda m: m.__setitem__("rank", -1), consistent=True)
+    _expect_error(d, r"invalid SLIM config: SlimConfig\.rank=-1")
 
 
 def test_config_edit_fails_the_digest(saved, tmp_path):
-    """The digest covers the config: a changed alpha (which would change the outputs) does not
-    load, nor does a changed module list or tensor checksum."""
+    """The digest covers the config: a changed alpha (which would change the outputs), another
+    SLIM setting, a subset of target_modules, an added field, a tensor checksum or the digest
+    itself: none loads."""
     path, _, _ = saved
     d = tmp_path / "copy"
-    for edit in (lambda m: m["config"].__setitem__("alpha", 99.0),
-                 lambda m: m["config"].__setitem__("cluster_eps", 1e-3),
-                 lambda m: m["modules"].reverse(),
-                 lambda m: m["tensors"]["model.layers.0.mlp.up_proj.router"].__setitem__("sha256", "0" * 64),
-                 lambda m: m.__setitem__("digest", "0" * 64)):
+    for edit in (lambda m: m.__setitem__("alpha", 99.0),
+                 lambda m: m.__setitem__("cluster_eps", 1e-3),
+                 lambda m: m.__setitem__("top_k", 1),
+                 lambda m: m.__setitem__("distance_scale", "spread"),
+                 lambda m: m.__setitem__("target_modules", m["target_modules"][:3]),
+                 lambda m: m.__setitem__("use_dora", True),
+                 lambda m: m["slim_integrity"]["tensors"][KEY].__setitem__("sha256", "0" * 64),
+                 lambda m: m["slim_integrity"].__setitem__("digest", "0" * 64)):
         _rewrite(path, d, meta_fn=edit)
-        _expect_error(d, r"slim_config\.json fails its integrity check")
-    _rewrite(path, d, meta_fn=lambda m: m.__setitem__("tensor_file", "../x.safetensors"))
-    _expect_error(d, "names the tensor file '../x.safetensors'")
+        _expect_error(d, r"adapter_config\.json fails its integrity check")
+    # the bookkeeping entries are outside the digest (PEFT rewrites them)
+    _rewrite(path, d, meta_fn=lambda m: m.update(inference_mode=False,
+                                                 base_model_name_or_path="/elsewhere/base"))
+    sk.load_slim(tiny_model("llama", seed=0), str(d))
 
 
 @pytest.mark.parametrize("tensor, value, why", [
@@ -205,7 +226,9 @@ def test_invalid_values_are_rejected_naming_the_tensor(saved, tmp_path, tensor, 
     module = "model.layers.1.self_attn.v_proj"
 
     def poke(t):
-        t[f"{module}.{tensor}"].view(-1)[3] = value
+        from slim_kernels.integrations.adapter_format import peft_key
+
+        t[peft_key(module, tensor)].view(-1)[3] = value
 
     d = _rewrite(path, tmp_path / "copy", poke, consistent=True)
     _expect_error(d, rf"module '{module}': tensor '{tensor}' {why}", exc=sk.SlimLoadError)
@@ -225,23 +248,27 @@ def test_not_a_regular_file_says_what_it_is(saved, tmp_path):
     path, _, _ = saved
     d = tmp_path / "zero"
     d.mkdir()
-    os.symlink("/dev/zero", d / "slim_config.json")
-    _expect_error(d, r"slim_config\.json is a character device \(it is a symbolic link to "
+    os.symlink("/dev/zero", d / "adapter_config.json")
+    _expect_error(d, r"adapter_config\.json is a character device \(it is a symbolic link to "
                      r"/dev/zero\), not a regular file", exc=sk.SlimLoadError)
-    os.remove(d / "slim_config.json")
-    os.symlink(d / "gone", d / "slim_config.json")
-    _expect_error(d, r"slim_config\.json is a symbolic link to .*gone', which does not exist",
+    os.remove(d / "adapter_config.json")
+    os.symlink(d / "gone", d / "adapter_config.json")
+    _expect_error(d, r"adapter_config\.json is a symbolic link to .*gone', which does not exist",
                   exc=FileNotFoundError)
-    os.remove(d / "slim_config.json")
-    (d / "slim_config.json").mkdir()
-    _expect_error(d, r"slim_config\.json is a folder, not a regular file", exc=sk.SlimLoadError)
-    _expect_error(path / "slim_config.json", r"slim_config\.json is a file, not a folder: pass the "
-                  r"SLIM adapter folder", exc=sk.SlimLoadError)
-    # the tensor file the manifest names
+    os.remove(d / "adapter_config.json")
+    (d / "adapter_config.json").mkdir()
+    _expect_error(d, r"adapter_config\.json is a folder, not a regular file", exc=sk.SlimLoadError)
+    _expect_error(path / "adapter_config.json", r"adapter_config\.json is a file, not a folder: "
+                  r"pass the SLIM adapter folder", exc=sk.SlimLoadError)
+    # the tensor file: a device, and a FIFO (opening it would wait for a writer forever)
     e = _rewrite(path, tmp_path / "copy")
     os.remove(adapter_tensor_file(e))
     os.symlink("/dev/zero", adapter_tensor_file(e))
     _expect_error(e, r"\.safetensors is a character device", exc=sk.SlimLoadError)
+    os.remove(adapter_tensor_file(e))
+    os.mkfifo(adapter_tensor_file(e))
+    _expect_error(e, r"adapter_model\.safetensors is a FIFO, not a regular file",
+                  exc=sk.SlimLoadError)
 
 
 def test_save_refuses_what_load_would_reject(saved, tmp_path):
@@ -251,7 +278,7 @@ def test_save_refuses_what_load_would_reject(saved, tmp_path):
     d = _rewrite(path, tmp_path / "copy")
     before = {f: (d / f).read_bytes() for f in os.listdir(d)}
     model = sk.load_slim(tiny_model("llama", seed=0), str(d))
-    layer = dict(sk.slim_modules(model))["model.layers.0.mlp.down_proj"]
+    layer = dict(sk.slim_modules(model))["model.layers.0.mlp.down_proj" + LAYER]
     with torch.no_grad():
         layer.lora_B[1, 2, 0] = float("nan")
     with pytest.raises(ValueError, match=r"module 'model\.layers\.0\.mlp\.down_proj': tensor "
@@ -304,7 +331,7 @@ def test_save_from_compiled_wrapper_uses_plain_names(saved, tmp_path):
 
 def test_spread_adapter_round_trips_its_distance_statistics(tmp_path):
     """distance_scale="spread": the running mean and variance of r are saved per module
-    (fp32 scalars, in the manifest and covered by the digest) and load back bit-exactly."""
+    (fp32 scalars, in the record and covered by the digest) and load back bit-exactly."""
     from safetensors.torch import load_file
 
     model = slim(tiny_model("llama", seed=0), distance_scale="spread", cluster_momentum=0.3)
@@ -319,14 +346,15 @@ def test_spread_adapter_round_trips_its_distance_statistics(tmp_path):
     layers = list(sk.slim_modules(model))
     assert all(m.clusters.distance_mean.item() != 1.0 for _, m in layers)  # initialised and moved
     sk.save_slim(model, str(tmp_path))
-    meta = json.loads((tmp_path / "slim_config.json").read_text())
-    assert meta["config"]["distance_scale"] == "spread"
-    assert len(meta["tensors"]) == 8 * 14
+    meta = _config(tmp_path)
+    assert meta["distance_scale"] == "spread"
+    assert len(meta["slim_integrity"]["tensors"]) == 8 * 14
     file = load_file(adapter_tensor_file(tmp_path))
     for n, m in layers:
         for t in ("distance_mean", "distance_var"):
-            assert meta["tensors"][f"{n}.{t}"]["shape"] == []
-            assert torch.equal(file[f"{n}.{t}"], m.slim_tensors()[t]), (n, t)
+            key = f"base_model.model.{n[:-len(LAYER)]}.slim_experts.clusters.{t}"
+            assert meta["slim_integrity"]["tensors"][key]["shape"] == []
+            assert torch.equal(file[key], m.slim_tensors()[t]), (n, t)
     fresh = tiny_model("llama", seed=0)
     sk.load_slim(fresh, str(tmp_path))
     fresh.eval()
@@ -347,6 +375,7 @@ def test_spread_adapter_with_a_negative_variance_is_refused(tmp_path):
     name, layer = next(iter(sk.slim_modules(model)))
     with torch.no_grad():
         layer.clusters.distance_var.fill_(-1.0)
+    name = name[: -len(LAYER)]  # (the wrapped module's name)
     with pytest.raises(ValueError, match=rf"module {name!r}: tensor 'distance_var' holds "
                                          r"negative variances"):
         sk.save_slim(model, str(tmp_path))

@@ -263,3 +263,31 @@ def test_trainer_checkpoint_and_resume(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
     for (n, a), (_, b) in zip(m.named_buffers(), m2.named_buffers()):
         assert torch.equal(a, b), n
+
+
+def test_trainer_resumes_a_slim_peft_model_from_its_checkpoint(tmp_path):
+    """The Trainer's own checkpoints of a SLIM PeftModel (save_pretrained's folder, the
+    optimizer, the RNG) resume through PEFT's load_adapter: the resumed run ends where the
+    uninterrupted one does, clusters included."""
+    from peft import get_peft_model
+    from slim_kernels.peft import SlimPeftConfig
+
+    ds, _ = synthetic_dataset()
+
+    def run(out, resume=None):
+        model = get_peft_model(tiny_model("llama"), SlimPeftConfig(
+            target_modules=["q_proj", "v_proj"], num_lora_experts=2, num_identity_experts=1,
+            rank=2, num_clusters=2, backend="torch", task_type="CAUSAL_LM", l1_coef=1e-3))
+        tr = transformers.Trainer(model=model, args=trainer_args(
+            str(out), max_steps=4, save_strategy="steps", save_steps=2), train_dataset=ds)
+        tr.train(resume_from_checkpoint=resume)
+        return {f"{n}.{t}": v.detach().clone() for n, m in sk.slim_modules(model)
+                for t, v in m.slim_tensors().items()}
+
+    full = run(tmp_path / "a")
+    assert (tmp_path / "a" / "checkpoint-2" / "adapter_config.json").is_file()
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert full.keys() == resumed.keys()
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert any(k.endswith("cluster_initialized") and bool(v) for k, v in resumed.items())

@@ -1,5 +1,6 @@
-"""lm-eval on a SLIM adapter through PEFT: ``--model hf --model_args pretrained=<dir>,
-peft=<adapter dir>`` (python -m slim_kernels.integrations.lm_eval), offline, on a local task."""
+"""lm-eval on a SLIM adapter through PEFT: the real ``lm_eval`` command with ``--model hf
+--model_args pretrained=<dir>,peft=<adapter dir>``, offline, on a local task (SLIM is
+registered by the install's hook when lm-eval imports peft: no wrapper)."""
 import json
 import os
 import subprocess
@@ -10,7 +11,6 @@ import pytest
 pytest.importorskip("lm_eval")
 pytest.importorskip("peft")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _setup(tmp_path):
@@ -43,13 +43,15 @@ def _setup(tmp_path):
 
 
 def _acc(tmp_path, model_args, out):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SLIM_KERNELS_PEFT_HOOK")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    lm_eval = os.path.join(os.path.dirname(sys.executable), "lm_eval")  # the console script
     r = subprocess.run(
-        [sys.executable, "-m", "slim_kernels.integrations.lm_eval", "--model", "hf",
+        [lm_eval, "--model", "hf",
          "--model_args", model_args, "--tasks", "slim_toy", "--include_path",
          str(tmp_path / "tasks"), "--device", "cpu", "--batch_size", "4", "--output_path",
-         str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+         str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.startswith("results")]
     assert res, r.stdout[-2000:]

@@ -1,4 +1,5 @@
 """SLIM as a PEFT method (slim_kernels.peft): the LoRA user path with one config line changed."""
+import json
 import os
 import subprocess
 import sys
@@ -136,7 +137,9 @@ def test_aux_loss_reaches_the_training_loss():
     out = model(input_ids=ids, attention_mask=am, labels=labels)
     aux = sk.aux_loss(model)
     assert aux.item() > 0 and aux.requires_grad
-    with sk.integrations.hf.slim_aux_suppressed():
+    from slim_kernels.integrations.hf import slim_aux_suppressed
+
+    with slim_aux_suppressed():
         task = model(input_ids=ids, attention_mask=am, labels=labels).loss
     torch.testing.assert_close(out.loss, task + aux, rtol=1e-6, atol=1e-6)
     with model.disable_adapter():  # the base model: no aux term
@@ -145,12 +148,15 @@ def test_aux_loss_reaches_the_training_loss():
 
 
 def test_untested_peft_version_registers_nothing():
+    # (the import hook off: it would register SLIM at `import peft`, before the version is
+    # faked; tests/test_peft_loading.py covers the hook on an untested version)
     code = ("import peft; peft.__version__ = '9.9.0'\n"
             "try:\n    import slim_kernels.peft\nexcept ImportError as e:\n    print('ERR', e)\n"
             "from peft import mapping\n"
             "print('SLIM' in mapping.PEFT_TYPE_TO_CONFIG_MAPPING, 'SLIM' in mapping.PEFT_TYPE_TO_TUNER_MAPPING)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+                       timeout=120, env={**os.environ, "PYTHONPATH": ROOT,
+                                         "SLIM_KERNELS_PEFT_HOOK": "0"})
     assert "ERR" in r.stdout and "tested with peft 0.21.x but peft 9.9.0" in r.stdout, r.stdout + r.stderr
     assert r.stdout.strip().endswith("False False"), r.stdout
 
@@ -177,3 +183,182 @@ def test_stacking_apply_slim_keeps_an_existing_lora_trainable():
     with pytest.raises(TypeError, match="already carries a PEFT adapter"):
         sk.apply_slim(get_peft_model(tiny_model(), LoraConfig(target_modules=["q_proj"], r=2)),
                       sk.SlimConfig(target_modules=("q_proj",), backend="torch"), verbose=False)
+
+
+# -- LoRA's vocabulary -------------------------------------------------------------------------
+def _wrapped(model):
+    return sorted(n.split("base_model.model.")[-1] for n, m in model.named_modules()
+                  if hasattr(m, "slim_experts"))
+
+
+def test_lora_names_modules_to_save_and_layers_to_transform(tmp_path):
+    """``SlimPeftConfig(r=8, lora_alpha=16, modules_to_save=[...], layers_to_transform=[0])``:
+    LoRA's names of rank and alpha, a trained and saved extra module, only layer 0 wrapped."""
+    c = SlimPeftConfig(r=8, lora_alpha=16, modules_to_save=["lm_head"], layers_to_transform=[0],
+                       target_modules=["q_proj", "v_proj"], num_lora_experts=2,
+                       num_identity_experts=1, num_clusters=2, backend="torch",
+                       task_type="CAUSAL_LM")
+    assert (c.rank, c.alpha, c.r, c.lora_alpha) == (8, 16, 8, 16)
+    assert "r" not in c.to_dict() and c.to_dict()["rank"] == 8
+    model = get_peft_model(tiny_model(), c)
+    assert _wrapped(model) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    head = [n for n, p in model.named_parameters() if p.requires_grad and "lm_head" in n]
+    assert head == ["base_model.model.lm_head.modules_to_save.default.weight"]
+    _train_step(model)
+    want = _logits(model)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(_logits(PeftModel.from_pretrained(tiny_model(), tmp_path)), want)
+    assert torch.equal(_logits(sk.load_slim(tiny_model(), str(tmp_path))), want)
+    with pytest.raises(ValueError, match=r"r=4 and rank=8: r is LoRA's name for rank"):
+        SlimPeftConfig(r=4, rank=8)
+    with pytest.raises(ValueError, match="layers_pattern is set but layers_to_transform is not"):
+        SlimPeftConfig(layers_pattern="layers")
+    with pytest.raises(ValueError, match="layers_to_transform and layers_pattern cannot be used "
+                                         "when target_modules is a str"):
+        SlimPeftConfig(target_modules=".*q_proj", layers_to_transform=[0])
+
+
+def test_rank_and_alpha_patterns_set_each_layer(tmp_path):
+    """rank_pattern / alpha_pattern give a module's experts another rank or alpha (the same
+    matching as LoRA's); the adapter saves and loads with them."""
+    model = get_peft_model(tiny_model(), cfg(rank_pattern={"q_proj": 4},
+                                             alpha_pattern={r"layers\.1\.self_attn\.v_proj": 9.0}))
+    layers = {n.split("base_model.model.")[-1].rsplit(".slim_experts", 1)[0]: m
+              for n, m in sk.slim_modules(model)}
+    for name, m in layers.items():
+        r = 4 if name.endswith("q_proj") else 2
+        alpha = 9.0 if name == "model.layers.1.self_attn.v_proj" else 32.0
+        assert m.lora_A.shape[1] == r and m.config.rank == r and m.config.alpha == alpha, name
+    _train_step(model)
+    want = _logits(model)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(_logits(PeftModel.from_pretrained(tiny_model(), tmp_path)), want)
+    with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\]=0 is invalid"):
+        cfg(rank_pattern={"q_proj": 0})
+
+
+@pytest.mark.parametrize("bias", ["all", "slim_only", "lora_only"])
+def test_bias_trains_the_base_biases_and_saves_them(tmp_path, bias):
+    model = get_peft_model(tiny_model("qwen2"), cfg(bias=bias))  # qwen2: q/k/v have biases
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    biases = {n for n in trainable if n.endswith(".bias")}
+    assert biases and all("proj" in n for n in biases)
+    if bias != "all":
+        assert model.peft_config["default"].bias == "slim_only"
+        assert all(n.rsplit(".", 2)[0].endswith(("q_proj", "v_proj")) for n in biases)
+    _train_step(model)
+    want = _logits(model)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    assert any(k.endswith(".bias") for k in load_file(tmp_path / "adapter_model.safetensors"))
+    assert torch.equal(_logits(PeftModel.from_pretrained(tiny_model("qwen2"), tmp_path)), want)
+    with pytest.raises(ValueError, match=r"bias='some' is invalid: expected one of none, all, "
+                                         r"slim_only"):
+        cfg(bias="some")
+
+
+def test_init_lora_weights():
+    plain = _logits(tiny_model())
+    g = get_peft_model(tiny_model(), cfg(init_lora_weights="gaussian"))
+    assert torch.equal(_logits(g), plain)  # B = 0 still
+    a = next(m for _, m in sk.slim_modules(g)).lora_A
+    assert abs(a.std().item() - 1 / 2) < 0.2  # N(0, 1/r), r = 2
+    f = get_peft_model(tiny_model(), cfg(init_lora_weights=False))
+    assert not torch.equal(_logits(f), plain)  # B random: not the base at the start
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' is not supported: it "
+                                         "initialises one LoRA from the base weight"):
+        cfg(init_lora_weights="pissa")
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("use_dora", True, "no single merged weight to normalise"),
+    ("target_parameters", ["mlp.experts.gate_up_proj"], "not bare parameters"),
+    ("loftq_config", {"loftq_bits": 4}, "LoftQ initialises one LoRA"),
+    ("lora_bias", True, "experts have no bias term"),
+    ("trainable_token_indices", [1, 2], "trainable tokens are not implemented for SLIM"),
+    ("layer_replication", [[0, 1]], "not implemented for SLIM"),
+])
+def test_lora_fields_slim_cannot_honour_are_refused_saying_why(field, value, why):
+    with pytest.raises(ValueError, match=rf"SlimPeftConfig cannot honour {field}=.*: .*{why}"):
+        cfg(**{field: value})
+    cfg(**{field: LoraConfig().__dict__[field]})  # LoRA's default asks for nothing: accepted
+
+
+def test_unknown_fields_are_refused_naming_them():
+    with pytest.raises(ValueError, match=r"unknown field 'rnak'.*Known fields: .*rank"):
+        cfg(rnak=4)
+
+
+def test_seq_cls_trains_its_head_as_lora_does(tmp_path):
+    """task_type SEQ_CLS: PEFT adds the classifier head to modules_to_save, so it trains and
+    is saved with the adapter, as with a LoraConfig."""
+    import transformers as tf
+
+    def clf():
+        torch.manual_seed(0)
+        return tf.LlamaForSequenceClassification(tf.LlamaConfig(
+            vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0))
+
+    model = get_peft_model(clf(), cfg(task_type="SEQ_CLS"))
+    assert "score" in model.peft_config["default"].modules_to_save
+    head = {n: p.detach().clone() for n, p in model.named_parameters()
+            if p.requires_grad and ".score." in n}
+    assert head
+    ids, am, _ = batch()
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(input_ids=ids, attention_mask=am, labels=torch.tensor([0, 2])).loss.backward()
+    opt.step()
+    assert all(not torch.equal(p, head[n]) for n, p in model.named_parameters() if n in head)
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=am).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(clf(), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=am).logits, want)
+
+
+def test_phi3_default_targets_wrap_its_fused_projections():
+    """The default target_modules come from a per-model-type mapping: on Phi-3 the fused
+    qkv_proj and gate_up_proj are wrapped, as every projection is on the same-size Llama."""
+    model = get_peft_model(tiny_model("phi3"), cfg(target_modules=None))
+    assert {n.rsplit(".", 1)[-1] for n in _wrapped(model)} == {
+        "qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    llama = get_peft_model(tiny_model("llama"), cfg(target_modules=None))
+    assert {n.rsplit(".", 1)[-1] for n in _wrapped(llama)} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    _train_step(model)
+    assert all(m.lora_B.abs().sum() > 0 for _, m in sk.slim_modules(model))
+
+
+def test_add_weighted_adapter_and_mixed_models_are_refused_clearly():
+    model = get_peft_model(tiny_model(), cfg())
+    model.add_adapter("other", cfg())
+    with pytest.raises(ValueError, match="cannot be combined with add_weighted_adapter: each "
+                                         "adapter routes every token"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
+    with pytest.raises(ValueError, match="peft_type.*SLIM.*not compatible with the "
+                                         "`PeftMixedModel`"):
+        get_peft_model(tiny_model(), cfg(), mixed=True)
+
+
+def test_save_pretrained_records_integrity_and_the_loading_note(tmp_path):
+    """PEFT's own save_pretrained writes the integrity record (from the tensor file it just
+    wrote), the note in adapter_config.json and in README.md; it refuses NaN factors before
+    writing anything."""
+    model = get_peft_model(tiny_model(), cfg())
+    _train_step(model)
+    model.save_pretrained(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert len(meta["slim_integrity"]["tensors"]) == 4 * 6
+    assert "import slim_kernels.peft" in (tmp_path / "a" / "README.md").read_text()
+    assert not list((tmp_path / "a").glob("*.tmp-*"))
+    layer = next(m for _, m in sk.slim_modules(model))
+    with torch.no_grad():
+        layer.lora_B.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=r"module 'model\.layers\.0\.self_attn\.q_proj': tensor "
+                                         r"'lora_B' holds non-finite values .*not saved"):
+        model.save_pretrained(tmp_path / "b")
+    assert not (tmp_path / "b" / "adapter_model.safetensors").exists()

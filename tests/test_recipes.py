@@ -27,7 +27,7 @@ def test_recipe_hf_trainer(tmp_path):
                                          "--output-dir", str(tmp_path)])
     assert math.isfinite(res["after"]) and res["after"] < res["before"]
     assert res["reloaded"] == res["after"]  # load_slim onto a fresh base: exact
-    assert os.path.exists(os.path.join(res["path"], "slim_config.json"))
+    assert os.path.exists(os.path.join(res["path"], "adapter_config.json"))  # (PEFT's layout)
 
 
 def test_recipe_plain_loop(tmp_path):

@@ -145,6 +145,8 @@ def test_wheel_installs_offline_and_runs(tmp_path):
     whl, names = _build_wheel(tmp_path, env)
     src = tmp_path / "src"
     assert "slim_kernels/__init__.py" in names and "slim_kernels/layer.py" in names
+    # the PEFT hook: a .pth at the root of site-packages and the module it imports
+    assert "slim_kernels_peft.pth" in names and "_slim_kernels_peft.py" in names
     assert not any(n.startswith(("tests/", "python/")) for n in names)
     # package data: the demo's embedded base model and the triton backend's configuration
     # files must travel with the wheel (offline nodes)
@@ -182,6 +184,11 @@ def test_wheel_installs_offline_and_runs(tmp_path):
     assert info.startswith("slim_kernels ") and "backends available here" in info, info
     if ext_in_wheel:
         assert "cpp" in backends, f"the wheel carries {ext_in_wheel} but the cpp backend is unavailable"
+    # importing peft registers SLIM, through the installed .pth (no slim_kernels import)
+    reg = _run([py, "-c", "import sys, peft; from peft import mapping; print('SLIM' in "
+                "mapping.PEFT_TYPE_TO_TUNER_MAPPING, sys.modules['slim_kernels'].__file__)"],
+               env=env, cwd=work).stdout.split()
+    assert reg[0] == "True" and reg[1].startswith(str(venv)), reg
 
 
 FIRST_USE = r"""

@@ -191,7 +191,7 @@ def run_real_model(spec: str, methods: Sequence[str] = ("lora", "slim"), steps: 
     suite and (SLIM arms) the routing diagnostic, before and after."""
     from dataclasses import replace
 
-    from ..integrations.hf import apply_slim
+    from ..integrations.hf import apply_slim, plan_slim
 
     from .methods import method_specs
     from .finetune import count_trainable, finetune, set_full_finetune
@@ -216,10 +216,12 @@ def run_real_model(spec: str, methods: Sequence[str] = ("lora", "slim"), steps: 
         torch.manual_seed(seed)
         model = copy.deepcopy(model0)  # every arm starts from the same loaded base
         s = specs[name]
-        if s == "full":
-            n_train = set_full_finetune(model, modules=_target_modules(model, specs["slim"].target_modules))
+        if s == "full":  # the weights of the projections SLIM wraps
+            leaves = {n.rpartition(".")[2] for n in plan_slim(model, specs["slim"])}
+            n_train = set_full_finetune(model, modules=tuple(sorted(leaves)))
         else:
-            s = replace(s, target_modules=_target_modules(model, s.target_modules))
+            if s.target_modules is not None:  # (None: the model type's projections)
+                s = replace(s, target_modules=_target_modules(model, s.target_modules))
             apply_slim(model, s, verbose=False)
             n_train = count_trainable(model)
         train = R.vellish_pairs(steps * batch_size, "train", seed)

@@ -7,7 +7,7 @@ process group with :func:`set_cluster_sync_group`.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Mapping
 
 import torch
 import torch.distributed as dist
@@ -40,14 +40,13 @@ def clusters_in_sync(model: torch.nn.Module) -> bool:
     return bool(torch.equal(lo, hi))
 
 
-def full_cpu_tensors(layers: Iterable[Tuple[str, torch.nn.Module]]) -> Dict[str, torch.Tensor]:
-    """``{f"{layer}.{name}": full CPU copy}`` of the saved tensors of SLIM layers
-    (:meth:`~slim_kernels.SlimLinear.slim_tensors`), gathering
-    what a data-parallel engine has sharded: FSDP2 ``DTensor`` parameters (``full_tensor``)
-    and DeepSpeed ZeRO-3 partitions (``deepspeed.zero.GatheredParameters``). Collective
-    whenever something is sharded: then every rank must call it."""
-    layers = [(name, m.slim_tensors()) for name, m in layers]
-    zero3 = [t for _, ts in layers for t in ts.values() if hasattr(t, "ds_id")]
+def full_cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``{name: full CPU copy}`` of ``tensors`` (live parameters and buffers, e.g. a
+    ``state_dict(keep_vars=True)``), gathering what a data-parallel engine has sharded: FSDP2
+    ``DTensor`` parameters (``full_tensor``) and DeepSpeed ZeRO-3 partitions
+    (``deepspeed.zero.GatheredParameters``). Collective whenever something is sharded: then
+    every rank must call it."""
+    zero3 = [t for t in tensors.values() if hasattr(t, "ds_id")]
     ctx = contextlib.nullcontext()
     if zero3:
         import deepspeed  # only reached when the model is a DeepSpeed ZeRO-3 model
@@ -55,12 +54,11 @@ def full_cpu_tensors(layers: Iterable[Tuple[str, torch.nn.Module]]) -> Dict[str,
         ctx = deepspeed.zero.GatheredParameters(zero3)
     out: Dict[str, torch.Tensor] = {}
     with ctx:
-        for lname, ts in layers:
-            for n, t in ts.items():
-                t = t.detach()
-                if hasattr(t, "full_tensor"):  # DTensor (FSDP2): all-gather the shards
-                    t = t.full_tensor()
-                out[f"{lname}.{n}"] = t.to("cpu", copy=True).contiguous()  # outlives the gather
+        for name, t in tensors.items():
+            t = t.detach()
+            if hasattr(t, "full_tensor"):  # DTensor (FSDP2): all-gather the shards
+                t = t.full_tensor()
+            out[name] = t.to("cpu", copy=True).contiguous()  # outlives the gather
     return out
 
 

@@ -1,13 +1,13 @@
-"""lm-eval's command line with SLIM registered in PEFT: evaluate a SLIM adapter with
-``peft=<adapter dir>`` exactly as a LoRA adapter::
+"""lm-eval's command line with SLIM registered in PEFT first::
 
     python -m slim_kernels.integrations.lm_eval --model hf \\
         --model_args pretrained=<base dir>,peft=<adapter dir> --tasks <task>
 
-lm-eval loads ``peft=`` adapters with ``PeftModel.from_pretrained``, which knows SLIM once
-:mod:`slim_kernels.peft` is imported; the ``lm_eval`` command cannot import it itself, so this
-module does and then runs lm-eval's own ``cli_evaluate`` with the same arguments. In Python,
-``import slim_kernels.peft`` before ``lm_eval.simple_evaluate(model="hf", model_args=...)``.
+The plain ``lm_eval`` command loads SLIM adapters by itself where slim_kernels is installed
+(the install's hook registers SLIM when lm-eval imports peft: ``docs/huggingface.md``, "How
+SLIM gets registered"). This module is for a Python where that hook does not run (slim_kernels
+only on ``PYTHONPATH``, or ``SLIM_KERNELS_PEFT_HOOK=0``): it imports :mod:`slim_kernels.peft`,
+then runs lm-eval's own ``cli_evaluate`` with the same arguments.
 """
 from __future__ import annotations
 
