@@ -32,7 +32,8 @@ import time
 import traceback
 from pathlib import Path
 
-LOG = Path(__file__).resolve().parent / "results" / "forgetting_runs.jsonl"
+ROOT = Path(__file__).resolve().parent.parent
+LOG = ROOT / "benchmarks" / "results" / "forgetting_runs.jsonl"
 
 
 def _row_embedded(rep, m):
@@ -61,41 +62,43 @@ def run(a) -> int:
     methods = [m for m in a.methods.split(",") if m]
     prov = provenance()
     cmd = "python benchmarks/forgetting_sweep.py " + " ".join(shlex.quote(x) for x in sys.argv[2:])
-    tasks = a.tasks.split(",") if a.bench == "embedded" else ["vellish"]
+    tasks = a.tasks.split(",") if a.tasks else (
+        ["caesar", "symbols"] if a.bench == "embedded" else ["vellish"])
     rc = 0
-    for task in tasks:
-        for seed in (int(s) for s in a.seeds.split(",")):
-            base = {"label": a.label, "role": a.role, "bench": a.bench, "task": task,
-                    "seed": seed, "slim": slim or {}, "steps": a.steps, "command": cmd,
-                    "commit": prov.get("commit"), "provenance": prov}
-            t0 = time.time()
-            try:
-                if a.bench == "embedded":
-                    from slim_kernels.demo.benchmark import run_benchmark
+    for task, seed, lr in ((t, int(s), float(x)) for t in tasks for s in a.seeds.split(",")
+                           for x in a.lrs.split(",")):
+        base = {"label": a.label, "role": a.role, "bench": a.bench, "task": task,
+                "seed": seed, "lr": lr, "threads": a.threads, "slim": slim or {},
+                "steps": a.steps, "command": cmd, "commit": prov.get("commit"),
+                "provenance": prov}
+        t0 = time.time()
+        try:
+            if a.bench == "embedded":
+                from slim_kernels.demo.benchmark import run_benchmark
 
-                    rep = run_benchmark(methods, steps=a.steps or 120, seed=seed, task=task,
-                                        slim_overrides=slim, progress=not a.no_progress,
-                                        eval_every=a.steps or 120)
-                    rows = [(m, _row_embedded(rep, m)) for m in rep["methods"]]
-                else:
-                    from slim_kernels.demo.real_model import run_real_model
+                rep = run_benchmark(methods, steps=a.steps or 120, seed=seed, task=task,
+                                    lr=lr, threads=a.threads, slim_overrides=slim,
+                                    progress=not a.no_progress, eval_every=a.steps or 120)
+                rows = [(m, _row_embedded(rep, m)) for m in rep["methods"]]
+            else:
+                from slim_kernels.demo.real_model import run_real_model
 
-                    rep = run_real_model(a.model, methods=methods, steps=a.steps or 150,
-                                         seed=seed, slim_overrides=slim,
-                                         progress=not a.no_progress)
-                    rows = [(m, _row_real(rep, m)) for m in rep["methods"]]
-                out = [{**base, "method": m["method"], **r, "cpu_s": m["cpu_s"],
-                        "wall_s": m["wall_s"]} for m, r in rows]
-            except Exception as e:  # a failed run is a result too
-                traceback.print_exc()
-                out = [{**base, "method": ",".join(methods), "error": f"{type(e).__name__}: {e}",
-                        "wall_s": time.time() - t0}]
-                rc = 1
-            with open(a.log, "a") as f:
-                for r in out:
-                    f.write(json.dumps(r) + "\n")
+                rep = run_real_model(a.model, methods=methods, steps=a.steps or 150,
+                                     seed=seed, lr=lr, threads=a.threads, task=task,
+                                     slim_overrides=slim, progress=not a.no_progress)
+                rows = [(m, _row_real(rep, m)) for m in rep["methods"]]
+            out = [{**base, "method": m["method"], **r, "cpu_s": m["cpu_s"],
+                    "wall_s": m["wall_s"]} for m, r in rows]
+        except Exception as e:  # a failed run is a result too
+            traceback.print_exc()
+            out = [{**base, "method": ",".join(methods), "error": f"{type(e).__name__}: {e}",
+                    "wall_s": time.time() - t0}]
+            rc = 1
+        with open(a.log, "a") as f:
             for r in out:
-                print(_line(r), flush=True)
+                f.write(json.dumps(r) + "\n")
+        for r in out:
+            print(_line(r), flush=True)
     return rc
 
 
@@ -220,14 +223,164 @@ def summary(a) -> int:
     return 0
 
 
+# -- each arm at its own best learning rate (docs/demo.md, "The learning-rate rule") ----------
+ARMS = ("lora-r128", "lora-r16", "slim", "full")
+LR_GRID = (3e-5, 1e-4, 3e-4, 1e-3)
+LR_GRID_FULL = (3e-6, 1e-5, 3e-5, 1e-4)
+SELECT_SEED = 0
+
+
+def lr_score(row) -> float:
+    """The rule's score of one run: the mean of the new-task accuracy and the worst share of
+    the base kept (capped at 1: keeping more than the base earns nothing)."""
+    return (row["new_task_acc"] + min(row["worst"], 1.0)) / 2
+
+
+def _rows(a, **match):
+    rows = [json.loads(x) for x in Path(a.log).read_text().splitlines() if x.strip()]
+    return [r for r in rows if "error" not in r and r["label"] == a.label
+            and all(r.get(k) == v for k, v in match.items())]
+
+
+def chosen_lrs(a) -> dict:
+    """arm -> (chosen lr, {lr: score}) from the selection runs (seed 0, ``--select-task``);
+    an arm whose grid is incomplete is left out (printed)."""
+    out = {}
+    for arm in a.arms.split(","):
+        grid = LR_GRID_FULL if arm == "full" else LR_GRID
+        by = {r["lr"]: r for r in _rows(a, role="select", task=a.select_task, seed=SELECT_SEED,
+                                        method=arm)}
+        missing = [lr for lr in grid if lr not in by]
+        if missing:
+            print(f"{arm}: the selection grid lacks lr {missing}; no choice", file=sys.stderr)
+            continue
+        scores = {lr: lr_score(by[lr]) for lr in grid}
+        best = max(scores.values())
+        out[arm] = (min(lr for lr in grid if scores[lr] == best), scores, by)  # ties: lower
+    return out
+
+
+def choose_lr(a) -> int:
+    ch = chosen_lrs(a)
+    print(f"selection: task {a.select_task}, seed {SELECT_SEED}, label {a.label}; score = "
+          "(new-task accuracy + min(worst kept, 1)) / 2")
+    print("| arm | lr | new | worst kept | score | chosen |")
+    print("|---|---|---|---|---|---|")
+    for arm, (lr_c, scores, by) in ch.items():
+        for lr, sc in scores.items():
+            r = by[lr]
+            print(f"| {arm} | {lr:g} | {r['new_task_acc']:.3f} | {r['worst']:.3f} | {sc:.3f} | "
+                  f"{'**yes**' if lr == lr_c else ''} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps({arm: v[0] for arm, v in ch.items()}, indent=1) + "\n")
+    return 0 if ch else 1
+
+
+def dominance(s, b) -> str:
+    """SLIM run ``s`` against baseline run ``b``: 'dominates' when its new-task accuracy and
+    its worst share kept are both at least the baseline's and not both equal; 'is dominated'
+    the other way round; else 'trades off'; with the two differences."""
+    dn, dw = s["new_task_acc"] - b["new_task_acc"], s["worst"] - b["worst"]
+    if dn >= 0 and dw >= 0 and (dn > 0 or dw > 0):
+        word = "dominates"
+    elif dn <= 0 and dw <= 0 and (dn < 0 or dw < 0):
+        word = "is dominated by"
+    else:
+        word = "trades off against" if (dn, dw) != (0, 0) else "ties"
+    return f"{word} (new {dn:+.3f}, worst kept {dw:+.3f})"
+
+
+def heldout(a) -> int:
+    ch = chosen_lrs(a)
+    for task in a.tasks.split(","):
+        rows = _rows(a, role="report", task=task)
+        by = {(r["method"], r["seed"]): r for r in rows if r["method"] in ch
+              and r["lr"] == ch[r["method"]][0]}
+        seeds = sorted({sd for _, sd in by})
+        if not seeds:
+            print(f"\n{task}: no held-out runs at the chosen lrs yet")
+            continue
+        print(f"\n{task}, held-out seeds {seeds}, each arm at its chosen lr: new-task accuracy "
+              "/ worst share kept (ppl x)")
+        print("| arm | lr | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |")
+        print("|---|---|" + "---|" * (len(seeds) + 1))
+        for arm, (lr, _, _) in ch.items():
+            cells, news, worsts = [], [], []
+            for sd in seeds:
+                r = by.get((arm, sd))
+                if r is None:
+                    cells.append("-")
+                    continue
+                news.append(r["new_task_acc"])
+                worsts.append(r["worst"])
+                cells.append(f"{r['new_task_acc']:.3f} / {r['worst']:.3f} (x{r['ppl_ratio']:.2f})")
+            mean = f"{sum(news) / len(news):.3f} / {sum(worsts) / len(worsts):.3f}" if news else "-"
+            print(f"| {arm} | {lr:g} | " + " | ".join(cells) + f" | {mean} |")
+        for arm in ch:
+            if arm == "slim":
+                continue
+            for sd in seeds:
+                s_, b_ = by.get(("slim", sd)), by.get((arm, sd))
+                if s_ and b_:
+                    print(f"- {task} seed {sd}: SLIM {dominance(s_, b_)} {arm}")
+    return 0
+
+
+def pareto(a) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = a.tasks.split(",")
+    arms = a.arms.split(",")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.4), squeeze=False)
+    colors = dict(zip(arms, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    ch = chosen_lrs(a)
+    for ax, task in zip(axes[0], tasks):
+        for arm in arms:
+            rs = [r for r in _rows(a, task=task, method=arm)]
+            if not rs:
+                continue
+            for role, marker in (("select", "o"), ("report", "*")):
+                pts = [r for r in rs if r["role"] == role]
+                if not pts:
+                    continue
+                chosen = [arm in ch and r["lr"] == ch[arm][0] for r in pts]
+                ax.scatter([r["new_task_acc"] for r in pts], [min(r["worst"], 1.05) for r in pts],
+                           marker=marker, s=[90 if role == "report" else 30 for _ in pts],
+                           color=colors[arm], alpha=[1.0 if c else 0.45 for c in chosen],
+                           label=f"{arm} ({'lr grid, seed 0' if role == 'select' else 'held-out'})")
+            for r in rs:
+                if r["role"] == "select":
+                    ax.annotate(f"{r['lr']:g}", (r["new_task_acc"], min(r["worst"], 1.05)),
+                                fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xlabel(f"{task} accuracy (new task)")
+        ax.set_ylabel("worst share of the base kept (ppl, mc, arith)")
+        ax.set_title(f"SmolLM2-135M, {task}: up and right is better", fontsize=9)
+        ax.grid(alpha=0.3)
+    h, lab = axes[0][0].get_legend_handles_labels()
+    if h:
+        fig.legend(h, lab, fontsize=7, loc="lower center", ncol=4)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(a.out, dpi=120)
+    print(f"wrote {a.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run arms and append them to the log")
     r.add_argument("--bench", choices=["embedded", "real"], required=True)
-    r.add_argument("--tasks", default="caesar,symbols", help="embedded new tasks")
+    r.add_argument("--tasks", default=None,
+                   help="new tasks: embedded caesar,symbols (default both); real vellish "
+                        "(default) or records")
     r.add_argument("--seeds", default="0")
+    r.add_argument("--lrs", default="1e-3", help="learning rates, each a run of every arm")
+    r.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     r.add_argument("--methods", default="slim")
     r.add_argument("--slim", default=None, help="JSON SlimConfig overrides for the SLIM arms")
     r.add_argument("--steps", type=int, default=None, help="default: 120 embedded, 150 real")
@@ -241,12 +394,30 @@ def main(argv=None) -> int:
     c = sub.add_parser("select", help="rank the SLIM settings on the selection runs")
     c.add_argument("--log", default=str(LOG))
     c.add_argument("--seed", type=int, default=0)
+    for name, fn_help in (("choose-lr", "each arm's learning rate by the rule (docs/demo.md)"),
+                          ("heldout", "the held-out seeds at each arm's chosen learning rate, "
+                                      "and whether SLIM dominates each baseline per seed"),
+                          ("pareto", "the figure: new-task accuracy against the worst share "
+                                     "kept, one point per (arm, lr, seed)")):
+        q = sub.add_parser(name, help=fn_help)
+        q.add_argument("--log", default=str(LOG))
+        q.add_argument("--label", default="lr-grid",
+                       help="label of the runs (selection and held-out alike)")
+        q.add_argument("--tasks", default="vellish,records")
+        q.add_argument("--select-task", default="vellish",
+                       help="the task whose selection runs choose every arm's lr")
+        q.add_argument("--arms", default=",".join(ARMS))
+        if name == "pareto":
+            q.add_argument("--out", default=str(ROOT / "docs" / "pareto.png"))
+        if name == "choose-lr":
+            q.add_argument("--json", default=None, help="also write the choice to this file")
     m = sub.add_parser("summary", help="per-seed table of the report runs, and the target")
     m.add_argument("--log", default=str(LOG))
     m.add_argument("--label", default="defaults")
     m.add_argument("--baseline-label", default="baselines")
     a = ap.parse_args(argv)
-    return {"run": run, "table": table, "select": select, "summary": summary}[a.cmd](a)
+    return {"run": run, "table": table, "select": select, "summary": summary,
+            "choose-lr": choose_lr, "heldout": heldout, "pareto": pareto}[a.cmd](a)
 
 
 if __name__ == "__main__":

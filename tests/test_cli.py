@@ -78,6 +78,7 @@ def test_every_option_has_help_and_shows_its_default():
     (["demo", "--base", "/nonexistent"], "--base"),
     (["demo", "--methods", "lora,nope"], "--methods"),
     (["demo", "--steps", "0"], "--steps"),
+    (["demo", "--task", "records"], "--task"),
     (["example", "--steps", "-1"], "--steps"),
 ])
 def test_bad_option_is_an_argparse_error(args, option, tmp_path):
@@ -105,12 +106,17 @@ def test_argument_constants_agree_with_the_code():
     the argument checks import no torch)."""
     from slim_kernels.bench import cases
     from slim_kernels.demo import cli as demo_cli
-    from slim_kernels.demo import tasks
+    from slim_kernels.demo import real_tasks, tasks
     from slim_kernels.ops.backends import NAMES
     from slim_kernels.ops.backends.triton.tuning import DESIGNS_FORWARD
 
     assert demo_cli.NEW_TASK == tasks.NEW_TASK
     assert demo_cli.NEW_TASKS == tasks.NEW_TASKS
+    assert demo_cli.REAL_TASKS == tuple(real_tasks.NEW_TASKS)
+    import inspect
+
+    from slim_kernels.demo.real_model import run_real_model
+    assert demo_cli.REAL_TASK == inspect.signature(run_real_model).parameters["task"].default
     assert cases.BACKEND_NAMES == NAMES
     assert cases.TRITON_DESIGNS == DESIGNS_FORWARD
 

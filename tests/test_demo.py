@@ -180,6 +180,30 @@ def test_real_model_path_on_a_tiny_local_dir(tmp_path, capsys):
     assert (out / "demo_plot.png").stat().st_size > 1000
 
 
+def test_real_model_path_runs_peft_lora_on_the_records_task(tmp_path):
+    """The PEFT-LoRA arms are PEFT's own LoRA on the projections SLIM wraps, and the second
+    real task runs through the same path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slim_kernels.demo.real_model import run_real_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    rep = run_real_model(str(tmp_path / "m"), methods=("lora-r16", "slim"), steps=2, eval_n=4,
+                         n_texts=2, progress=False, task="records", lr=1e-3)
+    assert rep["settings"]["new_task"] == "records" and set(rep["base"]) == {
+        "records", "ppl", "mc", "arith"}
+    lora, slim = rep["methods"]
+    # r x (in + out) per projection: 2 layers x (q, k, v, o: 32+32 each; gate, up: 32+64;
+    # down: 64+32) x 16
+    assert lora["trainable_params"] == 2 * 16 * (4 * 64 + 3 * 96)
+    assert lora["after"]["ppl"] != rep["base"]["ppl"] and lora["routing"] == {}
+    assert slim["routing"]["layers"] == 14
+
+
 def _has_smollm2() -> bool:
     import importlib.util
 

@@ -21,6 +21,32 @@ def test_vellish_split_is_disjoint_and_translates_word_by_word():
         R.vellish_pairs(1, "dev", 0)
 
 
+def test_records_split_is_disjoint_and_the_answer_is_the_records_json():
+    import json
+
+    test = R.records_pairs(64, "test", 12345)
+    train = R.records_pairs(4000, "train", 0)
+
+    def record(prompt):
+        assert prompt.startswith("Record: ") and prompt.endswith("\nJSON:")
+        fields = dict(f.split("=") for f in prompt[len("Record: "):-len("\nJSON:")].split("; "))
+        return fields["name"], int(fields["age"]), fields["city"]
+
+    held, seen = {record(p) for p, _ in test}, {record(p) for p, _ in train}
+    assert len(held) == 64 and not held & seen  # every held-out record is new
+    orders = set()
+    for p, a in test + train[:300]:
+        name, age, city = record(p)
+        assert a.startswith(" ") and list(json.loads(a)) == ["name", "age", "city"]
+        assert json.loads(a) == {"name": name, "age": age, "city": city}
+        orders.add(tuple(f.split("=")[0] for f in p[len("Record: "):-len("\nJSON:")].split("; ")))
+    assert len(orders) == 6  # the fields come in every order
+    assert R.records_pairs(10, "train", 1) != R.records_pairs(10, "train", 2)
+    with pytest.raises(ValueError, match="split='dev'"):
+        R.records_pairs(1, "dev", 0)
+    assert set(R.NEW_TASKS) == {"vellish", "records"}
+
+
 def test_general_suite_data():
     paras = R.heldout_paragraphs(24)
     assert len(paras) == 24 == len(set(paras)) and paras == R.heldout_paragraphs(24)

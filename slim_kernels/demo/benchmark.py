@@ -29,6 +29,8 @@ Methods (:func:`method_specs`):
 - ablations: ``slim-no-identity`` (num_identity_experts=0, so no yielding either),
   ``slim-no-yield`` (num_clusters=0), ``slim+merge`` (merge_drop=0.3: the defaults have
   merging off, so the "with merging" arm is this variant; compare it with ``slim``).
+- ``lora-r128``, ``lora-r16``: LoRA through PEFT's ``LoraConfig`` (alpha = 2r) on the same
+  projections (optional, ``--methods``).
 - ``full``: full fine-tuning of the same projections (optional, ``--methods``).
 
 Each method costs 13-65 s of CPU at the default size (120 steps, 64 held-out examples per task,
@@ -49,10 +51,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..integrations.hf import apply_slim
+from ..config import SlimConfig
 from .evaluate import EVAL_SEED, exact_match, heldout_set
-from .finetune import count_trainable, finetune, new_task_batches, set_full_finetune
-from .methods import DEFAULT_METHODS, method_specs
+from .finetune import finetune, new_task_batches
+from .methods import DEFAULT_METHODS, method_specs, prepare_arm
 from .tasks import ALL_TASKS, GENERAL_TASKS, NEW_TASK, NEW_TASKS
 
 __all__ = ["RETENTION_TASKS", "retention", "run_benchmark", "format_table", "write_plot"]
@@ -121,26 +123,21 @@ def _routing_summary(route: Dict[str, Dict[str, Dict[str, float]]], task: str = 
             "layers_general_more_identity": n_more, "layers": len(per_layer)}
 
 
-def _prepare(model, spec):
-    if spec == "full":
-        n = set_full_finetune(model)
-        return model, n
-    apply_slim(model, spec, verbose=False)
-    return model, count_trainable(model)
-
-
 def run_method(name: str, spec, load_model: Callable, data: Dict, *, steps: int, lr: float,
                batch_size: int, seed: int, eval_every: int, progress: bool = True,
-               before: Optional[Dict[str, float]] = None, task: str = NEW_TASK) -> Dict:
-    """Fine-tune a fresh copy of the base with one method; accuracies before/during/after."""
+               before: Optional[Dict[str, float]] = None, task: str = NEW_TASK,
+               slim_config: Optional[SlimConfig] = None) -> Dict:
+    """Fine-tune a fresh copy of the base with one method; accuracies before/during/after.
+    ``slim_config``: the SLIM arm's config, whose projections the full and LoRA arms train
+    (default ``SlimConfig()``)."""
     t_wall, t_cpu = time.time(), time.process_time()
     random.seed(seed)
     torch.manual_seed(seed)
     model = load_model()
     if before is None:
         before = _eval_all(model, data)
-    model, n_train = _prepare(model, spec)
-    is_slim = spec != "full"
+    model, n_train = prepare_arm(model, spec, slim_config or SlimConfig(backend="torch"))
+    is_slim = isinstance(spec, SlimConfig)
 
     def cb(m, step):
         acc = _eval_all(m, data)
@@ -151,7 +148,9 @@ def run_method(name: str, spec, load_model: Callable, data: Dict, *, steps: int,
     after, route = _eval_all(model, data, routing=is_slim) if is_slim else (_eval_all(model, data), {})
     out = {
         "method": name,
-        "config": spec.to_dict() if is_slim else "full fine-tuning of the projections",
+        "config": spec.to_dict() if is_slim else (
+            "full fine-tuning of the projections" if spec == "full" else
+            f"PEFT LoraConfig(r={spec.r}, lora_alpha={spec.lora_alpha}) on the projections"),
         "trainable_params": n_train,
         "before": before, "after": after,
         "new_task_acc": after[task],
@@ -190,7 +189,7 @@ def run_benchmark(methods: Sequence[str] = DEFAULT_METHODS, *, steps: int = 120,
         results.append(run_method(name, specs[name], lambda: load_base_model(base_path), data,
                                   steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                                   eval_every=eval_every, progress=progress, before=before,
-                                  task=task))
+                                  task=task, slim_config=specs["slim"]))
     return {
         "settings": {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
                      "eval_n": eval_n, "eval_every": eval_every, "threads": threads,

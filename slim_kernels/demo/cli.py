@@ -19,10 +19,13 @@ from .methods import DEFAULT_METHODS  # imports no torch
 
 logger = logging.getLogger("slim_kernels")
 
-# tasks.NEW_TASK and tasks.NEW_TASKS, written out so that building the parser imports no
-# torch (tasks.py does); tests/test_cli.py checks they agree.
+# tasks.NEW_TASK and tasks.NEW_TASKS (the embedded base's) and real_tasks.NEW_TASKS (a real
+# model's), written out so that building the parser imports no torch (tasks.py does);
+# tests/test_cli.py checks they agree.
 NEW_TASK = "caesar"
 NEW_TASKS = ("caesar", "symbols")
+REAL_TASK = "vellish"
+REAL_TASKS = ("vellish", "records")
 
 
 def _json_default(o):
@@ -135,9 +138,11 @@ def add_arguments(ap) -> None:
     ap.add_argument("--model", type=_model_spec, default=None,
                     help="a local Hugging Face causal-LM folder, or 'smollm2', instead of the "
                          "embedded base (default: the embedded base)")
-    ap.add_argument("--task", default=NEW_TASK, choices=list(NEW_TASKS),
-                    help="the new task: caesar (inputs = copy's) or symbols (unseen input "
-                         "symbols) (default: %(default)s)")
+    ap.add_argument("--task", default=None, choices=list(NEW_TASKS + REAL_TASKS),
+                    help=f"the new task: on the embedded base caesar (inputs = copy's) or "
+                         f"symbols (unseen input symbols), default {NEW_TASK}; with --model "
+                         f"vellish (translation into an invented language) or records (a "
+                         f"record as JSON), default {REAL_TASK}")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -147,6 +152,14 @@ def check_arguments(ap: argparse.ArgumentParser, a) -> list:
     from .methods import method_specs
 
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if a.task is None:
+        a.task = REAL_TASK if a.model else NEW_TASK
+    elif a.model and a.task not in REAL_TASKS:
+        ap.error(f"argument --task: {a.task!r} is a task of the embedded base; with --model "
+                 f"choose from {', '.join(REAL_TASKS)}")
+    elif not a.model and a.task not in NEW_TASKS:
+        ap.error(f"argument --task: {a.task!r} needs --model (a real model); on the embedded "
+                 f"base choose from {', '.join(NEW_TASKS)}")
     try:
         specs = method_specs(a.slim, backend="torch")  # the names and the checked overrides
     except (ValueError, TypeError) as e:
@@ -166,7 +179,7 @@ def run_from_args(a, methods) -> int:
                                 batch_size=min(a.batch_size, 8), seed=a.seed,
                                 eval_n=a.eval_n, eval_every=a.eval_every or 0,
                                 threads=a.threads, progress=not a.no_progress,
-                                slim_overrides=a.slim)
+                                slim_overrides=a.slim, task=a.task)
     else:
         from .benchmark import format_table, run_benchmark
 

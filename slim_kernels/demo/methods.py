@@ -10,17 +10,31 @@
   in-domain spread, docs/method.md §2).
 - ablations: ``slim-no-identity``, ``slim-no-yield`` (no clusters), ``slim+merge``
   (merge_drop=0.3).
+- ``lora-r128``, ``lora-r16``: LoRA through PEFT's own ``LoraConfig`` (what LoRA users run),
+  on the same projections SLIM wraps: rank 128 with alpha 256 (budget-matched: scaling 2.0 and
+  as many factor parameters as SLIM's experts) and rank 16 with alpha 32 (a common choice);
+  no dropout, PEFT's default initialisation.
 - ``full``: full fine-tuning of the same projections.
+
+Every arm is applied to a model by :func:`prepare_arm`.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Dict, Optional
+from dataclasses import dataclass, replace
+from typing import Dict, Optional, Tuple
 
-__all__ = ["DEFAULT_METHODS", "method_specs"]
+__all__ = ["DEFAULT_METHODS", "PeftLora", "method_specs", "prepare_arm"]
 
 DEFAULT_METHODS = ("lora", "slim", "slim-spread", "slim-no-identity", "slim-no-yield", "slim+merge",
                    "full")
+
+
+@dataclass(frozen=True)
+class PeftLora:
+    """An arm that is PEFT's ``LoraConfig(r, lora_alpha)`` on the projections SLIM wraps."""
+
+    r: int
+    lora_alpha: int
 
 
 def method_specs(slim_overrides: Optional[Dict] = None,
@@ -48,5 +62,30 @@ def method_specs(slim_overrides: Optional[Dict] = None,
                                     top_k=min(slim.top_k, slim.num_lora_experts)),
         "slim-no-yield": replace(slim, num_clusters=0),
         "slim+merge": replace(slim, merge_drop=0.3),
+        "lora-r128": PeftLora(r=128, lora_alpha=256),
+        "lora-r16": PeftLora(r=16, lora_alpha=32),
         "full": "full",
     }
+
+
+def prepare_arm(model, spec, slim_config) -> Tuple[object, int]:
+    """Apply arm ``spec`` (``"full"``, a :class:`PeftLora` or a SlimConfig) to ``model``:
+    ``(the model to train, its trainable parameter count)``. ``slim_config`` (the ``slim``
+    arm's) names the projections the full and PEFT-LoRA arms train."""
+    from ..integrations.hf import apply_slim, plan_slim
+    from .finetune import count_trainable, set_full_finetune
+
+    if isinstance(spec, str) or isinstance(spec, PeftLora):
+        leaves = tuple(sorted({n.rpartition(".")[2] for n in plan_slim(model, slim_config)}))
+        if spec == "full":
+            return model, set_full_finetune(model, modules=leaves)
+        if isinstance(spec, PeftLora):
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha,
+                                                     lora_dropout=0.0,
+                                                     target_modules=list(leaves)))
+            return model, count_trainable(model)
+        raise ValueError(f"unknown arm {spec!r}")
+    apply_slim(model, spec, verbose=False)
+    return model, count_trainable(model)

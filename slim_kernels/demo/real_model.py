@@ -7,7 +7,8 @@ offline on a CPU.
   transformers. A directory without a tokenizer (e.g. a tiny model saved from a config for
   tests) gets a byte-level stand-in tokenizer (byte value + 3, modulo the vocabulary).
 - the new task: ``vellish``, word-by-word translation into an invented language, exact match
-  on held-out word lists (:mod:`.real_tasks`).
+  on held-out word lists, or ``records``, a key=value record rewritten as one line of JSON
+  (:mod:`.real_tasks`).
 - the general suite: perplexity on the Python manual's prose (``pydoc_data``), 40
   multiple-choice facts, 3-shot single-digit addition (:mod:`.real_tasks`); retention per
   measure = the share of the base kept.
@@ -105,9 +106,10 @@ def _batch(tok, pairs: Sequence[Tuple[str, str]], add_eos: bool = True):
     return {"input_ids": ids, "labels": lab, "attention_mask": att}
 
 
-def measure(model, tok, test_pairs, texts) -> Dict[str, float]:
-    """The new task's exact match and the general suite (module :mod:`.real_tasks`)."""
-    return {"vellish": R.exact_match(model, tok, test_pairs),
+def measure(model, tok, test_pairs, texts, task: str = "vellish") -> Dict[str, float]:
+    """The new task's exact match (under its name) and the general suite (module
+    :mod:`.real_tasks`)."""
+    return {task: R.exact_match(model, tok, test_pairs),
             "ppl": R.perplexity(model, tok, texts),
             "mc": R.mc_accuracy(model, tok),
             "arith": R.exact_match(model, tok, R.arith_pairs())}
@@ -186,29 +188,33 @@ def _hf_progress_bars(enabled: bool):
 def run_real_model(spec: str, methods: Sequence[str] = ("lora", "slim"), steps: int = 150,
                    lr: float = 1e-3, batch_size: int = 8, seed: int = 0, eval_n: int = 64,
                    eval_every: int = 0, threads: int = 1, progress: bool = True,
-                   slim_overrides: Optional[Dict] = None, n_texts: int = 24) -> Dict:
-    """Fine-tune ``spec`` on the vellish task with each method; the new task, the general
-    suite and (SLIM arms) the routing diagnostic, before and after."""
+                   slim_overrides: Optional[Dict] = None, n_texts: int = 24,
+                   task: str = "vellish") -> Dict:
+    """Fine-tune ``spec`` on the new task ``task`` (``vellish`` or ``records``, module
+    :mod:`.real_tasks`) with each method; the new task, the general suite and (SLIM arms) the
+    routing diagnostic, before and after."""
     from dataclasses import replace
 
-    from ..integrations.hf import apply_slim, plan_slim
-
-    from .methods import method_specs
-    from .finetune import count_trainable, finetune, set_full_finetune
+    from ..config import SlimConfig
+    from .methods import method_specs, prepare_arm
+    from .finetune import finetune
 
     specs = method_specs(slim_overrides)
     unknown = [m for m in methods if m not in specs]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {list(specs)}")
+    if task not in R.NEW_TASKS:
+        raise ValueError(f"unknown new task {task!r}; known: {list(R.NEW_TASKS)}")
+    pairs = R.NEW_TASKS[task]
     torch.set_num_threads(threads)
     t_wall, t_cpu = time.time(), time.process_time()
     t0 = time.time()
     with _hf_progress_bars(progress):  # transformers' weight-loading bar (its GGUF bar ignores it)
         model0, tok = load_real_model(spec)
     load_s = time.time() - t0
-    test_pairs = R.vellish_pairs(eval_n, "test", 12345)
+    test_pairs = pairs(eval_n, "test", 12345)
     texts = R.heldout_paragraphs(n_texts)
-    before = measure(model0, tok, test_pairs, texts)
+    before = measure(model0, tok, test_pairs, texts, task)
     results = []
     for name in methods:
         tw, tc = time.time(), time.process_time()
@@ -216,38 +222,33 @@ def run_real_model(spec: str, methods: Sequence[str] = ("lora", "slim"), steps: 
         torch.manual_seed(seed)
         model = copy.deepcopy(model0)  # every arm starts from the same loaded base
         s = specs[name]
-        if s == "full":  # the weights of the projections SLIM wraps
-            leaves = {n.rpartition(".")[2] for n in plan_slim(model, specs["slim"])}
-            n_train = set_full_finetune(model, modules=tuple(sorted(leaves)))
-        else:
-            if s.target_modules is not None:  # (None: the model type's projections)
-                s = replace(s, target_modules=_target_modules(model, s.target_modules))
-            apply_slim(model, s, verbose=False)
-            n_train = count_trainable(model)
-        train = R.vellish_pairs(steps * batch_size, "train", seed)
+        if getattr(s, "target_modules", None) is not None:  # (None: the model type's projections)
+            s = replace(s, target_modules=_target_modules(model, s.target_modules))
+        model, n_train = prepare_arm(model, s, specs["slim"])
+        train = pairs(steps * batch_size, "train", seed)
 
         def batches(it=iter(range(0, len(train), batch_size))):
             i = next(it)
             return _batch(tok, train[i:i + batch_size])
 
         def cb(m, step):
-            acc = measure(m, tok, test_pairs, texts)
+            acc = measure(m, tok, test_pairs, texts, task)
             return {**acc, "retention": retention(before, acc)}
 
         res = finetune(model, batches, steps, lr, callback=cb, eval_every=eval_every,
                        progress=progress, desc=name)
         after = {k: res.evals[-1][k] for k in before}
-        route = routing_diagnostic(model, tok, test_pairs, texts) if s != "full" and \
-            getattr(s, "num_identity_experts", 0) > 0 else {}
+        route = routing_diagnostic(model, tok, test_pairs, texts) if \
+            isinstance(s, SlimConfig) and s.num_identity_experts > 0 else {}
         results.append({"method": name, "trainable_params": n_train, "before": before,
-                        "after": after, "new_task_acc": after["vellish"],
+                        "after": after, "new_task_acc": after[task],
                         "retention": retention(before, after), "routing": route,
                         "curve": [{"step": 0, **before}] + res.evals,
                         "first_loss": res.losses[0], "last_loss": res.losses[-1],
                         "wall_s": time.time() - tw, "cpu_s": time.process_time() - tc})
         del model
     return {"settings": {"model": spec, "steps": steps, "lr": lr, "batch_size": batch_size,
-                         "seed": seed, "eval_n": eval_n, "new_task": "vellish",
+                         "seed": seed, "eval_n": eval_n, "new_task": task,
                          "general": {"ppl_texts": len(texts), "mc": len(R.MC_QUESTIONS),
                                      "arith": len(R.arith_pairs())},
                          "base": spec, "load_s": load_s, "threads": threads,
@@ -257,21 +258,22 @@ def run_real_model(spec: str, methods: Sequence[str] = ("lora", "slim"), steps: 
 
 
 def format_table(report: Dict) -> str:
-    head = (f"{'method':<17}{'params':>11}{'vellish':>8}{'ppl':>9}{'ppl x':>8}{'mc':>6}"
+    t = report["settings"]["new_task"]
+    head = (f"{'method':<17}{'params':>11}{t:>8}{'ppl':>9}{'ppl x':>8}{'mc':>6}"
             f"{'arith':>6}{'worst':>6}{'id/new':>7}{'id/gen':>7}{'cpu s':>7}{'wall s':>7}")
     b = report["base"]
     lines = [head, "-" * len(head),
-             f"{'base':<17}{'-':>11}{b['vellish']:8.3f}{b['ppl']:9.2f}{1.0:8.3f}{b['mc']:6.3f}"
+             f"{'base':<17}{'-':>11}{b[t]:8.3f}{b['ppl']:9.2f}{1.0:8.3f}{b['mc']:6.3f}"
              f"{b['arith']:6.3f}{1.0:6.3f}{'-':>7}{'-':>7}"]
     for r in report["methods"]:
         a, k, rt = r["after"], r["retention"], r.get("routing") or {}
         idn = rt.get("mean_identity_mass_new", float("nan"))
         idg = rt.get("mean_identity_mass_general", float("nan"))
-        lines.append(f"{r['method']:<17}{r['trainable_params']:>11,}{a['vellish']:8.3f}"
+        lines.append(f"{r['method']:<17}{r['trainable_params']:>11,}{a[t]:8.3f}"
                      f"{a['ppl']:9.1f}{a['ppl'] / b['ppl']:8.2f}{a['mc']:6.3f}{a['arith']:6.3f}"
                      f"{k['worst']:6.3f}{idn:7.3f}{idg:7.3f}{r['cpu_s']:7.0f}{r['wall_s']:7.0f}")
     s = report["settings"]
-    lines.append(f"model {s['model']}; new task vellish (exact match, {s['eval_n']} held-out); "
+    lines.append(f"model {s['model']}; new task {t} (exact match, {s['eval_n']} held-out); "
                  f"ppl x = ppl / base ppl; worst = smallest share of the base kept over ppl, mc, "
                  f"arith; {s['steps']} steps, lr {s['lr']}, batch {s['batch_size']}, seed "
                  f"{s['seed']}; total {report['cpu_s']:.0f} s CPU, {report['wall_s']:.0f} s wall")
@@ -289,7 +291,7 @@ def write_plot(report: Dict, path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     points = [(r["new_task_acc"], r["retention"]["worst"]) for r in report["methods"]]
     colors = [ax.scatter(x, y).get_facecolor()[0] for x, y in points]
-    ax.set_xlabel("vellish accuracy (new task)")
+    ax.set_xlabel(f"{report['settings']['new_task']} accuracy (new task)")
     ax.set_ylabel("worst share of the base kept (ppl, mc, arith)")
     ax.set_title(str(report["settings"]["model"]), fontsize=9)
     fig.tight_layout()

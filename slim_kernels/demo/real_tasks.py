@@ -10,6 +10,17 @@ The base model cannot know the invented words, so it scores 0. Training and held
 split by a fixed hash of the list, so every held-out list is a combination never trained on
 (every word is seen in training; the combination is new).
 
+**Second new task, ``records``**: a format task of another kind. A record's three fields come
+as ``key=value`` in a random order; the answer is the record as one line of JSON with the keys
+in a fixed order and the age as a number::
+
+    Record: city=Oslo; age=34; name=Maya
+    JSON: {"name": "Maya", "age": 34, "city": "Oslo"}
+
+Nothing is to be memorised (every value is copied from the prompt): what is learnt is the
+format. Training and held-out records are split by a fixed hash of (name, age, city), so every
+held-out record is a combination never trained on.
+
 **General suite**, measured before and after fine-tuning:
 
 - ``ppl``: perplexity on natural English prose that ships with every CPython install: the
@@ -31,8 +42,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["LEXICON", "MC_QUESTIONS", "ARITH_SHOTS", "encode", "vellish_pairs",
-           "heldout_paragraphs", "arith_pairs", "mc_accuracy", "exact_match", "perplexity"]
+__all__ = ["LEXICON", "MC_QUESTIONS", "ARITH_SHOTS", "NAMES", "CITIES", "NEW_TASKS", "encode",
+           "vellish_pairs", "records_pairs", "heldout_paragraphs", "arith_pairs", "mc_accuracy", "exact_match", "perplexity"]
 
 # English word -> invented word. The invented words were made up for this benchmark (two or
 # three syllables, no English word), and are fixed: changing them changes the task.
@@ -96,17 +107,21 @@ MC_QUESTIONS: List[Tuple[str, str, Tuple[str, str, str]]] = [
 ]
 
 
-def _split_of(key: str) -> str:
-    """'train' or 'test' by a fixed hash (1 in 4 lists is held out)."""
-    h = int(hashlib.sha256(f"vellish|{key}".encode()).hexdigest()[:8], 16)
+def _split_of(key: str, task: str = "vellish") -> str:
+    """'train' or 'test' by a fixed hash (1 in 4 items is held out)."""
+    h = int(hashlib.sha256(f"{task}|{key}".encode()).hexdigest()[:8], 16)
     return "test" if h % 4 == 0 else "train"
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r}: expected 'train' or 'test'")
 
 
 def vellish_pairs(n: int, split: str, seed: int) -> List[Tuple[str, str]]:
     """n (prompt, answer) pairs of the given split ('train' | 'test'), drawn with ``seed``.
     Test pairs are distinct; train pairs may repeat (a stream)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split={split!r}: expected 'train' or 'test'")
+    _check_split(split)
     rng = random.Random(f"vellish:{split}:{seed}")
     words = list(LEXICON)
     out: List[Tuple[str, str]] = []
@@ -119,6 +134,39 @@ def vellish_pairs(n: int, split: str, seed: int) -> List[Tuple[str, str]]:
         seen.add(key)
         out.append((PROMPT.format(src=key), " " + " ".join(LEXICON[w] for w in src)))
     return out
+
+
+NAMES = ("Maya", "Tom", "Anna", "Li", "Omar", "Sara", "Ivan", "Nora", "Paul", "Emma", "Raj",
+         "Lena", "Jon", "Eva", "Ken", "Mia", "Hugo", "Zoe", "Ali", "Ruth", "Max", "Ida", "Sam",
+         "Yuki")
+CITIES = ("Oslo", "Paris", "Lima", "Cairo", "Tokyo", "Rome", "Delhi", "Quito", "Berlin", "Dakar",
+          "Seoul", "Lagos", "Madrid", "Hanoi", "Prague", "Nairobi", "Vienna", "Havana", "Dublin",
+          "Manila", "Athens", "Bogota", "Warsaw", "Perth")
+RECORDS_PROMPT = "Record: {fields}\nJSON:"
+
+
+def records_pairs(n: int, split: str, seed: int) -> List[Tuple[str, str]]:
+    """n (prompt, answer) pairs of the ``records`` task (module docstring) of the given split,
+    drawn with ``seed``. Test pairs are distinct; train pairs may repeat (a stream)."""
+    _check_split(split)
+    rng = random.Random(f"records:{split}:{seed}")
+    out: List[Tuple[str, str]] = []
+    seen = set()
+    while len(out) < n:
+        name, age, city = rng.choice(NAMES), rng.randint(18, 89), rng.choice(CITIES)
+        key = f"{name}|{age}|{city}"
+        if _split_of(key, "records") != split or (split == "test" and key in seen):
+            continue
+        seen.add(key)
+        fields = [f"name={name}", f"age={age}", f"city={city}"]
+        rng.shuffle(fields)
+        out.append((RECORDS_PROMPT.format(fields="; ".join(fields)),
+                    f' {{"name": "{name}", "age": {age}, "city": "{city}"}}'))
+    return out
+
+
+# new task name -> its pairs function (n, split, seed)
+NEW_TASKS = {"vellish": vellish_pairs, "records": records_pairs}
 
 
 def heldout_paragraphs(n: int = 24, min_chars: int = 300, max_chars: int = 700) -> List[str]:
