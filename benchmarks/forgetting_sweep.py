@@ -369,6 +369,37 @@ def pareto(a) -> int:
     return 0
 
 
+# -- the JSON behind a demo table ---------------------------------------------------------------
+_RAW = ("routing_raw",)  # the raw routing counts per layer and task (the summaries stay)
+
+
+def _strip(o):
+    if isinstance(o, dict):
+        return {k: _strip(v) for k, v in o.items() if k not in _RAW}
+    if isinstance(o, list):
+        return [_strip(v) for v in o]
+    return o
+
+
+def demo_json(a) -> int:
+    """Keep a demo run's ``demo_results.json`` without its raw routing counts (``--keep OUT``;
+    the evaluation curve and the routing summaries per layer and task stay), and print its
+    table from the kept file: the tables in the README and docs/demo.md are regenerated so."""
+    rep = json.loads(Path(a.json).read_text())
+    if a.keep:
+        rep = _strip(rep)
+        Path(a.keep).write_text(json.dumps(rep, indent=1, allow_nan=True) + "\n")
+        print(f"wrote {a.keep}")
+    if rep.get("real_model"):
+        from slim_kernels.demo.real_model import format_table
+    else:
+        from slim_kernels.demo.benchmark import format_table
+    print(format_table(rep))
+    prov = rep.get("provenance") or {}
+    print(f"commit {prov.get('commit')}, {prov.get('machine')}, {prov.get('date')}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -411,13 +442,18 @@ def main(argv=None) -> int:
             q.add_argument("--out", default=str(ROOT / "docs" / "pareto.png"))
         if name == "choose-lr":
             q.add_argument("--json", default=None, help="also write the choice to this file")
+    d = sub.add_parser("demo-json", help="print a demo JSON's table; --keep: save it without "
+                                         "its raw routing counts")
+    d.add_argument("json", help="a demo_results.json (or a kept one)")
+    d.add_argument("--keep", default=None, help="write the JSON without raw counts here")
     m = sub.add_parser("summary", help="per-seed table of the report runs, and the target")
     m.add_argument("--log", default=str(LOG))
     m.add_argument("--label", default="defaults")
     m.add_argument("--baseline-label", default="baselines")
     a = ap.parse_args(argv)
     return {"run": run, "table": table, "select": select, "summary": summary,
-            "choose-lr": choose_lr, "heldout": heldout, "pareto": pareto}[a.cmd](a)
+            "choose-lr": choose_lr, "heldout": heldout, "pareto": pareto,
+            "demo-json": demo_json}[a.cmd](a)
 
 
 if __name__ == "__main__":
