@@ -278,8 +278,9 @@ def choose_lr(a) -> int:
 
 def dominance(s, b) -> str:
     """SLIM run ``s`` against baseline run ``b``: 'dominates' when its new-task accuracy and
-    its worst share kept are both at least the baseline's and not both equal; 'is dominated'
-    the other way round; else 'trades off'; with the two differences."""
+    its worst share kept are both at least the baseline's and not both equal; 'is dominated
+    by' the other way round; else 'trades off against' (or 'ties'); then the baseline's
+    placeholder ``{}`` and the two differences."""
     dn, dw = s["new_task_acc"] - b["new_task_acc"], s["worst"] - b["worst"]
     if dn >= 0 and dw >= 0 and (dn > 0 or dw > 0):
         word = "dominates"
@@ -287,7 +288,7 @@ def dominance(s, b) -> str:
         word = "is dominated by"
     else:
         word = "trades off against" if (dn, dw) != (0, 0) else "ties"
-    return f"{word} (new {dn:+.3f}, worst kept {dw:+.3f})"
+    return f"{word} {{}} (new {dn:+.3f}, worst kept {dw:+.3f})"
 
 
 def heldout(a) -> int:
@@ -322,7 +323,7 @@ def heldout(a) -> int:
             for sd in seeds:
                 s_, b_ = by.get(("slim", sd)), by.get((arm, sd))
                 if s_ and b_:
-                    print(f"- {task} seed {sd}: SLIM {dominance(s_, b_)} {arm}")
+                    print(f"- {task} seed {sd}: SLIM " + dominance(s_, b_).format(arm))
     return 0
 
 
