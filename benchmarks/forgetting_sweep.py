@@ -164,6 +164,22 @@ def select(a) -> int:
     return 0
 
 
+def _seed_cells(by, arm, seeds) -> str:
+    """The cells of one arm's row: per seed 'new / worst kept (ppl x)', then the means."""
+    cells, news, worsts = [], [], []
+    for sd in seeds:
+        r = by.get((arm, sd))
+        if r is None:
+            cells.append("-")
+            continue
+        news.append(r["new_task_acc"])
+        worsts.append(r["worst"])
+        extra = f" (ppl x{r['ppl_ratio']:.2f})" if "ppl_ratio" in r else ""
+        cells.append(f"{r['new_task_acc']:.3f} / {r['worst']:.3f}{extra}")
+    mean = f"{sum(news) / len(news):.3f} / {sum(worsts) / len(worsts):.3f}" if news else "-"
+    return " | ".join(cells + [mean])
+
+
 def summary(a) -> int:
     """Per task and arm, over the ``report`` runs of ``--label`` (and the baselines'
     ``--baseline-label``): each seed's new-task accuracy and worst share kept, and per seed
@@ -181,18 +197,7 @@ def summary(a) -> int:
         print("| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |")
         print("|---|" + "---|" * (len(seeds) + 1))
         for arm in arms:
-            cells, news, worsts = [], [], []
-            for sd in seeds:
-                r = by.get((arm, sd))
-                if r is None:
-                    cells.append("-")
-                    continue
-                news.append(r["new_task_acc"])
-                worsts.append(r["worst"])
-                extra = f" (ppl x{r['ppl_ratio']:.2f})" if "ppl_ratio" in r else ""
-                cells.append(f"{r['new_task_acc']:.3f} / {r['worst']:.3f}{extra}")
-            mean = f"{sum(news) / len(news):.3f} / {sum(worsts) / len(worsts):.3f}" if news else "-"
-            print(f"| {arm} | " + " | ".join(cells) + f" | {mean} |")
+            print(f"| {arm} | {_seed_cells(by, arm, seeds)} |")
         met = []
         for sd in seeds:
             s_, l_ = by.get(("slim", sd)), by.get(("lora", sd))
@@ -306,17 +311,7 @@ def heldout(a) -> int:
         print("| arm | lr | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |")
         print("|---|---|" + "---|" * (len(seeds) + 1))
         for arm, (lr, _, _) in ch.items():
-            cells, news, worsts = [], [], []
-            for sd in seeds:
-                r = by.get((arm, sd))
-                if r is None:
-                    cells.append("-")
-                    continue
-                news.append(r["new_task_acc"])
-                worsts.append(r["worst"])
-                cells.append(f"{r['new_task_acc']:.3f} / {r['worst']:.3f} (x{r['ppl_ratio']:.2f})")
-            mean = f"{sum(news) / len(news):.3f} / {sum(worsts) / len(worsts):.3f}" if news else "-"
-            print(f"| {arm} | {lr:g} | " + " | ".join(cells) + f" | {mean} |")
+            print(f"| {arm} | {lr:g} | {_seed_cells(by, arm, seeds)} |")
         for arm in ch:
             if arm == "slim":
                 continue
