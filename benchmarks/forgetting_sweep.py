@@ -319,6 +319,23 @@ def heldout(a) -> int:
                 s_, b_ = by.get(("slim", sd)), by.get((arm, sd))
                 if s_ and b_:
                     print(f"- {task} seed {sd}: SLIM " + dominance(s_, b_).format(arm))
+        print(f"\n{task}: per arm, over the seeds it has (the README's table)")
+        print(f"| arm | lr | seeds | {task} | perplexity | multiple choice kept | addition kept "
+              "| worst kept |")
+        print("|---|---|---|---|---|---|---|---|")
+        for arm, (lr, _, _) in ch.items():
+            rs = [by[(arm, sd)] for sd in seeds if (arm, sd) in by]
+            if not rs:
+                continue
+
+            def mean(f):
+                return sum(f(r) for r in rs) / len(rs)
+
+            ppl = [r["ppl_ratio"] for r in rs]
+            print(f"| {arm} | {lr:g} | {len(rs)} | {mean(lambda r: r['new_task_acc']):.3f} | "
+                  f"{min(ppl):.2f}–{max(ppl):.2f}x the base | "
+                  f"{mean(lambda r: r['kept']['mc']):.2f} | {mean(lambda r: r['kept']['arith']):.2f} "
+                  f"| {mean(lambda r: r['worst']):.3f} |")
     return 0
 
 

@@ -86,6 +86,7 @@ def test_heldout_reports_only_runs_at_the_chosen_lr(sweep, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| lora-r16 | 0.0001 | 0.900 / 0.600" in out and "0.990" not in out
     assert "- vellish seed 1: SLIM dominates lora-r16 (new +0.050, worst kept +0.370)" in out
+    assert "| slim | 0.001 | 1 | 0.950 | 1.00–1.00x the base | 1.00 | 1.00 | 0.970 |" in out
 
 
 def test_the_readme_demo_table_is_what_the_committed_json_prints(sweep, tmp_path, capsys):
