@@ -39,7 +39,7 @@ class PeftLora:
 
 def method_specs(slim_overrides: Optional[Dict] = None,
                  backend: Optional[str] = None) -> Dict[str, object]:
-    """name -> "full" or a SlimConfig. ``slim_overrides`` changes the SLIM arms (not LoRA's).
+    """name -> "full", a :class:`PeftLora` or a SlimConfig. ``slim_overrides`` changes the SLIM arms (not LoRA's).
     ``backend``: every arm's; by default ``torch`` without a CUDA device, else ``auto``
     (given, nothing here imports torch: the command line checks its arguments this way)."""
     from ..config import SlimConfig
@@ -75,7 +75,7 @@ def prepare_arm(model, spec, slim_config) -> Tuple[object, int]:
     from ..integrations.hf import apply_slim, plan_slim
     from .finetune import count_trainable, set_full_finetune
 
-    if isinstance(spec, str) or isinstance(spec, PeftLora):
+    if isinstance(spec, (str, PeftLora)):
         leaves = tuple(sorted({n.rpartition(".")[2] for n in plan_slim(model, slim_config)}))
         if spec == "full":
             return model, set_full_finetune(model, modules=leaves)
