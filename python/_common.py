@@ -16,7 +16,9 @@ def parse_recipe_args(doc: str, output_dir: str, argv=None) -> argparse.Namespac
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=1e-2,
+                   help="learning rate (default %(default)s: for the --tiny smoke model; on a real model "
+                        "start at 3e-4 with SLIM's defaults, docs/demo.md)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--output-dir", default=output_dir)

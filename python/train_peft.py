@@ -29,7 +29,9 @@ def parse(argv=None):
     src.add_argument("--tiny", action="store_true", help="build a 2-layer Llama from a config")
     src.add_argument("--model", help="local Hugging Face model folder")
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=1e-2,
+                   help="learning rate (default %(default)s: for the --tiny smoke model; on a real model "
+                        "start at 3e-4 with SLIM's defaults, docs/demo.md)")
     p.add_argument("--output_dir", "--output-dir", default="runs/peft")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)

@@ -303,7 +303,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-per-rank", type=int, default=4)
     ap.add_argument("--seq", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--lr", type=float, default=1e-2,
+                    help="learning rate (default %(default)s: for the built-in toy models; on a real model "
+                         "start at 3e-4 with SLIM's defaults, docs/demo.md)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="auto", help="SLIM op backend: auto | triton | cuda | cpp | torch")
     ap.add_argument("--save", default=None, help="folder for slim_kernels.save_slim (rank 0 writes)")

@@ -117,7 +117,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--steps", type=_positive_int, default=None,
                     help="fine-tuning steps (default: 120; 150 with --model)")
     ap.add_argument("--lr", type=_nonneg_float, default=1e-3,
-                    help="learning rate of every arm (default: %(default)s)")
+                    help="learning rate of every arm (default: %(default)s, the embedded "
+                         "base's; on SmolLM2 each arm's own lr was chosen by a rule: 3e-4 for "
+                         "slim and PEFT LoRA, 3e-5 for full, docs/demo.md)")
     ap.add_argument("--batch-size", type=_positive_int, default=32,
                     help="sequences per step (default: %(default)s; at most 8 with --model)")
     ap.add_argument("--seed", type=int, default=0, help="seed of data and init (default: %(default)s)")
