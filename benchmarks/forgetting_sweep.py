@@ -15,10 +15,18 @@ all of them, failures included (a run that raises is logged with its error)::
     python benchmarks/forgetting_sweep.py select
     # per seed, the report runs of one label (and the baselines), and the target per seed
     python benchmarks/forgetting_sweep.py summary --label defaults
+    # each arm at its own lr (docs/demo.md, "Each arm at its own best learning rate"):
+    python benchmarks/forgetting_sweep.py run --bench real --label lr-grid --role select \
+        --seeds 0 --methods slim --lrs 3e-5,1e-4,3e-4,1e-3
+    python benchmarks/forgetting_sweep.py choose-lr   # the rule applied to the seed-0 grid
+    python benchmarks/forgetting_sweep.py heldout     # seeds 1-3 at the chosen lrs, verdicts
+    python benchmarks/forgetting_sweep.py pareto      # docs/pareto.png
+    # the table of a demo run, from its JSON (--keep: commit it without the raw counts)
+    python benchmarks/forgetting_sweep.py demo-json demo_out/demo_results.json
 
 Each line records the label, role (``probe``: a look at the task before the protocol was
 fixed; ``select``: used to choose; ``report``: held out, used
-only to report), bench, task, seed, arm, the SLIM overrides, the new-task accuracy, every
+only to report), bench, task, seed, lr, threads, arm, the SLIM overrides, the new-task accuracy, every
 retention measure, the routing means, CPU and wall seconds, the command, and provenance.
 """
 from __future__ import annotations
