@@ -376,6 +376,7 @@ def pareto(a) -> int:
                 if r["role"] == "select":
                     ax.annotate(f"{r['lr']:g}", (r["new_task_acc"], min(r["worst"], 1.05)),
                                 fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xlim(-0.03, 1.03)  # (one scale for every task, even where all points sit at 1)
         ax.set_xlabel(f"{task} accuracy (new task)")
         ax.set_ylabel("worst share of the base kept (ppl, mc, arith)")
         ax.set_title(f"SmolLM2-135M, {task}: up and right is better", fontsize=9)
