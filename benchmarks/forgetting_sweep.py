@@ -237,7 +237,7 @@ def summary(a) -> int:
 
 
 # -- each arm at its own best learning rate (docs/demo.md, "The learning-rate rule") ----------
-ARMS = ("lora-r128", "lora-r16", "slim", "full")
+ARMS = ("lora-r128", "lora-r16", "slim-no-identity", "slim", "full")
 LR_GRID = (3e-5, 1e-4, 3e-4, 1e-3)
 LR_GRID_FULL = (3e-6, 1e-5, 3e-5, 1e-4)
 SELECT_SEED = 0
