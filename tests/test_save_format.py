@@ -327,6 +327,49 @@ print("saves", i, flush=True)
 """
 
 
+def test_a_save_and_a_save_back_between_the_reads_is_read_again(tmp_path, monkeypatch):
+    """A reader reads the old config, then the tensors of a newer save; by the time it checks
+    the config again a third save has brought the old adapter back, so the config reads the
+    same as before (the interleaving a loaded machine gives the racing test below). The
+    reader must read again and get the old adapter whole, not report a mismatched folder."""
+    from adapter_v1 import TinyBase
+
+    old, new = _two_adapters()
+    d = str(tmp_path / "a")
+    sk.save_slim(old, d)
+    real, calls = fmt._read_tensors, []
+
+    def racing_read(p):
+        calls.append(p)
+        if len(calls) == 1:
+            sk.save_slim(new, d)
+            got = real(p)
+            sk.save_slim(old, d)
+            return got
+        return real(p)
+
+    monkeypatch.setattr(fmt, "_read_tensors", racing_read)
+    got = _slim_tensors(sk.load_slim(TinyBase(), d))
+    assert _equal(got, _slim_tensors(old)) and len(calls) == 2
+
+
+def test_a_mismatched_folder_at_rest_is_refused_at_once(tmp_path, monkeypatch):
+    """A folder whose tensor file is another save's, with no save going on, is refused on the
+    first read (no re-reads: nothing changed), naming both files."""
+    from adapter_v1 import TinyBase
+
+    old, new = _two_adapters()
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    sk.save_slim(old, a)
+    sk.save_slim(new, b)
+    shutil.copy2(os.path.join(b, fmt.WEIGHTS_NAME), os.path.join(a, fmt.WEIGHTS_NAME))
+    real, calls = fmt._read_tensors, []
+    monkeypatch.setattr(fmt, "_read_tensors", lambda p: calls.append(p) or real(p))
+    with pytest.raises(fmt.SlimLoadError, match=r"adapter_model\.safetensors does not belong"):
+        sk.load_slim(TinyBase(), a)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("loader", ["load_slim", "PeftModel"])
 def test_readers_racing_a_writer_get_one_of_the_adapters(tmp_path, loader):
     """A process saves two adapters in turn into one folder for a few seconds while this one

@@ -192,6 +192,15 @@ def check_config(config: Mapping, where: str = CONFIG_NAME) -> Optional[dict]:
     return dict(rec)
 
 
+def _check_values(tensors: Mapping[str, Tensor], where: str) -> None:
+    """Raise :class:`SlimLoadError` naming the first tensor whose values :func:`bad_values`
+    rejects (``where``: the file, for the message)."""
+    for key, v in tensors.items():
+        why = bad_values(key, v)
+        if why is not None:
+            raise SlimLoadError(f"{where}: {describe_key(key)} {why}")
+
+
 def check_tensors(record: Optional[Mapping], tensors: Mapping[str, Tensor],
                   where: str = WEIGHTS_NAME) -> None:
     """The tensors against the record (every one present, none extra, shape, dtype, sha256),
@@ -216,10 +225,7 @@ def check_tensors(record: Optional[Mapping], tensors: Mapping[str, Tensor],
         if extra:
             raise SlimLoadError(f"{where} holds tensor(s) its record in {CONFIG_NAME} does not "
                                 f"list, e.g. {describe_key(extra[0])} ({len(extra)} in all)")
-    for key, v in tensors.items():
-        why = bad_values(key, v)
-        if why is not None:
-            raise SlimLoadError(f"{where}: {describe_key(key)} {why}")
+    _check_values(tensors, where)
 
 
 # -- reading a folder --------------------------------------------------------------------------
@@ -274,6 +280,16 @@ def _read_tensors(p: str) -> Tuple[Dict[str, Tensor], dict]:
                             f"{type(e).__name__}: {e}") from e
 
 
+def _stamp(path: str, t_path: str) -> Optional[Tuple[int, ...]]:
+    """What changes when a save replaces the folder ``path``: its inode and the tensor file's
+    inode, size and modification time (None where a file is missing)."""
+    try:
+        d, t = os.stat(path), os.stat(t_path)
+    except OSError:
+        return None
+    return d.st_ino, t.st_ino, t.st_size, t.st_mtime_ns
+
+
 def read_folder(path: PathLike, config: Optional[Mapping] = None
                 ) -> Tuple[dict, Dict[str, Tensor]]:
     """``(config entries, tensors)`` of the adapter folder ``path``, checked (regular files,
@@ -293,7 +309,9 @@ def read_folder(path: PathLike, config: Optional[Mapping] = None
     if not os.path.lexists(c_path) and os.path.lexists(os.path.join(path, _LEGACY_CONFIG)):
         return _read_legacy(path)
     for attempt in range(_READ_ATTEMPTS):
-        cfg = dict(config) if config is not None and attempt == 0 else _read_json(c_path)
+        stamp = _stamp(path, t_path)
+        given = config is not None and attempt == 0  # read by the caller, before the stamp
+        cfg = dict(config) if given else _read_json(c_path)
         if cfg.get("peft_type") != "SLIM":
             raise SlimLoadError(f"{c_path} is an adapter of PEFT type {cfg.get('peft_type')!r}, "
                                 f"not a SLIM adapter")
@@ -306,8 +324,11 @@ def read_folder(path: PathLike, config: Optional[Mapping] = None
                                     f"metadata records differs)")
             check_tensors(record, tensors, t_path)
         except SlimLoadError:
-            # a save replaced the folder between the two reads: read the new one
-            if attempt + 1 < _READ_ATTEMPTS and _read_json(c_path) != cfg:
+            # a save replaced the folder between the two reads: read the new one. The config
+            # alone cannot tell (two saves may bring the same config back while the tensors
+            # read were the other save's), so the folder's and the tensor file's identity count
+            if attempt + 1 < _READ_ATTEMPTS and (given or _stamp(path, t_path) != stamp
+                                                 or _read_json(c_path) != cfg):
                 time.sleep(0.001 * attempt)
                 continue
             raise
@@ -403,10 +424,7 @@ def _convert_legacy(meta: dict, tensors: Dict[str, Tensor], c_path: str, t_path:
     if extra:
         raise SlimLoadError(f"{t_path} holds tensor(s) its manifest's modules do not list, "
                             f"e.g. {extra[0]!r} ({len(extra)} in all)")
-    for key, v in out.items():
-        why = bad_values(key, v)
-        if why is not None:
-            raise SlimLoadError(f"{t_path}: {describe_key(key)} {why}")
+    _check_values(out, t_path)
     config = {k: v for k, v in slim.to_dict().items() if k != "target_modules"}
     config.update(peft_type="SLIM", task_type=None, target_modules=modules)
     return config, out
