@@ -38,6 +38,7 @@ import shlex
 import sys
 import time
 import traceback
+from typing import Optional
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,13 +256,28 @@ def _rows(a, **match):
             and all(r.get(k) == v for k, v in match.items())]
 
 
-def chosen_lrs(a) -> dict:
-    """arm -> (chosen lr, {lr: score}) from the selection runs (seed 0, ``--select-task``);
-    an arm whose grid is incomplete is left out (printed)."""
+def _grid(a, arm) -> tuple:
+    """The lr grid of ``arm``: ``--grid-full`` for full fine-tuning, ``--grid`` for the rest
+    (the real-model rule's grids by default)."""
+    text = getattr(a, "grid_full" if arm == "full" else "grid", None)
+    if not text:
+        return LR_GRID_FULL if arm == "full" else LR_GRID
+    return tuple(float(x) for x in text.split(","))
+
+
+def _select_task(a, task: str) -> str:
+    """The task whose selection runs choose the lrs used on ``task`` (``each``: itself)."""
+    return task if a.select_task == "each" else a.select_task
+
+
+def chosen_lrs(a, select_task: Optional[str] = None) -> dict:
+    """arm -> (chosen lr, {lr: score}) from the selection runs (seed 0, ``select_task``,
+    default ``--select-task``); an arm whose grid is incomplete is left out (printed)."""
     out = {}
+    select_task = select_task or a.select_task
     for arm in a.arms.split(","):
-        grid = LR_GRID_FULL if arm == "full" else LR_GRID
-        by = {r["lr"]: r for r in _rows(a, role="select", task=a.select_task, seed=SELECT_SEED,
+        grid = _grid(a, arm)
+        by = {r["lr"]: r for r in _rows(a, role="select", task=select_task, seed=SELECT_SEED,
                                         method=arm)}
         missing = [lr for lr in grid if lr not in by]
         if missing:
@@ -274,19 +290,24 @@ def chosen_lrs(a) -> dict:
 
 
 def choose_lr(a) -> int:
-    ch = chosen_lrs(a)
-    print(f"selection: task {a.select_task}, seed {SELECT_SEED}, label {a.label}; score = "
-          "(new-task accuracy + min(worst kept, 1)) / 2")
-    print("| arm | lr | new | worst kept | score | chosen |")
-    print("|---|---|---|---|---|---|")
-    for arm, (lr_c, scores, by) in ch.items():
-        for lr, sc in scores.items():
-            r = by[lr]
-            print(f"| {arm} | {lr:g} | {r['new_task_acc']:.3f} | {r['worst']:.3f} | {sc:.3f} | "
-                  f"{'**yes**' if lr == lr_c else ''} |")
-    if a.json:
-        Path(a.json).write_text(json.dumps({arm: v[0] for arm, v in ch.items()}, indent=1) + "\n")
-    return 0 if ch else 1
+    tasks = a.tasks.split(",") if a.select_task == "each" else [a.select_task]
+    chosen = {}
+    for task in tasks:
+        ch = chosen_lrs(a, task)
+        print(f"selection: task {task}, seed {SELECT_SEED}, label {a.label}; score = "
+              "(new-task accuracy + min(worst kept, 1)) / 2")
+        print("| arm | lr | new | worst kept | score | chosen |")
+        print("|---|---|---|---|---|---|")
+        for arm, (lr_c, scores, by) in ch.items():
+            for lr, sc in scores.items():
+                r = by[lr]
+                print(f"| {arm} | {lr:g} | {r['new_task_acc']:.3f} | {r['worst']:.3f} | "
+                      f"{sc:.3f} | {'**yes**' if lr == lr_c else ''} |")
+        chosen[task] = {arm: v[0] for arm, v in ch.items()}
+    if a.json:  # one task: {arm: lr}; ``each``: {task: {arm: lr}}
+        out = chosen if a.select_task == "each" else chosen[a.select_task]
+        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+    return 0 if all(chosen.values()) else 1
 
 
 def dominance(s, b) -> str:
@@ -305,8 +326,8 @@ def dominance(s, b) -> str:
 
 
 def heldout(a) -> int:
-    ch = chosen_lrs(a)
     for task in a.tasks.split(","):
+        ch = chosen_lrs(a, _select_task(a, task))
         rows = _rows(a, role="report", task=task)
         by = {(r["method"], r["seed"]): r for r in rows if r["method"] in ch
               and r["lr"] == ch[r["method"]][0]}
@@ -314,8 +335,9 @@ def heldout(a) -> int:
         if not seeds:
             print(f"\n{task}: no held-out runs at the chosen lrs yet")
             continue
+        ppl_x = " (ppl x)" if all("ppl_ratio" in r for r in by.values()) else ""
         print(f"\n{task}, held-out seeds {seeds}, each arm at its chosen lr: new-task accuracy "
-              "/ worst share kept (ppl x)")
+              f"/ worst share kept{ppl_x}")
         print("| arm | lr | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |")
         print("|---|---|" + "---|" * (len(seeds) + 1))
         for arm, (lr, _, _) in ch.items():
@@ -327,10 +349,13 @@ def heldout(a) -> int:
                 s_, b_ = by.get(("slim", sd)), by.get((arm, sd))
                 if s_ and b_:
                     print(f"- {task} seed {sd}: SLIM " + dominance(s_, b_).format(arm))
+        # the measures kept: real ppl (a range of ratios), mc, arith; embedded its skills
+        measures = [k for k in next(iter(by.values()))["kept"] if k != "ppl"]
+        has_ppl = all("ppl_ratio" in r for r in by.values())
         print(f"\n{task}: per arm, over the seeds it has (the README's table)")
-        print(f"| arm | lr | seeds | {task} | perplexity | multiple choice kept | addition kept "
-              "| worst kept |")
-        print("|---|---|---|---|---|---|---|---|")
+        print(f"| arm | lr | seeds | {task} | " + ("perplexity | " if has_ppl else "")
+              + " | ".join(f"{m} kept" for m in measures) + " | worst kept |")
+        print("|---|---|---|---|" + "---|" * (len(measures) + has_ppl + 1))
         for arm, (lr, _, _) in ch.items():
             rs = [by[(arm, sd)] for sd in seeds if (arm, sd) in by]
             if not rs:
@@ -339,11 +364,11 @@ def heldout(a) -> int:
             def mean(f):
                 return sum(f(r) for r in rs) / len(rs)
 
-            ppl = [r["ppl_ratio"] for r in rs]
+            ppl = [r["ppl_ratio"] for r in rs] if has_ppl else []
             print(f"| {arm} | {lr:g} | {len(rs)} | {mean(lambda r: r['new_task_acc']):.3f} | "
-                  f"{min(ppl):.2f}–{max(ppl):.2f}x the base | "
-                  f"{mean(lambda r: r['kept']['mc']):.2f} | {mean(lambda r: r['kept']['arith']):.2f} "
-                  f"| {mean(lambda r: r['worst']):.3f} |")
+                  + (f"{min(ppl):.2f}–{max(ppl):.2f}x the base | " if has_ppl else "")
+                  + "".join(f"{mean(lambda r: r['kept'][m]):.2f} | " for m in measures)
+                  + f"{mean(lambda r: r['worst']):.3f} |")
     return 0
 
 
@@ -357,10 +382,11 @@ def pareto(a) -> int:
     arms = a.arms.split(",")
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.4), squeeze=False)
     colors = dict(zip(arms, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    ch = chosen_lrs(a)
     for ax, task in zip(axes[0], tasks):
+        ch = chosen_lrs(a, _select_task(a, task))
+        every = _rows(a, task=task)
         for arm in arms:
-            rs = [r for r in _rows(a, task=task, method=arm)]
+            rs = [r for r in every if r["method"] == arm]
             if not rs:
                 continue
             for role, marker in (("select", "o"), ("report", "*")):
@@ -378,8 +404,10 @@ def pareto(a) -> int:
                                 fontsize=6, xytext=(3, 2), textcoords="offset points")
         ax.set_xlim(-0.03, 1.03)  # (one scale for every task, even where all points sit at 1)
         ax.set_xlabel(f"{task} accuracy (new task)")
-        ax.set_ylabel("worst share of the base kept (ppl, mc, arith)")
-        ax.set_title(f"SmolLM2-135M, {task}: up and right is better", fontsize=9)
+        kept = ", ".join(every[0]["kept"]) if every else ""
+        model = "SmolLM2-135M" if every and every[0]["bench"] == "real" else "embedded Llama"
+        ax.set_ylabel(f"worst share of the base kept ({kept})")
+        ax.set_title(f"{model}, {task}: up and right is better", fontsize=9)
         ax.grid(alpha=0.3)
     h, lab = axes[0][0].get_legend_handles_labels()
     if h:
@@ -458,7 +486,12 @@ def main(argv=None) -> int:
                        help="label of the runs (selection and held-out alike)")
         q.add_argument("--tasks", default="vellish,records")
         q.add_argument("--select-task", default="vellish",
-                       help="the task whose selection runs choose every arm's lr")
+                       help="the task whose selection runs choose every arm's lr; 'each': "
+                            "every task chooses on its own selection runs")
+        q.add_argument("--grid", default=None, help="the adapters' lr grid (default: "
+                       + ",".join(f"{x:g}" for x in LR_GRID) + ")")
+        q.add_argument("--grid-full", default=None, help="full fine-tuning's lr grid (default: "
+                       + ",".join(f"{x:g}" for x in LR_GRID_FULL) + ")")
         q.add_argument("--arms", default=",".join(ARMS))
         if name == "pareto":
             q.add_argument("--out", default=str(ROOT / "docs" / "pareto.png"))

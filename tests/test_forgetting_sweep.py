@@ -107,3 +107,28 @@ def test_the_readme_demo_table_is_what_the_committed_json_prints(sweep, tmp_path
     k = json.loads(kept.read_text())
     del rep["methods"][0]["routing_raw"]
     assert k == rep
+
+
+def test_each_task_chooses_on_its_own_runs_with_the_grid_given(sweep, tmp_path, capsys):
+    """``--select-task each`` (the embedded rule): caesar's lrs come from caesar's seed-0 runs,
+    symbols' from symbols'; ``--grid`` replaces the default grid."""
+    grid = (1e-4, 3e-4, 1e-3, 3e-3)
+    rows = []
+    for task, best in (("caesar", 3e-3), ("symbols", 3e-4)):
+        rows += [_row("slim", lr, 1.0 if lr == best else 0.2, 0.5, task=task) for lr in grid]
+        rows.append(_row("slim", best, 0.9, 0.8, seed=1, role="report", task=task))
+    log = tmp_path / "log.jsonl"
+    _write(log, rows)
+    out = tmp_path / "chosen.json"
+    a = SimpleNamespace(**{**vars(_args(log)), "tasks": "caesar,symbols", "select_task": "each",
+                           "arms": "slim", "grid": ",".join(map(str, grid)), "grid_full": None,
+                           "json": str(out)})
+    assert sweep.choose_lr(a) == 0
+    assert json.loads(out.read_text()) == {"caesar": {"slim": 3e-3}, "symbols": {"slim": 3e-4}}
+    # the default grid lacks 3e-3: no choice there, and the command says so by its code
+    assert sweep.choose_lr(SimpleNamespace(**{**vars(a), "grid": None, "json": None})) == 1
+    capsys.readouterr()
+    assert sweep.heldout(a) == 0
+    text = capsys.readouterr().out
+    assert "| slim | 0.003 | 0.900 / 0.800 (ppl x1.00) | 0.900 / 0.800 |" in text  # caesar
+    assert "| slim | 0.0003 | 0.900 / 0.800 (ppl x1.00) | 0.900 / 0.800 |" in text  # symbols
