@@ -406,7 +406,7 @@ def pareto(a) -> int:
         ax.set_xlabel(f"{task} accuracy (new task)")
         kept = ", ".join(every[0]["kept"]) if every else ""
         model = "SmolLM2-135M" if every and every[0]["bench"] == "real" else "embedded Llama"
-        ax.set_ylabel(f"worst share of the base kept ({kept})")
+        ax.set_ylabel(f"worst share of the base kept\n({kept})")
         ax.set_title(f"{model}, {task}: up and right is better", fontsize=9)
         ax.grid(alpha=0.3)
     h, lab = axes[0][0].get_legend_handles_labels()
