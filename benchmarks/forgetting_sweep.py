@@ -38,8 +38,8 @@ import shlex
 import sys
 import time
 import traceback
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG = ROOT / "benchmarks" / "results" / "forgetting_runs.jsonl"
@@ -335,9 +335,9 @@ def heldout(a) -> int:
         if not seeds:
             print(f"\n{task}: no held-out runs at the chosen lrs yet")
             continue
-        ppl_x = " (ppl x)" if all("ppl_ratio" in r for r in by.values()) else ""
+        has_ppl = all("ppl_ratio" in r for r in by.values())  # real runs; embedded have none
         print(f"\n{task}, held-out seeds {seeds}, each arm at its chosen lr: new-task accuracy "
-              f"/ worst share kept{ppl_x}")
+              f"/ worst share kept{' (ppl x)' if has_ppl else ''}")
         print("| arm | lr | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |")
         print("|---|---|" + "---|" * (len(seeds) + 1))
         for arm, (lr, _, _) in ch.items():
@@ -351,7 +351,6 @@ def heldout(a) -> int:
                     print(f"- {task} seed {sd}: SLIM " + dominance(s_, b_).format(arm))
         # the measures kept: real ppl (a range of ratios), mc, arith; embedded its skills
         measures = [k for k in next(iter(by.values()))["kept"] if k != "ppl"]
-        has_ppl = all("ppl_ratio" in r for r in by.values())
         print(f"\n{task}: per arm, over the seeds it has (the README's table)")
         print(f"| arm | lr | seeds | {task} | " + ("perplexity | " if has_ppl else "")
               + " | ".join(f"{m} kept" for m in measures) + " | worst kept |")

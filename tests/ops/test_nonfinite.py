@@ -151,7 +151,6 @@ def test_a_bad_shift_without_yielding_moves_only_the_distance(target, value, dty
         assert bool(torch.isfinite(got[k]).all()), k
 
 
-
 def _has_amx() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
